@@ -1,0 +1,9 @@
+"""Kernels: one package per op (``api.py``, ``reference.py``, one file per backend).
+
+Every op has one entry point with ``implementation=None | "xla" | ...``; ``None`` picks the best
+for the backend and falls back to the XLA reference, so models never name a backend.
+"""
+
+from flaxseed.kernels.attention import SegmentIds
+from flaxseed.kernels.attention import flash_attention
+from flaxseed.kernels.attention import reference as attention_reference

@@ -1,0 +1,180 @@
+"""Layers shared by the zoo: einsum projections, RMSNorm, embeddings, RoPE, MLP and attention.
+
+Conventions: parameters are float32 and carry logical axis names (``models/sharding.py``); compute
+happens in the module's ``dtype``. Shapes use the dimension letters of DESIGN.md (B batch, L length,
+D width, H heads, K kv heads, E head dim, F MLP width, V vocab).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxseed import kernels
+from flaxseed.kernels.attention import reference as attention_reference
+from flaxseed.models import sharding as sh
+
+Dtype = Any
+
+
+def fan_in_init(in_axes: Sequence[int], out_axes: Sequence[int]):
+  """Truncated-normal init with variance 1/fan_in, for weights with several input axes."""
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                          in_axis=tuple(in_axes), out_axis=tuple(out_axes))
+
+
+class Einsum(nn.Module):
+  """``y = einsum(eqn, x, kernel)`` with a float32 kernel of logical axes ``axes``.
+
+  The one projection layer of the zoo: quantization and LoRA act on its ``kernel`` parameter.
+  """
+
+  eqn: str
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  in_axes: tuple[int, ...] = (0,)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_axes = tuple(i for i in range(len(self.shape)) if i not in self.in_axes)
+    kernel = self.param("kernel",
+                        nn.with_logical_partitioning(fan_in_init(self.in_axes, out_axes), self.axes),
+                        self.shape, jnp.float32)
+    return jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """``x / rms(x) * scale``, computed in float32."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (sh.NORM,)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding ``[V, D]``; ``attend`` gives logits with the same (tied) matrix."""
+
+  vocab_size: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (sh.VOCAB, sh.EMBED)),
+        (self.vocab_size, self.features), jnp.float32)
+
+  def __call__(self, tokens_BL):
+    return jnp.take(self.embedding, tokens_BL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BLD):
+    return jnp.einsum("BLD,VD->BLV", x_BLD.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+def apply_rope(x_BLHE, positions_BL, theta: float):
+  """Rotary position embedding, "rotate half" layout (the layout of Hugging Face Llama)."""
+  half = x_BLHE.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions_BL.astype(jnp.float32)[:, :, None, None] * inv_freq[None, None, None, :]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x_BLHE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHE.dtype)
+
+
+class Mlp(nn.Module):
+  """SwiGLU (``down(silu(gate x) * up x)``) or GELU (``down(gelu(up x))``) feed-forward."""
+
+  features: int
+  hidden: int
+  activation: str = "swiglu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    d, f = self.features, self.hidden
+    up = Einsum("BLD,DF->BLF", (d, f), (sh.EMBED, sh.MLP), dtype=self.dtype, name="up")(x_BLD)
+    if self.activation == "swiglu":
+      gate = Einsum("BLD,DF->BLF", (d, f), (sh.EMBED, sh.MLP), dtype=self.dtype,
+                    name="gate")(x_BLD)
+      h = nn.silu(gate) * up
+    else:
+      h = nn.gelu(up)
+    return Einsum("BLF,FD->BLD", (f, d), (sh.MLP, sh.EMBED), dtype=self.dtype, name="down")(h)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query / multi-query self-attention with RoPE and a KV cache.
+
+  Training and full forwards go through ``kernels.flash_attention`` (the implementation is a
+  config choice). With ``decode=True`` the keys and values of the given tokens are written into a
+  ``cache`` collection at ``cache/index`` and the queries attend to everything cached so far; decode
+  steps are a few queries against the cache (bandwidth-bound), so they use the reference kernel.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10_000.0
+  causal: bool = True
+  logit_soft_cap: float | None = None
+  implementation: str | None = None
+  decode: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    d, h, k, e = x_BLD.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
+    proj = lambda eqn, shape, axes, name, in_axes=(0,): Einsum(  # noqa: E731
+        eqn, shape, axes, in_axes=in_axes, dtype=self.dtype, name=name)
+    q = proj("BLD,DHE->BLHE", (d, h, e), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), "q")(x_BLD)
+    key = proj("BLD,DKE->BLKE", (d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), "k")(x_BLD)
+    value = proj("BLD,DKE->BLKE", (d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), "v")(x_BLD)
+    if self.decode:
+      out = self._attend_with_cache(q, key, value, segment_ids_BL, positions_BL)
+    else:
+      q = apply_rope(q, positions_BL, self.rope_theta)
+      key = apply_rope(key, positions_BL, self.rope_theta)
+      out = kernels.flash_attention(q, key, value, causal=self.causal, segment_ids=segment_ids_BL,
+                                    logit_soft_cap=self.logit_soft_cap,
+                                    implementation=self.implementation)
+    return proj("BLHE,HED->BLD", (h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), "o",
+                in_axes=(0, 1))(out)
+
+  def _attend_with_cache(self, q, key, value, segment_ids_BL, positions_BL):
+    """Writes this call's keys/values at ``index`` and attends to the whole cache."""
+    batch, length = q.shape[:2]
+    # The cache is created by ``init`` with the maximum length as the input length.
+    initialized = self.has_variable("cache", "key")
+    cached_key = self.variable("cache", "key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "value", jnp.zeros, value.shape, value.dtype)
+    cached_segments = self.variable("cache", "segment_ids", jnp.zeros, key.shape[:2], jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(index.value + jnp.arange(length), (batch, length))
+    q = apply_rope(q, positions_BL, self.rope_theta)
+    key = apply_rope(key, positions_BL, self.rope_theta)
+    if not initialized:
+      return jnp.zeros_like(q)
+    start = index.value
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones((batch, length), jnp.int32)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
+    cached_segments.value = jax.lax.dynamic_update_slice(
+        cached_segments.value, segment_ids_BL.astype(jnp.int32), (0, start))
+    index.value = start + length
+    segments = attention_reference.SegmentIds(segment_ids_BL, cached_segments.value)
+    return attention_reference.attention(q, cached_key.value, cached_value.value, causal=True,
+                                         segment_ids=segments, q_offset=start,
+                                         logit_soft_cap=self.logit_soft_cap)

@@ -1,0 +1,262 @@
+"""A decoder-only transformer LM in Flax Linen, readable top to bottom.
+
+Pre-norm RMSNorm blocks of RoPE attention (MHA, GQA or MQA) and a SwiGLU or GELU MLP; tied or
+untied embeddings; optional logit soft-caps; ``causal=False`` turns it into the bidirectional
+network that the masked-diffusion LM reuses. Layers are stacked with ``nn.scan`` (one compiled
+block, a leading ``layers`` axis on every block parameter) and rematerialized by a named policy.
+
+    from flaxseed.models import transformer
+    model = transformer.Transformer(transformer.TransformerConfig.tiny())
+    params = model.init(rng, tokens)["params"]
+    logits = model.apply({"params": params}, tokens)                  # [B, L, V] float32
+
+Packed sequences pass ``segment_ids`` (tokens attend within their segment) and ``positions``
+(RoPE positions, restarting at each document). Incremental decoding: ``sampling.init_cache`` then
+``apply(..., decode=True, mutable=["cache"])`` one chunk of tokens at a time
+(``flaxseed.models.sampling.generate`` does this for you).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxseed.models import layers
+from flaxseed.models import sharding as sh
+
+MLP_ACTIVATIONS = ("swiglu", "gelu")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+  """Architecture of ``Transformer``. Presets are classmethods (``TransformerConfig.tiny()``)."""
+
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int | None = None  # None: num_heads (MHA); 1: MQA; in between: GQA
+  head_dim: int | None = None  # None: d_model // num_heads
+  mlp_dim: int = 512
+  mlp_activation: str = "swiglu"  # swiglu | gelu
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-6
+  causal: bool = True
+  logit_soft_cap: float | None = None  # on the output logits
+  attn_logit_soft_cap: float | None = None  # on the attention scores
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  scan_layers: bool = True
+  remat_policy: str = "none"  # see REMAT_POLICIES
+  attention_impl: str | None = None  # kernels.flash_attention implementation; None: best
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    for name in ("num_kv_heads", "head_dim"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} "
+                       "(or set head_dim)")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
+                       f"num_heads={self.num_heads}")
+    if self.head_size % 2:
+      raise ValueError(f"the head dim ({self.head_size}) must be even for RoPE")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"mlp_activation={self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r} is not one of "
+                       f"{tuple(REMAT_POLICIES)}")
+    for name in ("logit_soft_cap", "attn_logit_soft_cap"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+    if self.rope_theta <= 0:
+      raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), the MFU numerator.
+
+    Matmuls: 2 FLOPs per weight per token forward (the embedding lookup is free; the unembedding
+    is a matmul, tied or not). Attention: ``q k^T`` and ``p v`` cost ``4 H E`` per visible key; a
+    causal query sees ``(L + 1) / 2`` keys on average (the work a causal kernel must do).
+    """
+    d, h, k, e, f = self.d_model, self.num_heads, self.kv_heads, self.head_size, self.mlp_dim
+    mlp_mats = 3 if self.mlp_activation == "swiglu" else 2
+    per_layer = d * h * e * 2 + d * k * e * 2 + mlp_mats * d * f
+    matmul_params = self.num_layers * per_layer + d * self.vocab_size
+    keys = (seq_len + 1) / 2 if self.causal else seq_len
+    attention = self.num_layers * 4 * h * e * keys
+    return 3 * (2 * matmul_params + attention)
+
+  # Presets. The generic ladder uses the byte vocabulary of the default corpus; the named families
+  # carry their own vocabularies so their checkpoints can be imported.
+  @classmethod
+  def tiny(cls, **kw):
+    """0.8M params: trains on a laptop CPU in minutes."""
+    return cls(**{**dict(d_model=128, num_layers=4, num_heads=4, mlp_dim=384), **kw})
+
+  @classmethod
+  def small(cls, **kw):
+    """6M params."""
+    return cls(**{**dict(d_model=256, num_layers=6, num_heads=8, mlp_dim=768), **kw})
+
+  @classmethod
+  def base(cls, **kw):
+    """85M params (non-embedding), GPT-2 small width and depth."""
+    return cls(**{**dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=2048), **kw})
+
+  @classmethod
+  def large(cls, **kw):
+    """300M params, GPT-2 medium width and depth, grouped-query attention."""
+    return cls(**{**dict(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=4,
+                         mlp_dim=2816), **kw})
+
+  @classmethod
+  def one_b(cls, **kw):
+    """1.1B params."""
+    return cls(**{**dict(d_model=2048, num_layers=20, num_heads=16, num_kv_heads=4,
+                         mlp_dim=5632, remat_policy="dots_no_batch"), **kw})
+
+  @classmethod
+  def llama_1b(cls, **kw):
+    """Llama 3.2 1B sizes."""
+    return cls(**{**dict(vocab_size=128_256, d_model=2048, num_layers=16, num_heads=32,
+                         num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500_000.0,
+                         tie_embeddings=True, norm_eps=1e-5, remat_policy="dots_no_batch"),
+                    **kw})
+
+  @classmethod
+  def llama_8b(cls, **kw):
+    """Llama 3 8B sizes."""
+    return cls(**{**dict(vocab_size=128_256, d_model=4096, num_layers=32, num_heads=32,
+                         num_kv_heads=8, mlp_dim=14_336, rope_theta=500_000.0,
+                         tie_embeddings=False, norm_eps=1e-5, remat_policy="full"), **kw})
+
+  @classmethod
+  def gpt2_124m(cls, **kw):
+    """GPT-2 (small) sizes: GELU MLP, tied embeddings, 50257-token vocabulary."""
+    return cls(**{**dict(vocab_size=50_257, d_model=768, num_layers=12, num_heads=12,
+                         mlp_dim=3072, mlp_activation="gelu", norm_eps=1e-5), **kw})
+
+  @classmethod
+  def gpt2_355m(cls, **kw):
+    """GPT-2 medium sizes."""
+    return cls(**{**dict(vocab_size=50_257, d_model=1024, num_layers=24, num_heads=16,
+                         mlp_dim=4096, mlp_activation="gelu", norm_eps=1e-5), **kw})
+
+  @classmethod
+  def gpt2_1_5b(cls, **kw):
+    """GPT-2 XL sizes."""
+    return cls(**{**dict(vocab_size=50_257, d_model=1600, num_layers=48, num_heads=25,
+                         mlp_dim=6400, mlp_activation="gelu", norm_eps=1e-5,
+                         remat_policy="dots_no_batch"), **kw})
+
+
+PRESETS = {
+    "transformer-tiny": TransformerConfig.tiny,
+    "transformer-small": TransformerConfig.small,
+    "transformer-base": TransformerConfig.base,
+    "transformer-large": TransformerConfig.large,
+    "transformer-1b": TransformerConfig.one_b,
+    "llama-style-1b": TransformerConfig.llama_1b,
+    "llama-style-8b": TransformerConfig.llama_8b,
+    "gpt2-style-124m": TransformerConfig.gpt2_124m,
+    "gpt2-style-355m": TransformerConfig.gpt2_355m,
+    "gpt2-style-1.5b": TransformerConfig.gpt2_1_5b,
+}
+
+
+class Block(nn.Module):
+  """``x + attn(norm(x))`` then ``x + mlp(norm(x))``; the scan body (carry, broadcasts)."""
+
+  config: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    cfg, dtype = self.config, self.config.compute_dtype
+    x_BLD = sh.constrain(x_BLD, (sh.BATCH, sh.LENGTH, sh.EMBED))
+    h = layers.RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BLD)
+    h = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.head_size, rope_theta=cfg.rope_theta,
+                         causal=cfg.causal, logit_soft_cap=cfg.attn_logit_soft_cap,
+                         implementation=cfg.attention_impl, decode=self.decode, dtype=dtype,
+                         name="attn")(h, segment_ids_BL, positions_BL)
+    x_BLD = x_BLD + h
+    h = layers.RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BLD)
+    h = layers.Mlp(cfg.d_model, cfg.mlp_dim, cfg.mlp_activation, dtype, name="mlp")(h)
+    x_BLD = sh.constrain(x_BLD + h, (sh.BATCH, sh.LENGTH, sh.EMBED))
+    return x_BLD, None
+
+
+class Transformer(nn.Module):
+  """Decoder LM: tokens ``[B, L]`` -> float32 logits ``[B, L, V]``."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL, *, segment_ids=None, positions=None, decode: bool = False):
+    """Args:
+      tokens_BL: int tokens.
+      segment_ids: ``[B, L]`` document ids of packed rows (0 usually marks padding); ``None``:
+        one document per row.
+      positions: ``[B, L]`` RoPE positions; ``None``: ``0..L-1`` (or, when decoding, continuing
+        from the cache index).
+      decode: read and write the ``cache`` collection (see ``sampling.init_cache``).
+    """
+    cfg = self.config
+    if decode and not cfg.causal:
+      raise ValueError("decode=True needs a causal model (config.causal=False)")
+    if positions is None and not decode:
+      positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, name="embed")
+    x_BLD = embed(tokens_BL)
+
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
+                       prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+      x_BLD, _ = stack(cfg, decode, name="layers")(x_BLD, segment_ids, positions)
+    else:
+      for i in range(cfg.num_layers):
+        x_BLD, _ = block(cfg, decode, name=f"layers_{i}")(x_BLD, segment_ids, positions)
+
+    x_BLD = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BLD)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x_BLD)
+    else:
+      logits = layers.Einsum("BLD,DV->BLV", (cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB),
+                             dtype=cfg.compute_dtype, name="unembed")(x_BLD)
+    logits = logits.astype(jnp.float32)
+    if cfg.logit_soft_cap is not None:
+      logits = cfg.logit_soft_cap * jnp.tanh(logits / cfg.logit_soft_cap)
+    return sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.VOCAB))
+

@@ -1,0 +1,39 @@
+"""flaxseed: the repository root is the package ``flaxseed`` (see DESIGN notes in README.md)."""
+
+import setuptools
+
+SUBPACKAGES = setuptools.find_packages(".", exclude=("tests", "tests.*"))
+
+setuptools.setup(
+    name="flaxseed",
+    version="0.1.0",
+    description="A JAX/Flax research codebase: transformer LM, Titans, diffusion LM, SAEs, LoRA.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    package_dir={"flaxseed": "."},
+    packages=["flaxseed"] + [f"flaxseed.{p}" for p in SUBPACKAGES],
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "chex>=0.1.92",
+        "grain>=0.2.18",
+        "absl-py>=2.1",
+        "ml_collections>=1.1",
+        "numpy>=1.26",
+        # TensorBoard event files without TensorFlow (pure Python, needs only protobuf + numpy).
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "jax[tpu]>=0.10.2"],
+        # libtpu: compiles for any TPU topology on a machine without a TPU (experiments/aot.py).
+        "tpu": ["jax[tpu]>=0.10.2"],
+        # Local tokenizers: tokenizer.json (Hugging Face tokenizers) and SentencePiece models.
+        "tokenizers": ["tokenizers>=0.20", "sentencepiece>=0.2"],
+        # Parity tests and benchmarks against PyTorch only; never a runtime dependency. On
+        # Python 3.11 `pip install torch==2.13.0` takes a CPU wheel (see README).
+        "torch": ["torch>=2.5"],
+    },
+)

@@ -1,0 +1,50 @@
+"""Test setup: 8 fake CPU devices, rank promotion errors, and shared helpers.
+
+XLA_FLAGS must be set before jax initializes its backends, so this runs before any test imports
+jax. Subprocess tests get the same environment through ``subprocess_env``.
+"""
+
+import os
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(num_devices: int = 1) -> dict[str, str]:
+  """Environment for a child process with ``num_devices`` fake CPU devices."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def main_command(*args: str) -> list[str]:
+  return [sys.executable, os.path.join(REPO, "experiments", "main.py"), *args]
+
+
+@pytest.fixture
+def repo():
+  return REPO
+
+
+@pytest.fixture
+def child_env():
+  """``child_env(num_devices)``: environment for a subprocess with that many CPU devices."""
+  return subprocess_env
+
+
+@pytest.fixture
+def main_cmd():
+  """``main_cmd(*flags)``: the command line of ``experiments/main.py``."""
+  return main_command

@@ -1,0 +1,207 @@
+"""Transformer properties: causality, decode == full forward, packing isolation, layouts."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxseed import models
+from flaxseed.models import sampling
+from flaxseed.models import transformer
+
+TINY = dict(d_model=32, num_layers=2, num_heads=4, mlp_dim=64)
+
+
+def _model(**kw):
+  return transformer.Transformer(transformer.TransformerConfig(**{**TINY, **kw}))
+
+
+def _init(model, length=16, batch=2):
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  return nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+
+
+def _embedding_grad_rows(model, params, t, length):
+  """Rows of d(sum logits[:, t]) / d(embedding), with token i placed at position i."""
+  tokens = jnp.arange(length, dtype=jnp.int32)[None]
+
+  def out(embedding):
+    p = {**params, "embed": {"embedding": embedding}}
+    return model.apply({"params": p}, tokens)[:, t].sum()
+
+  grad = jax.grad(out)(params["embed"]["embedding"])
+  return np.abs(np.asarray(grad[:length])).sum(-1)  # row i = token at position i
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2), dict(num_kv_heads=1),
+                                dict(scan_layers=False, mlp_activation="gelu")])
+def test_causal_model_sees_no_future_token(kw):
+  model = _model(tie_embeddings=False, **kw)  # untied: the gradient only flows through inputs
+  length, t = 12, 5
+  rows = _embedding_grad_rows(model, _init(model, length), t, length)
+  assert np.all(rows[:t + 1] > 0), rows  # every past token matters
+  assert np.all(rows[t + 1:] == 0), rows  # no future token does
+
+
+def test_bidirectional_model_sees_future_tokens():
+  model = _model(tie_embeddings=False, causal=False)
+  length, t = 12, 5
+  rows = _embedding_grad_rows(model, _init(model, length), t, length)
+  assert np.all(rows > 0), rows
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2, scan_layers=False),
+                                dict(num_kv_heads=1, attn_logit_soft_cap=3.0)])
+def test_kv_cache_decode_matches_full_forward(kw):
+  model = _model(**kw)
+  params = _init(model)
+  tokens = jax.random.randint(jax.random.key(1), (2, 13), 0, 256)
+  full = model.apply({"params": params}, tokens)
+  cache = sampling.init_cache(model, batch_size=2, max_len=16)
+  apply = jax.jit(model.apply, static_argnames=("decode", "mutable"))
+  # Prefill 5 tokens, then decode one at a time.
+  logits, state = apply({"params": params, "cache": cache}, tokens[:, :5], decode=True,
+                        mutable=("cache",))
+  steps = [logits]
+  for i in range(5, 13):
+    logits, state = apply({"params": params, "cache": state["cache"]}, tokens[:, i:i + 1],
+                          decode=True, mutable=("cache",))
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=2e-5)
+
+
+def test_generate_greedy_matches_argmax_of_full_forward():
+  model = _model()
+  params = _init(model)
+  prompt = jnp.array([[5, 9, 33], [7, 7, 7]], jnp.int32)
+  out = sampling.generate(model, params, prompt, max_new_tokens=6, temperature=0.0)
+  assert out.shape == (2, 9)
+  np.testing.assert_array_equal(out[:, :3], prompt)
+  # Every generated token is the argmax given everything before it (one padded full forward:
+  # causality makes the logits at i independent of what follows).
+  logits = jax.jit(model.apply)({"params": params}, out)
+  np.testing.assert_array_equal(out[:, 3:], jnp.argmax(logits[:, 2:-1], -1))
+
+
+def test_generate_rejects_out_of_vocabulary_prompt():
+  model = _model()
+  with pytest.raises(ValueError, match="outside"):
+    sampling.generate(model, _init(model), np.array([[1, 256]]), max_new_tokens=2)
+
+
+def test_packed_documents_do_not_see_each_other():
+  model = _model()
+  params = _init(model, 16)
+  key_a, key_b = jax.random.split(jax.random.key(3))
+  doc_a = jax.random.randint(key_a, (1, 6), 0, 256)
+  doc_b = jax.random.randint(key_b, (1, 10), 0, 256)
+  packed = jnp.concatenate([doc_a, doc_b], axis=1)
+  segment_ids = jnp.array([[1] * 6 + [2] * 10])
+  positions = jnp.array([list(range(6)) + list(range(10))])
+  packed_logits = model.apply({"params": params}, packed, segment_ids=segment_ids,
+                              positions=positions)
+  alone_b = model.apply({"params": params}, doc_b)
+  np.testing.assert_allclose(packed_logits[:, 6:], alone_b, atol=1e-5, rtol=1e-5)
+  # Changing document A changes nothing in document B.
+  other = packed.at[:, :6].set((doc_a + 17) % 256)
+  other_logits = model.apply({"params": params}, other, segment_ids=segment_ids,
+                             positions=positions)
+  np.testing.assert_allclose(other_logits[:, 6:], packed_logits[:, 6:], atol=1e-6)
+  assert not np.allclose(other_logits[:, :6], packed_logits[:, :6])
+
+
+def test_scan_and_loop_layers_compute_the_same_function():
+  scanned, looped = _model(), _model(scan_layers=False)
+  params = _init(scanned)
+  per_layer = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(TINY["num_layers"]):
+    per_layer[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 256)
+  np.testing.assert_allclose(looped.apply({"params": per_layer}, tokens),
+                             scanned.apply({"params": params}, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_do_not_change_gradients(policy):
+  tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, 256)
+  base = _model()
+  params = _init(base)
+  loss = lambda m: jax.grad(lambda p: m.apply({"params": p}, tokens).sum())(params)  # noqa: E731
+  chex.assert_trees_all_close(loss(_model(remat_policy=policy)), loss(base), atol=1e-5)
+
+
+def test_every_parameter_has_logical_axis_names():
+  model = _model(tie_embeddings=False)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves
+  for leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+    assert len(leaf.names) == len(leaf.value.shape), leaf
+    assert leaf.value.dtype == jnp.float32
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = _model(dtype="bfloat16")
+  params = _init(model)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  logits = model.apply({"params": params}, jnp.zeros((2, 16), jnp.int32))
+  assert logits.dtype == jnp.float32
+  ref = _model().apply({"params": params}, jnp.zeros((2, 16), jnp.int32))
+  np.testing.assert_allclose(logits, ref, atol=0.1)
+
+
+def test_logit_soft_cap_bounds_logits():
+  model = _model(logit_soft_cap=0.5)
+  params = _init(model)
+  params = jax.tree.map(lambda p: p * 50, params)
+  logits = model.apply({"params": params}, jnp.arange(16)[None])
+  assert float(jnp.max(jnp.abs(logits))) <= 0.5
+
+
+def test_flops_per_token_counts_matmul_parameters():
+  cfg = transformer.TransformerConfig(**TINY)
+  params = _init(transformer.Transformer(cfg))
+  # Every >= 2-D weight is a matmul weight (tied: the embedding is the unembedding); the stacked
+  # norm scales are [layers, D] and are not.
+  matmul = sum(p.size for path, p in jax.tree_util.tree_leaves_with_path(params)
+               if p.ndim >= 2 and "norm" not in jax.tree_util.keystr(path))
+  attn = cfg.num_layers * 4 * cfg.num_heads * cfg.head_size * (16 + 1) / 2
+  assert cfg.flops_per_token(16) == pytest.approx(3 * (2 * matmul + attn))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(d_model=30, num_heads=4), "must divide d_model"),
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads=3 must divide"),
+    (dict(num_layers=0), "num_layers must be positive"),
+    (dict(mlp_dim=-1), "mlp_dim must be positive"),
+    (dict(mlp_activation="relu"), "mlp_activation"),
+    (dict(dtype="float64"), "dtype"),
+    (dict(remat_policy="some"), "remat_policy"),
+])
+def test_bad_config_values_name_the_field(bad, match):
+  with pytest.raises(ValueError, match=match):
+    transformer.TransformerConfig(**{**TINY, **bad})
+
+
+def test_zoo_registry():
+  names = models.list()
+  assert "transformer-tiny" in names and "llama-style-1b" in names and "gpt2-style-124m" in names
+  model = models.get("transformer-tiny")
+  assert isinstance(model, transformer.Transformer)
+  assert model.config == transformer.TransformerConfig.tiny()
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  assert model.apply({"params": params}, tokens).shape == (1, 8, 256)
+  with pytest.raises(ValueError, match="unknown model 'nope'"):
+    models.get("nope")
+
+
+@pytest.mark.parametrize("name", models.list())
+def test_every_preset_builds_abstractly(name):
+  model = models.get(name)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  n = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+  assert n > 0

@@ -1,0 +1,65 @@
+"""The optimizer: optax AdamW with linear warmup, cosine decay and global-norm clipping.
+
+Weight decay applies to parameters with two or more dimensions (matrices and embeddings), never to
+norm scales or biases. ``config.optim`` keys: ``lr``, ``warmup_steps``, ``final_lr_fraction``,
+``b1``, ``b2``, ``eps``, ``weight_decay``, ``grad_clip`` (0 disables clipping), ``decay_steps``
+(length of the schedule; 0: ``config.steps``, so a run can stop early or be extended without
+changing its learning rates) and ``accum_steps`` (gradient accumulation inside the step, see
+``training/step.py``).
+"""
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def schedule(optim_config, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr``, then cosine decay to ``lr * final_lr_fraction``."""
+  total_steps = optim_config.decay_steps or total_steps
+  warmup = min(optim_config.warmup_steps, total_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim_config.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=optim_config.lr * optim_config.final_lr_fraction)
+
+
+def decay_mask(params):
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+  parts = []
+  if optim_config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
+  parts.append(optax.adamw(schedule(optim_config, total_steps), b1=optim_config.b1,
+                           b2=optim_config.b2, eps=optim_config.eps,
+                           weight_decay=optim_config.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def state_shardings(optimizer, abstract_opt_state, param_shardings, mesh):
+  """Optimizer-state shardings: param-shaped leaves follow their parameter, the rest replicate."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_utils.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def validate(optim_config) -> None:
+  """Bad values raise a ValueError naming the key."""
+  checks = {
+      "lr": optim_config.lr > 0,
+      "warmup_steps": optim_config.warmup_steps >= 0,
+      "final_lr_fraction": 0 <= optim_config.final_lr_fraction <= 1,
+      "b1": 0 <= optim_config.b1 < 1,
+      "b2": 0 <= optim_config.b2 < 1,
+      "eps": optim_config.eps > 0,
+      "weight_decay": optim_config.weight_decay >= 0,
+      "grad_clip": optim_config.grad_clip >= 0,
+      "decay_steps": optim_config.decay_steps >= 0,
+      "accum_steps": optim_config.accum_steps >= 1,
+  }
+  for key, ok in checks.items():
+    if not ok:
+      raise ValueError(f"config.optim.{key}={optim_config[key]!r} is out of range")

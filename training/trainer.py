@@ -1,0 +1,365 @@
+"""``train(config, workdir)``: the one training loop, for every task.
+
+Order of work (everything that can reject the config runs before anything compiles):
+
+1. validate the config, build the task (model config), the mesh and the data;
+2. ``setup``: abstract init -> shardings -> jitted init with ``out_shardings`` (params are born
+   sharded); the train step is jitted with in/out shardings, donates the old state, and is
+   compiled ahead of time once (its memory report goes to the log);
+3. restore the latest checkpoint of ``workdir`` (state and data position) or initialize;
+4. loop: dispatch step t+1, then fetch the metrics of step t (host and device overlap); every
+   step's loss, gradient norm and parameter norm must be finite, else the run stops without
+   saving; eval, checkpoint and log on their schedules; SIGTERM saves and returns;
+5. final checkpoint, eval and a text sample.
+
+``experiments/aot.py`` reuses ``setup`` to compile the same step for a TPU topology.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flaxseed.training import checkpoint as checkpoint_lib
+from flaxseed.training import data as data_lib
+from flaxseed.training import mesh as mesh_lib
+from flaxseed.training import metrics as metrics_lib
+from flaxseed.training import optim
+from flaxseed.training import step as step_lib
+from flaxseed.training import tasks as tasks_lib
+from flaxseed.training.state import TrainState
+
+POSITIVE_KEYS = ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "max_to_keep")
+NON_NEGATIVE_KEYS = ("eval_every", "checkpoint_every", "sample_tokens")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss, gradient or parameters became inf/NaN; no checkpoint was written for that step."""
+
+
+def validate(config, mesh: Mesh) -> None:
+  """Rejects bad values with a ValueError naming the key (runs before anything compiles)."""
+  for key in POSITIVE_KEYS:
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]} must be positive")
+  for key in NON_NEGATIVE_KEYS:
+    if config[key] < 0:
+      raise ValueError(f"config.{key}={config[key]} must be >= 0")
+  optim.validate(config.optim)
+  divisor = mesh_lib.batch_divisor(mesh) * config.optim.accum_steps
+  if config.batch_size % divisor:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must be divisible by mesh.data x mesh.fsdp x "
+        f"optim.accum_steps = {mesh.shape['data']} x {mesh.shape['fsdp']} x "
+        f"{config.optim.accum_steps} = {divisor}")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything compiled or derived from (config, task, mesh), shared by train and AOT."""
+
+  mesh: Mesh
+  task: Any
+  rules: tuple
+  schedule: Any
+  batch_spec: dict  # global batch: ShapeDtypeStruct with shardings
+  abstract_state: TrainState  # ShapeDtypeStruct leaves with shardings
+  abstract_frozen: Any
+  init: Any  # jitted () -> (state, frozen), born sharded
+  init_frozen: Any  # jitted () -> frozen (when the state comes from a checkpoint)
+  train_step: Any  # jitted (state, frozen, batch) -> (state, metrics), state donated
+  eval_step: Any  # jitted (params, frozen, batch) -> {name: (sum, count)}
+
+  def context(self):
+    """Mesh + logical-axis rules for tracing model code (activation constraints)."""
+    return _Context(self.mesh, self.rules)
+
+
+class _Context:
+
+  def __init__(self, mesh, rules):
+    self._mesh_cm = jax.set_mesh(mesh)
+    self._rules_cm = nn.logical_axis_rules(rules)
+
+  def __enter__(self):
+    self._mesh_cm.__enter__()
+    self._rules_cm.__enter__()
+
+  def __exit__(self, *exc):
+    self._rules_cm.__exit__(*exc)
+    self._mesh_cm.__exit__(*exc)
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def setup(config, task, mesh: Mesh) -> Setup:
+  """Builds shardings and jitted functions; compiles nothing yet."""
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                for k, v in task.batch_spec(config.batch_size).items()}
+  schedule = optim.schedule(config.optim, config.steps)
+  optimizer = optim.make_optimizer(config.optim, config.steps)
+  base_rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(base_rng)
+
+  def init_boxed():
+    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
+    return task.init(init_rng, batch)
+
+  with _Context(mesh, rules):
+    boxed_params, boxed_frozen = jax.eval_shape(init_boxed)
+  param_shardings = mesh_lib.logical_shardings(boxed_params, mesh, rules)
+  frozen_shardings = mesh_lib.logical_shardings(boxed_frozen, mesh, rules)
+  abstract_params = nn.unbox(boxed_params)
+  abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+  state_shardings = TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=optim.state_shardings(optimizer, abstract_opt_state, param_shardings, mesh),
+      rng=replicated)
+
+  def init():
+    params, frozen = nn.unbox(init_boxed())
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=optimizer.init(params), rng=train_rng)
+    return state, frozen
+
+  abstract_state = _with_shardings(jax.eval_shape(lambda: init()[0]), state_shardings)
+  abstract_frozen = _with_shardings(nn.unbox(boxed_frozen), frozen_shardings)
+
+  train_step = step_lib.make_train_step(task, optimizer, schedule,
+                                        accum_steps=config.optim.accum_steps)
+  batch_shardings = {k: batch_sharding for k in batch_spec}
+  return Setup(
+      mesh=mesh, task=task, rules=rules, schedule=schedule, batch_spec=batch_spec,
+      abstract_state=abstract_state, abstract_frozen=abstract_frozen,
+      init=jax.jit(init, out_shardings=(state_shardings, frozen_shardings)),
+      init_frozen=jax.jit(lambda: nn.unbox(init_boxed()[1]), out_shardings=frozen_shardings),
+      train_step=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings,
+                                                   batch_shardings),
+                         out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+      eval_step=jax.jit(step_lib.make_eval_step(task),
+                        in_shardings=(param_shardings, frozen_shardings, batch_shardings),
+                        out_shardings=replicated))
+
+
+def compile_train_step(s: Setup):
+  """Ahead-of-time compile of the train step for the setup's mesh (real or a TPU topology)."""
+  with s.context():
+    return s.train_step.lower(s.abstract_state, s.abstract_frozen, s.batch_spec).compile()
+
+
+def memory_report(compiled) -> dict[str, int] | None:
+  """Per-device bytes of a compiled executable, or None where the backend does not say."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not implemented on some backends)
+    return None
+  if stats is None:
+    return None
+  report = {k: int(getattr(stats, f"{k}_size_in_bytes", 0))
+            for k in ("argument", "output", "alias", "temp", "generated_code")}
+  report["total"] = (report["argument"] + report["output"] - report["alias"] + report["temp"]
+                     + report["generated_code"])
+  return report
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls; all processes agree on the step to stop at."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:  # jax's coordination service catches SIGTERM and syncs the step
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(local: dict[str, np.ndarray], spec: dict) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(spec[k].sharding, local[k], spec[k].shape)
+          for k in spec}
+
+
+def _check_finite(step: int, metrics: dict[str, float], last_checkpoint: int | None):
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    where = ("no checkpoint was written" if last_checkpoint is None else
+             f"the last good checkpoint (step {last_checkpoint}) is intact")
+    raise NonFiniteLossError(f"non-finite values at step {step}: {bad}; stopping; {where}")
+
+
+def evaluate(s: Setup, params, frozen, eval_batches: list) -> dict[str, float]:
+  totals = {}
+  for batch in eval_batches:
+    for name, (total, count) in s.eval_step(params, frozen, batch).items():
+      prev = totals.get(name, (0.0, 0.0))
+      totals[name] = (prev[0] + total, prev[1] + count)
+  totals = jax.device_get(totals)
+  return {f"eval/{k}": float(t / max(c, 1e-9)) for k, (t, c) in totals.items()}
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+  Returns the last logged train metrics and the final eval metrics (``eval/...``). Raises
+  ``ValueError`` for a bad config (before compiling) and ``NonFiniteLossError`` if training
+  diverges.
+  """
+  mesh = mesh_lib.make_mesh(config.mesh)
+  validate(config, mesh)
+  task = tasks_lib.build(config)
+  s = setup(config, task, mesh)
+  rows = data_lib.process_rows(s.batch_spec["tokens"].sharding, config.batch_size)
+  train_data, eval_data = task.datasets(global_batch=config.batch_size, rows=rows,
+                                        train_batches=config.steps,
+                                        eval_batches=config.eval_batches, seed=config.seed)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  with s.context():
+    return _Loop(config, workdir, s, train_data, eval_data).run()
+
+
+class _Loop:
+  """The state of one ``train`` call: compiled step, checkpointer, writer, pending metrics."""
+
+  def __init__(self, config, workdir, s: Setup, train_data, eval_data):
+    self.config, self.s, self.task = config, s, s.task
+    self.lead = jax.process_index() == 0
+    self.train_iter = data_lib.train_iterator(train_data)
+    self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            max_to_keep=config.max_to_keep)
+    self.compiled = compile_train_step(s)
+    report = memory_report(self.compiled)
+    if report:
+      logging.info("train step memory per device (bytes): %s", report)
+    self.state, self.step = self.ckpt.restore_latest(s.abstract_state, self.train_iter)
+    if self.state is None:
+      self.state, self.frozen = s.init()
+      self.step = 0
+    else:
+      self.frozen = s.init_frozen()
+      logging.info("resumed from %s at step %d", workdir, self.step)
+      self._print(f"resumed from checkpoint at step {self.step}")
+    self.eval_batches = [_global_batch(b, s.batch_spec) for b in eval_data]
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.lead)
+    self.flops_per_token = self.task.flops_per_token()
+    self.peak, source = metrics_lib.peak_flops(s.mesh.devices.flat,
+                                               self.task.model.config.compute_dtype)
+    logging.info("MFU denominator: %.3g FLOP/s (%s)", self.peak, source)
+    self.last_checkpoint = self.ckpt.latest_step()
+    self.summary: dict[str, float] = {}
+    self.pending = None  # (step, device metrics) not fetched yet
+    self.window = (time.perf_counter(), self.step)  # start of the current timing window
+
+  def run(self) -> dict[str, float]:
+    config = self.config
+    preemption = _Preemption()
+    try:
+      while self.step < config.steps:
+        if preemption.reached(self.step):
+          self.save()
+          self.ckpt.wait()
+          self._print(f"SIGTERM: saved checkpoint at step {self.step}; exiting")
+          return self.summary
+        batch = _global_batch(next(self.train_iter), self.s.batch_spec)
+        self.state, device_metrics = self.compiled(self.state, self.frozen, batch)
+        self.finish_pending()  # step t's metrics, fetched after step t+1 was dispatched
+        self.step += 1
+        self.pending = (self.step, device_metrics)
+        if config.eval_every and self.step % config.eval_every == 0:
+          self.evaluate()
+        if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+          self.save()
+      self.save()
+      if not (config.eval_every and self.step % config.eval_every == 0):
+        self.evaluate()
+      self.sample()
+      return self.summary
+    finally:
+      preemption.close()
+      self.ckpt.close()
+      self.writer.close()
+
+  def finish_pending(self):
+    """Fetches the pending step's metrics, checks them, and logs them on schedule."""
+    if self.pending is None:
+      return
+    step, device_metrics = self.pending
+    self.pending = None
+    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(step, host, self.last_checkpoint)
+    if step % self.config.log_every and step not in (self.config.steps, self.window[1] + 1):
+      return  # log every log_every steps, the first step of a run and the last
+    now = time.perf_counter()
+    step_time = (now - self.window[0]) / max(step - self.window[1], 1)
+    tokens_per_s = self.config.batch_size * self.config.seq_len / step_time
+    mfu = self.flops_per_token * tokens_per_s / self.peak if self.flops_per_token else None
+    host.update(tokens_per_s=tokens_per_s, step_time=step_time)
+    if mfu is not None:
+      host["mfu"] = mfu
+    self.writer.write(step, host)
+    self.summary.update(host)
+    self._print(metrics_lib.progress_line(step, self.config.steps, host,
+                                          tokens_per_s=tokens_per_s, step_time=step_time,
+                                          mfu=mfu))
+    self.window = (time.perf_counter(), step)
+
+  def save(self):
+    self.finish_pending()  # never save a state whose step was not checked finite
+    if self.ckpt.save(self.step, self.state, self.train_iter):
+      self.last_checkpoint = self.step
+
+  def evaluate(self):
+    self.finish_pending()
+    t = time.perf_counter()
+    metrics = evaluate(self.s, self.state.params, self.frozen, self.eval_batches)
+    self.writer.write(self.step, metrics)
+    self.summary.update(metrics)
+    self._print(f"eval at step {self.step} | " + " | ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items()))
+    self.window = (self.window[0] + time.perf_counter() - t, self.window[1])  # not train time
+
+  def sample(self):
+    config = self.config
+    if not config.sample_tokens or not hasattr(self.task, "sample"):
+      return
+    text = self.task.sample(self.state.params, config.sample_prompt,
+                            max_new_tokens=config.sample_tokens,
+                            temperature=config.sample_temperature,
+                            rng=jax.random.PRNGKey(config.seed))
+    self.writer.text("sample", self.step, text)
+    self._print(f"--- sample at step {self.step} ---\n{text}\n---")
+
+  def _print(self, line: str):
+    if self.lead:
+      print(line, flush=True)
