@@ -33,18 +33,18 @@ def main_command(*args: str) -> list[str]:
   return [sys.executable, os.path.join(REPO, "experiments", "main.py"), *args]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def repo():
   return REPO
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def child_env():
   """``child_env(num_devices)``: environment for a subprocess with that many CPU devices."""
   return subprocess_env
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def main_cmd():
   """``main_cmd(*flags)``: the command line of ``experiments/main.py``."""
   return main_command
