@@ -27,7 +27,9 @@ setuptools.setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "jax[tpu]>=0.10.2"],
+        # libtpu lets the suite compile the train step for a TPU topology; tokenizers and
+        # sentencepiece let it load real tokenizer files.
+        "test": ["pytest>=8", "jax[tpu]>=0.10.2", "tokenizers>=0.20", "sentencepiece>=0.2"],
         # libtpu: compiles for any TPU topology on a machine without a TPU (experiments/aot.py).
         "tpu": ["jax[tpu]>=0.10.2"],
         # Local tokenizers: tokenizer.json (Hugging Face tokenizers) and SentencePiece models.

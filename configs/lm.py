@@ -8,8 +8,9 @@ Variants (``--config=configs/lm.py:<variant>``):
            python experiments/main.py --config=configs/lm.py:small --workdir=/tmp/lm_small
   base   85M params, one GPU/TPU host, bf16, FSDP over all devices:
            python experiments/main.py --config=configs/lm.py:base --workdir=$WORKDIR
-  1b     1.1B params, a TPU pod slice or GPU host, bf16, FSDP x tensor:
-           python experiments/main.py --config=configs/lm.py:1b --workdir=gs://...
+  1b     1.1B params, bf16, full remat, FSDP over a v5e-16 slice (13.7 of 16 GiB per chip; check
+         any topology first with experiments/aot.py --config=configs/lm.py:1b --topology=v5e:4x4):
+           python experiments/main.py --config=configs/lm.py:1b --workdir=$WORKDIR --distributed
   test   a few seconds, for the test suite.
 
 Override any key: ``--config.steps=200 --config.model.num_layers=2 --config.mesh.fsdp=-1``.
@@ -37,13 +38,14 @@ def get_config(arg: str = "tiny"):
     c.optim.lr, c.optim.warmup_steps = 6e-4, 1000
     c.mesh.data, c.mesh.fsdp = 1, -1
   elif arg == "1b":
-    c.model = common.model_section(T.one_b(dtype="bfloat16"))
-    c.steps, c.batch_size, c.seq_len = 50_000, 512, 2048
+    c.model = common.model_section(T.one_b(dtype="bfloat16", remat_policy="full"))
+    c.steps, c.batch_size, c.seq_len = 50_000, 256, 2048
     c.optim.lr, c.optim.warmup_steps = 3e-4, 2000
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint_every, c.eval_every = 1000, 1000
   elif arg == "test":
-    c.model = common.model_section(T.tiny(d_model=32, num_layers=2, num_heads=2, mlp_dim=64))
+    c.model = common.model_section(T.tiny(d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
+                                          scan_layers=True))
     c.steps, c.batch_size, c.seq_len = 4, 8, 32
     c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 1, 0, 0, 2
     c.sample_tokens = 8

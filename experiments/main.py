@@ -32,6 +32,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # The run prints its own progress; library INFO logs (orbax writes many) only on request.
+    logging.set_verbosity(logging.WARNING)
   if _COORDINATOR.value or _DISTRIBUTED.value:
     # Cross-process collectives of the CPU backend (simulated pods); no effect on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -258,10 +258,17 @@ class _Loop:
     self.train_iter = data_lib.train_iterator(train_data)
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             max_to_keep=config.max_to_keep)
+    num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
+    self._print(f"task {config.task}: {type(self.task.model).__name__} with {num_params:,} "
+                f"trainable params; mesh {dict(s.mesh.shape)} over "
+                f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}")
+    t = time.perf_counter()
     self.compiled = compile_train_step(s)
     report = memory_report(self.compiled)
-    if report:
-      logging.info("train step memory per device (bytes): %s", report)
+    self._print(f"compiled the train step in {time.perf_counter() - t:.1f} s" + (
+        f"; per device: {report['total'] / 2**20:.1f} MiB (arguments "
+        f"{report['argument'] / 2**20:.1f}, temporaries {report['temp'] / 2**20:.1f})"
+        if report else ""))
     self.state, self.step = self.ckpt.restore_latest(s.abstract_state, self.train_iter)
     if self.state is None:
       self.state, self.frozen = s.init()
@@ -275,11 +282,12 @@ class _Loop:
     self.flops_per_token = self.task.flops_per_token()
     self.peak, source = metrics_lib.peak_flops(s.mesh.devices.flat,
                                                self.task.model.config.compute_dtype)
-    logging.info("MFU denominator: %.3g FLOP/s (%s)", self.peak, source)
+    self._print(f"MFU denominator: {self.peak:.3g} FLOP/s ({source})")
     self.last_checkpoint = self.ckpt.latest_step()
     self.summary: dict[str, float] = {}
     self.pending = None  # (step, device metrics) not fetched yet
     self.window = (time.perf_counter(), self.step)  # start of the current timing window
+    self.first_step = self.step + 1
 
   def run(self) -> dict[str, float]:
     config = self.config
@@ -318,7 +326,7 @@ class _Loop:
     self.pending = None
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     _check_finite(step, host, self.last_checkpoint)
-    if step % self.config.log_every and step not in (self.config.steps, self.window[1] + 1):
+    if step % self.config.log_every and step not in (self.config.steps, self.first_step):
       return  # log every log_every steps, the first step of a run and the last
     now = time.perf_counter()
     step_time = (now - self.window[0]) / max(step - self.window[1], 1)

@@ -57,10 +57,9 @@ def default_implementation(length: int, causal: bool) -> str:
   is faster as soon as there are two chunks, because it skips the masked half; without a causal
   mask it only saves memory, so the reference is kept for short sequences.
   """
-  chunk = xla_chunked.BlockSizes().block_q
-  if causal and length > chunk:
+  if causal and length > xla_chunked.BlockSizes().resolve(length):
     return "xla_chunked"
-  if length > 8 * chunk:  # score memory O(L^2) starts to matter
+  if length > 1024:  # score memory O(L^2) starts to matter
     return "xla_chunked"
   return "xla"
 

@@ -1,13 +1,22 @@
-"""Memory-efficient attention in pure XLA: query chunks that only visit the keys they can see.
+"""Memory-efficient attention in pure XLA: flash attention's math, one query chunk at a time.
 
-The sequence is cut into query chunks of ``block_q`` rows. Each chunk attends to keys
-``[0, end of chunk)`` when causal (the masked upper triangle is never computed, which halves the
-work) or to all keys otherwise, through the reference function. Each chunk is wrapped in
-``jax.checkpoint`` so the backward pass recomputes its scores instead of storing them: peak score
-memory is ``O(block_q * L)`` in both passes, against ``O(L * L)`` for the reference.
+The sequence is cut into query chunks of ``block_q`` rows; a chunk attends to keys
+``[0, end of chunk)`` when causal (the masked upper triangle is never computed: with ``n`` chunks
+the work is ``(n + 1) / 2n`` of the full square) or to all keys otherwise.
 
-The chunks form a static Python loop (``ceil(L / block_q)`` of them, the last one possibly shorter),
-so every chunk has static shapes and XLA sees plain einsums; keep ``L / block_q`` in the tens.
+Forward, per chunk: scores, row max ``m``, ``p = exp(s - m)``, ``l = sum(p)``, ``o = p v / l``;
+only ``o`` and the log-sum-exp ``lse = m + log l`` are kept (``O(L)`` memory, no ``L x L``
+probabilities). Backward (``jax.custom_vjp``), per chunk, as in FlashAttention-2:
+
+    p  = exp(s - lse)                  (recomputed scores, no max/sum reductions needed)
+    dv += p^T do         dp = do v^T
+    ds = p * (dp - D),   D = rowsum(do * o)
+    dq = ds k * scale    dk += ds^T q * scale
+
+so peak memory is ``O(block_q * L)`` scores in both passes, and the backward does two elementwise
+passes over the scores instead of the six or so that autodiff of the reference does. The chunks
+form a static Python loop (static shapes, plain batched matmuls); ``block_q=None`` picks
+``max(64, L / 16)`` rounded up to a multiple of 64, so there are at most 16 chunks.
 """
 
 import dataclasses
@@ -21,36 +30,152 @@ from flaxseed.kernels.attention import reference
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Query chunk length of the chunked XLA path."""
+  """Query chunk length of the chunked XLA path (``None``: chosen from the sequence length)."""
 
-  block_q: int = 128
+  block_q: int | None = None
 
   def __post_init__(self):
-    if self.block_q <= 0:
+    if self.block_q is not None and self.block_q <= 0:
       raise ValueError(f"block_sizes.block_q must be positive, got {self.block_q}")
+
+  def resolve(self, length: int) -> int:
+    if self.block_q is not None:
+      return self.block_q
+    return max(64, -(-length // (16 * 64)) * 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Non-array arguments of the custom-VJP core (hashable)."""
+
+  causal: bool
+  sm_scale: float
+  logit_soft_cap: float | None
+  block_q: int
+  has_segments: bool
+
+  def chunks(self, length: int):
+    """(start, end, number of visible keys) of each query chunk."""
+    for start in range(0, length, self.block_q):
+      end = min(start + self.block_q, length)
+      yield start, end, (end if self.causal else length)
 
 
 def attention(q_BLHE, k_BLKE, v_BLKE, *, causal: bool = False, segment_ids=None,
               sm_scale: float | None = None, logit_soft_cap: float | None = None,
               block_sizes: BlockSizes | None = None):
   """Same contract as ``reference.attention`` for self-attention (``Lq == Lk``)."""
-  block_q = (block_sizes or BlockSizes()).block_q
-  length = q_BLHE.shape[1]
+  b, length, h, e = q_BLHE.shape
+  kv_heads = k_BLKE.shape[2]
   segment_ids = reference.as_segment_ids(segment_ids)
-  outputs = []
-  for start in range(0, length, block_q):
-    end = min(start + block_q, length)
-    kv_end = end if causal else length
-    chunk_segments = None
-    if segment_ids is not None:
-      chunk_segments = reference.SegmentIds(segment_ids.q[:, start:end],
-                                            segment_ids.kv[:, :kv_end])
-    chunk = jax.checkpoint(functools.partial(
-        _chunk, causal=causal, q_offset=start, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap))
-    outputs.append(chunk(q_BLHE[:, start:end], k_BLKE[:, :kv_end], v_BLKE[:, :kv_end],
-                         chunk_segments))
-  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+  static = _Static(causal=causal, sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
+                   logit_soft_cap=logit_soft_cap,
+                   block_q=(block_sizes or BlockSizes()).resolve(length),
+                   has_segments=segment_ids is not None)
+  if segment_ids is None:  # dummies keep the custom_vjp signature fixed; never read
+    segment_ids = reference.SegmentIds(jnp.zeros((b, length), jnp.int32),
+                                       jnp.zeros((b, length), jnp.int32))
+  # [B, L, K, G, E] -> [B, K, L, G, E]: a chunk of rows is then contiguous, and folding (C, G)
+  # into one query axis is free, so every product below is a 4-D batched matmul.
+  q = q_BLHE.reshape(b, length, kv_heads, h // kv_heads, e).transpose(0, 2, 1, 3, 4)
+  out = _flash(q, k_BLKE.transpose(0, 2, 1, 3), v_BLKE.transpose(0, 2, 1, 3), segment_ids.q,
+               segment_ids.kv, static)
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, length, h, e)
 
 
-def _chunk(q, k, v, segment_ids, **kwargs):
-  return reference.attention(q, k, v, segment_ids=segment_ids, **kwargs)
+def _scores(q_BKQE, k_BKME, seg_q, seg_kv, start, static: _Static):
+  """Scores ``[B, K, C*G, M]`` of one chunk: masked, capped; the capped ``tanh`` for the
+  backward (or None); and which rows see any key (or None when all do)."""
+  chunk, num_keys = seg_q.shape[1], k_BKME.shape[2]
+  s = jnp.einsum("BKQE,BKME->BKQM", q_BKQE, k_BKME,
+                 preferred_element_type=jnp.float32) * static.sm_scale
+  tanh = None
+  if static.logit_soft_cap is not None:
+    tanh = jnp.tanh(s / static.logit_soft_cap)
+    s = static.logit_soft_cap * tanh
+  segments = reference.SegmentIds(seg_q, seg_kv) if static.has_segments else None
+  mask = reference.make_mask(chunk, num_keys, causal=static.causal, segment_ids=segments,
+                             q_offset=start)
+  if mask is None:
+    return s, tanh, None
+  b, k, q_rows, m = s.shape
+  bias = jnp.where(mask, 0.0, reference.MASK_VALUE)[:, None, :, None, :]  # [B|1, 1, C, 1, M]
+  s = (s.reshape(b, k, chunk, q_rows // chunk, m) + bias).reshape(s.shape)
+  visible = None
+  if static.has_segments:  # causal rows always see key 0; segments can leave a row empty
+    rows = jnp.broadcast_to(jnp.any(mask, axis=-1)[:, None, :, None],
+                            (mask.shape[0], 1, chunk, q_rows // chunk))
+    visible = rows.reshape(mask.shape[0], 1, q_rows, 1)
+  return s, tanh, visible
+
+
+def _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys):
+  b, kv_heads, _, groups, e = q.shape
+  q_c = q[:, :, start:end].reshape(b, kv_heads, (end - start) * groups, e)
+  return (q_c, k[:, :, :num_keys], v[:, :, :num_keys], seg_q[:, start:end],
+          seg_kv[:, :num_keys])
+
+
+def _forward(q, k, v, seg_q, seg_kv, static: _Static):
+  """Output ``[B, K, L, G, E]`` and log-sum-exp ``[B, K, L * G]``."""
+  b, kv_heads, length, groups, e = q.shape
+  outs, lses = [], []
+  for start, end, num_keys in static.chunks(length):
+    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys)
+    s, _, visible = _scores(q_c, k_c, sq, skv, start, static)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("BKQM,BKME->BKQE", p.astype(v.dtype), v_c,
+                   preferred_element_type=jnp.float32) / total
+    if visible is not None:
+      o = o * visible
+    outs.append(o.astype(q.dtype).reshape(b, kv_heads, end - start, groups, e))
+    lses.append((m + jnp.log(total))[..., 0])
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q_BKLGE, k_BKLE, v_BKLE, seg_q, seg_kv, static: _Static):
+  return _forward(q_BKLGE, k_BKLE, v_BKLE, seg_q, seg_kv, static)[0]
+
+
+def _flash_fwd(q, k, v, seg_q, seg_kv, static):
+  out, lse = _forward(q, k, v, seg_q, seg_kv, static)
+  return out, (q, k, v, seg_q, seg_kv, out, lse)
+
+
+def _flash_bwd(static: _Static, residuals, d_out):
+  q, k, v, seg_q, seg_kv, out, lse = residuals
+  b, kv_heads, length, groups, e = q.shape
+  d_out = d_out.astype(jnp.float32).reshape(b, kv_heads, length * groups, e)
+  delta = jnp.sum(d_out * out.astype(jnp.float32).reshape(d_out.shape), axis=-1)  # rowsum(do o)
+  dq_chunks = []
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  for start, end, num_keys in static.chunks(length):
+    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys)
+    rows = slice(start * groups, end * groups)
+    s, tanh, visible = _scores(q_c, k_c, sq, skv, start, static)
+    do_c = d_out[:, :, rows]
+    if visible is not None:  # the forward zeroed these rows: no gradient flows through them
+      do_c = do_c * visible
+    p = jnp.exp(s - lse[:, :, rows, None])
+    dv = dv.at[:, :, :num_keys].add(
+        jnp.einsum("BKQM,BKQE->BKME", p.astype(v.dtype), do_c.astype(v.dtype),
+                   preferred_element_type=jnp.float32))
+    dp = jnp.einsum("BKQE,BKME->BKQM", do_c.astype(v.dtype), v_c,
+                    preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, :, rows, None])
+    if tanh is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
+      ds = ds * (1.0 - tanh * tanh)
+    ds = (ds * static.sm_scale).astype(q.dtype)
+    dq_chunks.append(jnp.einsum("BKQM,BKME->BKQE", ds, k_c, preferred_element_type=jnp.float32)
+                     .reshape(b, kv_heads, end - start, groups, e))
+    dk = dk.at[:, :, :num_keys].add(
+        jnp.einsum("BKQM,BKQE->BKME", ds, q_c, preferred_element_type=jnp.float32))
+  dq = jnp.concatenate(dq_chunks, axis=2)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
