@@ -4,6 +4,7 @@ XLA_FLAGS must be set before jax initializes its backends, so this runs before a
 jax. Subprocess tests get the same environment through ``subprocess_env``.
 """
 
+import json
 import os
 import sys
 
@@ -31,6 +32,30 @@ def subprocess_env(num_devices: int = 1) -> dict[str, str]:
 
 def main_command(*args: str) -> list[str]:
   return [sys.executable, os.path.join(REPO, "experiments", "main.py"), *args]
+
+
+def read_train_metrics(workdir) -> dict[int, dict]:
+  """step -> train-metrics row of ``metrics.jsonl``; a step logged twice (redone after a
+  restart) keeps its last row."""
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if "loss" in row:
+        rows[row["step"]] = row
+  return dict(sorted(rows.items()))
+
+
+@pytest.fixture(scope="session")
+def train_metrics():
+  """``train_metrics(workdir)``: see ``read_train_metrics``."""
+  return read_train_metrics
+
+
+@pytest.fixture(scope="session")
+def losses():
+  """``losses(workdir)``: step -> loss of a run."""
+  return lambda workdir: {s: r["loss"] for s, r in read_train_metrics(workdir).items()}
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,16 @@ PEAK_FLOPS = {
 }
 
 
+def median_seconds(fn, repeats: int) -> float:
+  """Median wall time of ``repeats`` calls of ``fn`` (which must block until its work is done)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
 def measure_matmul_flops(devices, dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
   """FLOP/s of ``n x n x n`` matmuls on all ``devices`` at once (median of ``repeats``).
 
@@ -38,12 +48,7 @@ def measure_matmul_flops(devices, dtype=jnp.float32, n: int = 1024, repeats: int
   x = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharding)
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 * len(devices) / float(np.median(times))
+  return 2 * n**3 * len(devices) / median_seconds(lambda: f(x).block_until_ready(), repeats)
 
 
 def peak_flops(devices, dtype) -> tuple[float, str]:

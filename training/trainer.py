@@ -16,7 +16,6 @@ Order of work (everything that can reject the config runs before anything compil
 """
 
 import dataclasses
-import json
 import os
 import signal
 import threading

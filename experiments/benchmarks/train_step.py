@@ -13,7 +13,6 @@ one device with the process's default threads. Nothing here is a test: numbers g
 
 import json
 import math
-import time
 
 from absl import app
 from absl import flags
@@ -54,15 +53,6 @@ def _random_batch(config, rng):
                                        (config.batch_size, length)).copy()}
 
 
-def _median_time(step, n):
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
 def time_flaxseed(config) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
   task = tasks.build(config)
@@ -80,7 +70,7 @@ def time_flaxseed(config) -> dict:
 
   for _ in range(3):
     step()
-  seconds = _median_time(step, _STEPS.value)
+  seconds = metrics_lib.median_seconds(step, _STEPS.value)
   tokens_per_s = config.batch_size * config.seq_len / seconds
   flops = task.flops_per_token() * tokens_per_s
   return {"step_time_s": seconds, "tokens_per_s": tokens_per_s, "model_flops_per_s": flops}
@@ -164,7 +154,7 @@ def time_torch(config) -> dict | None:
 
   for _ in range(3):
     step()
-  seconds = _median_time(step, _STEPS.value)
+  seconds = metrics_lib.median_seconds(step, _STEPS.value)
   return {"torch_step_time_s": seconds, "torch_version": torch.__version__,
           "torch_threads": torch.get_num_threads(),
           "torch_tokens_per_s": config.batch_size * config.seq_len / seconds}

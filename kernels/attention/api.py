@@ -53,9 +53,10 @@ register("xla_chunked", _xla_chunked)
 def default_implementation(length: int, causal: bool) -> str:
   """The implementation ``implementation=None`` resolves to for this backend and shape.
 
-  Measured on CPU (experiments/benchmarks/attention.py): for causal attention the chunked path
-  is faster as soon as there are two chunks, because it skips the masked half; without a causal
-  mask it only saves memory, so the reference is kept for short sequences.
+  Measured on a 2-core CPU (experiments/benchmarks/attention.py, fwd+bwd, B=16, H=4, E=64): the
+  chunked path takes 0.92x the reference's time at L=128, 0.78x at 256, 0.59x at 512 and 0.51x at
+  1024, since it skips the causal upper triangle and has a leaner backward. Without a causal mask
+  it only saves memory, so the reference is kept for sequences up to 1024.
   """
   if causal and length > xla_chunked.BlockSizes().resolve(length):
     return "xla_chunked"

@@ -19,17 +19,6 @@ pytestmark = pytest.mark.slow
 TEST_CONFIG = "--config=configs/lm.py:test"
 
 
-def _losses(workdir):
-  """step -> loss from metrics.jsonl, keeping the last entry of a step logged twice."""
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if "loss" in row:
-        losses[row["step"]] = row["loss"]
-  return dict(sorted(losses.items()))
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -40,7 +29,8 @@ def _run(cmd, env, repo, timeout=300):
   return subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_processes_give_the_same_losses_as_one_device(tmp_path, repo, child_env, main_cmd):
+def test_two_processes_give_the_same_losses_as_one_device(tmp_path, repo, child_env, main_cmd,
+                                                           losses):
   flags = ["--config.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=2",
            "--config.mesh.tensor=2", "--config.sample_tokens=0"]
   port = _free_port()
@@ -56,7 +46,7 @@ def test_two_processes_give_the_same_losses_as_one_device(tmp_path, repo, child_
   config = lm.get_config("test")
   config.steps, config.mesh.data, config.sample_tokens = 3, 1, 0
   training.train(config, str(tmp_path / "one"))
-  one, pod = _losses(tmp_path / "one"), _losses(tmp_path / "pod")
+  one, pod = losses(tmp_path / "one"), losses(tmp_path / "pod")
   assert list(one) == [1, 2, 3] and list(pod) == [1, 2, 3]
   for step in one:
     assert pod[step] == pytest.approx(one[step], abs=1e-5), (one, pod)
@@ -69,13 +59,13 @@ LONG = ["--config.steps=300", "--config.log_every=1", "--config.sample_tokens=0"
 
 
 @pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory, repo, child_env, main_cmd):
+def reference_losses(tmp_path_factory, repo, child_env, main_cmd, losses):
   """Losses of the uninterrupted run that interrupted runs must reproduce exactly."""
   workdir = tmp_path_factory.mktemp("reference")
   cmd = main_cmd(TEST_CONFIG, f"--workdir={workdir}", "--config.checkpoint_every=0", *LONG)
   result = _run(cmd, child_env(1), repo)
   assert result.returncode == 0, result.stderr[-3000:]
-  return _losses(workdir)
+  return losses(workdir)
 
 
 def _wait_for(predicate, proc, timeout=120):
@@ -97,7 +87,7 @@ def _lines(path):
 
 
 def test_sigterm_saves_then_resume_continues_exactly(tmp_path, repo, child_env, main_cmd,
-                                                     reference_losses):
+                                                     reference_losses, losses):
   cmd = main_cmd(TEST_CONFIG, f"--workdir={tmp_path}", "--config.checkpoint_every=0", *LONG)
   proc = subprocess.Popen(cmd, env=child_env(1), cwd=repo, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -111,11 +101,11 @@ def test_sigterm_saves_then_resume_continues_exactly(tmp_path, repo, child_env, 
   result = _run(cmd, child_env(1), repo)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from checkpoint at step {saved[0]}" in result.stdout
-  assert _losses(tmp_path) == reference_losses
+  assert losses(tmp_path) == reference_losses
 
 
 def test_kill_9_resumes_from_the_last_complete_checkpoint(tmp_path, repo, child_env, main_cmd,
-                                                          reference_losses):
+                                                          reference_losses, losses):
   cmd = main_cmd(TEST_CONFIG, f"--workdir={tmp_path}", "--config.checkpoint_every=10", *LONG)
   proc = subprocess.Popen(cmd, env=child_env(1), cwd=repo, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
@@ -128,7 +118,7 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(tmp_path, repo, child_
   result = _run(cmd, child_env(1), repo)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from checkpoint at step {complete}" in result.stdout
-  assert _losses(tmp_path) == reference_losses  # steps redone after the kill match too
+  assert losses(tmp_path) == reference_losses  # steps redone after the kill match too
 
 
 @pytest.mark.parametrize("flag,message", [

@@ -24,21 +24,6 @@ def _config(**overrides):
   return config
 
 
-def _metrics(workdir):
-  """step -> row of metrics.jsonl; a step logged twice (redone after a restart) keeps the last."""
-  rows = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if "loss" in row:
-        rows[row["step"]] = row
-  return rows
-
-
-def _losses(workdir):
-  return {step: row["loss"] for step, row in sorted(_metrics(workdir).items())}
-
-
 def _tensorboard_tags(path):
   """Scalar tags in a TFRecord file of tensorboard Event protos (parsed without TensorFlow)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
@@ -52,7 +37,7 @@ def _tensorboard_tags(path):
   return tags
 
 
-def test_tiny_model_learns_the_default_corpus(tmp_path, capsys):
+def test_tiny_model_learns_the_default_corpus(tmp_path, capsys, train_metrics):
   config = _config(**{
       "steps": 150, "batch_size": 16, "seq_len": 64, "log_every": 25, "eval_batches": 4,
       "model.d_model": 64, "model.num_heads": 4, "model.mlp_dim": 192, "optim.lr": 3e-3,
@@ -61,7 +46,7 @@ def test_tiny_model_learns_the_default_corpus(tmp_path, capsys):
   # A byte-level model starts at ln(256) = 5.55 nats; learning the corpus means far below it.
   assert summary["eval/loss"] < 3.0, summary
   assert summary["eval/bpb"] == pytest.approx(summary["eval/loss"] / np.log(2), rel=1e-5)
-  rows = _metrics(tmp_path)
+  rows = train_metrics(tmp_path)
   assert rows[1]["loss"] > 5.0 and rows[150]["loss"] < 3.0
   for key in ("loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time", "mfu"):
     assert key in rows[150], key
@@ -75,13 +60,13 @@ def test_tiny_model_learns_the_default_corpus(tmp_path, capsys):
   assert "--- sample at step 150 ---\ndef " in out
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, losses):
   common = {"steps": 6, "checkpoint_every": 3, "optim.decay_steps": 6, "mesh.data": 1}
   training.train(_config(**common), str(tmp_path / "whole"))
   # The same run, stopped after 3 steps (same schedule), then restarted.
   training.train(_config(**{**common, "steps": 3}), str(tmp_path / "split"))
   training.train(_config(**common), str(tmp_path / "split"))
-  whole, split = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+  whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
   assert list(whole) == [1, 2, 3, 4, 5, 6]
   assert whole == split  # bit for bit, which also means the same data in the same order
   # And the final parameters are identical.
@@ -99,9 +84,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   assert accum["loss"] == pytest.approx(full["loss"], abs=1e-5)
 
 
-def test_sharded_mesh_gives_the_same_losses(tmp_path):
-  one = _losses(_run(tmp_path / "one", **{"mesh.data": 1}))
-  mesh = _losses(_run(tmp_path / "mesh", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
+def test_sharded_mesh_gives_the_same_losses(tmp_path, losses):
+  one = losses(_run(tmp_path / "one", **{"mesh.data": 1}))
+  mesh = losses(_run(tmp_path / "mesh", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
   assert list(one) == [1, 2, 3]
   for step in one:
     assert mesh[step] == pytest.approx(one[step], abs=1e-5), (step, one, mesh)
