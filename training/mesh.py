@@ -72,3 +72,16 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules):
   """NamedShardings for a tree of ``nn.LogicallyPartitioned`` leaves (others replicated)."""
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(r) for r in rules))
+
+
+def check_divisible(abstract_tree, shardings, *, what: str = "parameter") -> None:
+  """Every sharded dimension must divide evenly over its mesh axes; names the offending leaf."""
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+  for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
+    for dim, axes in zip(leaf.shape, sharding.spec):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      parts = math.prod(sharding.mesh.shape[a] for a in axes)
+      if dim % parts:
+        raise ValueError(f"{what} {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be "
+                         f"split {parts} ways over mesh axes {axes} (spec {sharding.spec}); "
+                         "change config.mesh or config.logical_axis_rules")

@@ -5,7 +5,7 @@ Order of work (everything that can reject the config runs before anything compil
 1. validate the config, build the task (model config), the mesh and the data;
 2. ``setup``: abstract init -> shardings -> jitted init with ``out_shardings`` (params are born
    sharded); the train step is jitted with in/out shardings, donates the old state, and is
-   compiled ahead of time once (its memory report goes to the log);
+   compiled ahead of time once (its per-device memory is printed);
 3. restore the latest checkpoint of ``workdir`` (state and data position) or initialize;
 4. loop: dispatch step t+1, then fetch the metrics of step t (host and device overlap); every
    step's loss, gradient norm and parameter norm must be finite, else the run stops without
@@ -15,6 +15,7 @@ Order of work (everything that can reject the config runs before anything compil
 ``experiments/aot.py`` reuses ``setup`` to compile the same step for a TPU topology.
 """
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -82,22 +83,13 @@ class Setup:
 
   def context(self):
     """Mesh + logical-axis rules for tracing model code (activation constraints)."""
-    return _Context(self.mesh, self.rules)
+    return _context(self.mesh, self.rules)
 
 
-class _Context:
-
-  def __init__(self, mesh, rules):
-    self._mesh_cm = jax.set_mesh(mesh)
-    self._rules_cm = nn.logical_axis_rules(rules)
-
-  def __enter__(self):
-    self._mesh_cm.__enter__()
-    self._rules_cm.__enter__()
-
-  def __exit__(self, *exc):
-    self._rules_cm.__exit__(*exc)
-    self._mesh_cm.__exit__(*exc)
+@contextlib.contextmanager
+def _context(mesh: Mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def _with_shardings(abstract, shardings):
@@ -121,11 +113,13 @@ def setup(config, task, mesh: Mesh) -> Setup:
     batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
     return task.init(init_rng, batch)
 
-  with _Context(mesh, rules):
+  with _context(mesh, rules):
     boxed_params, boxed_frozen = jax.eval_shape(init_boxed)
   param_shardings = mesh_lib.logical_shardings(boxed_params, mesh, rules)
   frozen_shardings = mesh_lib.logical_shardings(boxed_frozen, mesh, rules)
   abstract_params = nn.unbox(boxed_params)
+  mesh_lib.check_divisible(abstract_params, param_shardings)
+  mesh_lib.check_divisible(nn.unbox(boxed_frozen), frozen_shardings, what="frozen parameter")
   abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
   state_shardings = TrainState(
       step=replicated, params=param_shardings,

@@ -124,6 +124,8 @@ def no_compile(monkeypatch):
     ({"mesh.tensor": 0}, r"config\.mesh\.tensor=0"),
     ({"mesh.data": 4, "batch_size": 6}, r"config\.batch_size=6 must be divisible by mesh"),
     ({"optim.lr": -1.0}, r"config\.optim\.lr=-1\.0"),
+    ({"mesh.tensor": 2, "mesh.data": 1, "model.mlp_dim": 63},
+     r"parameter \['layers'\]\['mlp'\]\['down'\]\['kernel'\] of shape \(2, 63, 32\) cannot be split 2"),
     ({"data.corpus": "/nonexistent/*.txt"}, r"config\.data\.corpus='/nonexistent/\*\.txt'"),
     ({"data.tokenizer": "/nonexistent/tokenizer.json"}, r"config\.data\.tokenizer="),
     ({"model.vocab_size": 100}, r"vocab_size=100"),
