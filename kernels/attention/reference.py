@@ -11,9 +11,10 @@ Masking semantics shared by every implementation:
   padding usually carries segment 0).
 * A query row that sees no key at all returns zeros (never NaN), and gets zero gradient.
 
-Layout: the math runs in ``[B, K, G * Lq, E]`` (kv heads outermost, the ``G = H / K`` query heads
+Layout: the math runs in ``[B, K, Lq * G, E]`` (kv heads outermost, the ``G = H / K`` query heads
 of a group folded into the query axis), so every matmul is a plain batched matmul over ``B x K``;
-on CPU this is 2-3x faster than contracting ``[B, L, H, E]`` directly.
+on CPU this is 2-3x faster than contracting ``[B, L, H, E]`` directly. ``xla_chunked`` uses the
+same layout and the same ``masked_scores``.
 """
 
 from typing import NamedTuple
@@ -57,44 +58,47 @@ def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids: SegmentIds 
   return mask
 
 
-def to_grouped(q_BLHE, kv_heads: int):
-  """``[B, L, H, E] -> [B, K, G * L, E]``."""
-  b, length, h, e = q_BLHE.shape
-  g = h // kv_heads
-  q = q_BLHE.reshape(b, length, kv_heads, g, e).transpose(0, 2, 3, 1, 4)
-  return q.reshape(b, kv_heads, g * length, e)
+def to_grouped(x_BLHE, kv_heads: int):
+  """``[B, L, H, E] -> [B, K, L * G, E]``: kv heads outermost, each position's ``G = H / K``
+  query heads side by side, so a block of positions is a contiguous block of rows."""
+  b, length, h, e = x_BLHE.shape
+  x = x_BLHE.reshape(b, length, kv_heads, h // kv_heads, e).transpose(0, 2, 1, 3, 4)
+  return x.reshape(b, kv_heads, length * (h // kv_heads), e)
 
 
-def from_grouped(o_BKQE, length: int):
-  """``[B, K, G * L, E] -> [B, L, H, E]``."""
-  b, k, q, e = o_BKQE.shape
-  return o_BKQE.reshape(b, k, q // length, length, e).transpose(0, 3, 1, 2, 4).reshape(
+def from_grouped(x_BKQE, length: int):
+  """``[B, K, L * G, E] -> [B, L, H, E]``."""
+  b, k, q, e = x_BKQE.shape
+  return x_BKQE.reshape(b, k, length, q // length, e).transpose(0, 2, 1, 3, 4).reshape(
       b, length, k * (q // length), e)
 
 
-def attend_grouped(q_BKQE, k_BKME, v_BKME, mask_BLM, *, sm_scale: float,
-                   logit_soft_cap: float | None, out_dtype):
-  """The core on grouped layouts; ``mask_BLM`` is ``[B or 1, L, M]`` with ``Q = G * L``."""
-  b, kv_heads, q_len, _ = q_BKQE.shape
-  scores = jnp.einsum("BKQE,BKME->BKQM", q_BKQE, k_BKME,
-                      preferred_element_type=jnp.float32) * sm_scale
+def masked_scores(q_BKQE, k_BKME, mask_BLM, *, sm_scale: float,
+                  logit_soft_cap: float | None, rows_may_be_empty: bool):
+  """Scores ``[B, K, Q, M]`` (``Q = L * G`` grouped rows) with cap and mask applied.
+
+  Returns ``(scores, tanh, visible)``: ``tanh`` is the capped ``tanh`` (for a backward pass) or
+  ``None``; ``visible`` ``[B or 1, 1, Q, 1]`` marks rows that see any key, or is ``None`` when
+  ``rows_may_be_empty`` is false (causal rows without segments always see key 0).
+  """
+  s = jnp.einsum("BKQE,BKME->BKQM", q_BKQE, k_BKME,
+                 preferred_element_type=jnp.float32) * sm_scale
+  tanh = None
   if logit_soft_cap is not None:
-    scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
+    tanh = jnp.tanh(s / logit_soft_cap)
+    s = logit_soft_cap * tanh
+  if mask_BLM is None:
+    return s, tanh, None
+  b, k, q_rows, m = s.shape
+  length = mask_BLM.shape[1]
+  bias = jnp.where(mask_BLM, 0.0, MASK_VALUE)[:, None, :, None, :]  # [B|1, 1, L, 1, M]
+  s = (s.reshape(b, k, length, q_rows // length, m) + bias).reshape(s.shape)
   visible = None
-  if mask_BLM is not None:
-    length, m = mask_BLM.shape[1:]
-    groups = q_len // length
-    bias = jnp.where(mask_BLM, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None]
-    scores = (scores.reshape(b, kv_heads, groups, length, m) + bias).reshape(scores.shape)
-    visible = jnp.any(mask_BLM, axis=-1)  # [B or 1, L]
-  weights = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("BKQM,BKME->BKQE", weights.astype(v_BKME.dtype), v_BKME,
-                   preferred_element_type=jnp.float32)
-  if visible is not None:  # rows that see nothing: zeros, not the uniform average
-    length = visible.shape[-1]
-    keep = jnp.broadcast_to(visible[:, None, None, :, None], (b, 1, q_len // length, length, 1))
-    out = out * keep.reshape(b, 1, q_len, 1).astype(out.dtype)
-  return out.astype(out_dtype)
+  if rows_may_be_empty:
+    rows = jnp.broadcast_to(jnp.any(mask_BLM, axis=-1)[:, None, :, None],
+                            (mask_BLM.shape[0], 1, length, q_rows // length))
+    visible = rows.reshape(mask_BLM.shape[0], 1, q_rows, 1)
+  return s, tanh, visible
 
 
 def attention(q_BLHE, k_BMKE, v_BMKE, *, causal: bool = False, segment_ids=None, q_offset=0,
@@ -115,11 +119,17 @@ def attention(q_BLHE, k_BMKE, v_BMKE, *, causal: bool = False, segment_ids=None,
     ``[B, Lq, H, E]`` in the dtype of ``q``.
   """
   length, kv_heads, e = q_BLHE.shape[1], k_BMKE.shape[2], q_BLHE.shape[3]
-  mask = make_mask(length, k_BMKE.shape[1], causal=causal,
-                   segment_ids=as_segment_ids(segment_ids), q_offset=q_offset,
-                   kv_start=kv_start)
-  out = attend_grouped(to_grouped(q_BLHE, kv_heads), k_BMKE.transpose(0, 2, 1, 3),
-                       v_BMKE.transpose(0, 2, 1, 3), mask,
-                       sm_scale=e**-0.5 if sm_scale is None else sm_scale,
-                       logit_soft_cap=logit_soft_cap, out_dtype=q_BLHE.dtype)
-  return from_grouped(out, length)
+  segment_ids = as_segment_ids(segment_ids)
+  mask = make_mask(length, k_BMKE.shape[1], causal=causal, segment_ids=segment_ids,
+                   q_offset=q_offset, kv_start=kv_start)
+  v_BKME = v_BMKE.transpose(0, 2, 1, 3)
+  scores, _, visible = masked_scores(
+      to_grouped(q_BLHE, kv_heads), k_BMKE.transpose(0, 2, 1, 3), mask,
+      sm_scale=e**-0.5 if sm_scale is None else sm_scale, logit_soft_cap=logit_soft_cap,
+      rows_may_be_empty=segment_ids is not None)
+  weights = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("BKQM,BKME->BKQE", weights.astype(v_BKME.dtype), v_BKME,
+                   preferred_element_type=jnp.float32)
+  if visible is not None:  # rows that see nothing: zeros, not the uniform average
+    out = out * visible
+  return from_grouped(out.astype(q_BLHE.dtype), length)

@@ -75,53 +75,35 @@ def attention(q_BLHE, k_BLKE, v_BLKE, *, causal: bool = False, segment_ids=None,
   if segment_ids is None:  # dummies keep the custom_vjp signature fixed; never read
     segment_ids = reference.SegmentIds(jnp.zeros((b, length), jnp.int32),
                                        jnp.zeros((b, length), jnp.int32))
-  # [B, L, K, G, E] -> [B, K, L, G, E]: a chunk of rows is then contiguous, and folding (C, G)
-  # into one query axis is free, so every product below is a 4-D batched matmul.
-  q = q_BLHE.reshape(b, length, kv_heads, h // kv_heads, e).transpose(0, 2, 1, 3, 4)
-  out = _flash(q, k_BLKE.transpose(0, 2, 1, 3), v_BLKE.transpose(0, 2, 1, 3), segment_ids.q,
-               segment_ids.kv, static)
-  return out.transpose(0, 2, 1, 3, 4).reshape(b, length, h, e)
+  # Grouped layout [B, K, L * G, E]: a chunk of positions is a contiguous block of rows.
+  out = _flash(reference.to_grouped(q_BLHE, kv_heads), k_BLKE.transpose(0, 2, 1, 3),
+               v_BLKE.transpose(0, 2, 1, 3), segment_ids.q, segment_ids.kv, static)
+  return reference.from_grouped(out, length)
 
 
 def _scores(q_BKQE, k_BKME, seg_q, seg_kv, start, static: _Static):
-  """Scores ``[B, K, C*G, M]`` of one chunk: masked, capped; the capped ``tanh`` for the
-  backward (or None); and which rows see any key (or None when all do)."""
-  chunk, num_keys = seg_q.shape[1], k_BKME.shape[2]
-  s = jnp.einsum("BKQE,BKME->BKQM", q_BKQE, k_BKME,
-                 preferred_element_type=jnp.float32) * static.sm_scale
-  tanh = None
-  if static.logit_soft_cap is not None:
-    tanh = jnp.tanh(s / static.logit_soft_cap)
-    s = static.logit_soft_cap * tanh
+  """``reference.masked_scores`` of one chunk, whose first query is position ``start``."""
   segments = reference.SegmentIds(seg_q, seg_kv) if static.has_segments else None
-  mask = reference.make_mask(chunk, num_keys, causal=static.causal, segment_ids=segments,
-                             q_offset=start)
-  if mask is None:
-    return s, tanh, None
-  b, k, q_rows, m = s.shape
-  bias = jnp.where(mask, 0.0, reference.MASK_VALUE)[:, None, :, None, :]  # [B|1, 1, C, 1, M]
-  s = (s.reshape(b, k, chunk, q_rows // chunk, m) + bias).reshape(s.shape)
-  visible = None
-  if static.has_segments:  # causal rows always see key 0; segments can leave a row empty
-    rows = jnp.broadcast_to(jnp.any(mask, axis=-1)[:, None, :, None],
-                            (mask.shape[0], 1, chunk, q_rows // chunk))
-    visible = rows.reshape(mask.shape[0], 1, q_rows, 1)
-  return s, tanh, visible
+  mask = reference.make_mask(seg_q.shape[1], k_BKME.shape[2], causal=static.causal,
+                             segment_ids=segments, q_offset=start)
+  return reference.masked_scores(q_BKQE, k_BKME, mask, sm_scale=static.sm_scale,
+                                 logit_soft_cap=static.logit_soft_cap,
+                                 rows_may_be_empty=static.has_segments)
 
 
-def _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys):
-  b, kv_heads, _, groups, e = q.shape
-  q_c = q[:, :, start:end].reshape(b, kv_heads, (end - start) * groups, e)
-  return (q_c, k[:, :, :num_keys], v[:, :, :num_keys], seg_q[:, start:end],
+def _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys, groups):
+  rows = slice(start * groups, end * groups)
+  return (q[:, :, rows], k[:, :, :num_keys], v[:, :, :num_keys], seg_q[:, start:end],
           seg_kv[:, :num_keys])
 
 
 def _forward(q, k, v, seg_q, seg_kv, static: _Static):
-  """Output ``[B, K, L, G, E]`` and log-sum-exp ``[B, K, L * G]``."""
-  b, kv_heads, length, groups, e = q.shape
+  """Output ``[B, K, L * G, E]`` and log-sum-exp ``[B, K, L * G]``."""
+  length = seg_q.shape[1]
+  groups = q.shape[2] // length
   outs, lses = [], []
   for start, end, num_keys in static.chunks(length):
-    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys)
+    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys, groups)
     s, _, visible = _scores(q_c, k_c, sq, skv, start, static)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
@@ -130,14 +112,14 @@ def _forward(q, k, v, seg_q, seg_kv, static: _Static):
                    preferred_element_type=jnp.float32) / total
     if visible is not None:
       o = o * visible
-    outs.append(o.astype(q.dtype).reshape(b, kv_heads, end - start, groups, e))
+    outs.append(o.astype(q.dtype))
     lses.append((m + jnp.log(total))[..., 0])
   return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q_BKLGE, k_BKLE, v_BKLE, seg_q, seg_kv, static: _Static):
-  return _forward(q_BKLGE, k_BKLE, v_BKLE, seg_q, seg_kv, static)[0]
+def _flash(q_BKQE, k_BKLE, v_BKLE, seg_q, seg_kv, static: _Static):
+  return _forward(q_BKQE, k_BKLE, v_BKLE, seg_q, seg_kv, static)[0]
 
 
 def _flash_fwd(q, k, v, seg_q, seg_kv, static):
@@ -147,14 +129,15 @@ def _flash_fwd(q, k, v, seg_q, seg_kv, static):
 
 def _flash_bwd(static: _Static, residuals, d_out):
   q, k, v, seg_q, seg_kv, out, lse = residuals
-  b, kv_heads, length, groups, e = q.shape
-  d_out = d_out.astype(jnp.float32).reshape(b, kv_heads, length * groups, e)
-  delta = jnp.sum(d_out * out.astype(jnp.float32).reshape(d_out.shape), axis=-1)  # rowsum(do o)
+  length = seg_q.shape[1]
+  groups = q.shape[2] // length
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # D = rowsum(do * o)
   dq_chunks = []
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
   for start, end, num_keys in static.chunks(length):
-    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys)
+    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys, groups)
     rows = slice(start * groups, end * groups)
     s, tanh, visible = _scores(q_c, k_c, sq, skv, start, static)
     do_c = d_out[:, :, rows]
@@ -170,8 +153,7 @@ def _flash_bwd(static: _Static, residuals, d_out):
     if tanh is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
       ds = ds * (1.0 - tanh * tanh)
     ds = (ds * static.sm_scale).astype(q.dtype)
-    dq_chunks.append(jnp.einsum("BKQM,BKME->BKQE", ds, k_c, preferred_element_type=jnp.float32)
-                     .reshape(b, kv_heads, end - start, groups, e))
+    dq_chunks.append(jnp.einsum("BKQM,BKME->BKQE", ds, k_c, preferred_element_type=jnp.float32))
     dk = dk.at[:, :, :num_keys].add(
         jnp.einsum("BKQM,BKQE->BKME", ds, q_c, preferred_element_type=jnp.float32))
   dq = jnp.concatenate(dq_chunks, axis=2)
