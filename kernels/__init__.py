@@ -5,5 +5,7 @@ for the backend and falls back to the XLA reference, so models never name a back
 """
 
 from flaxseed.kernels.attention import SegmentIds
+from flaxseed.kernels.attention import block_sparse_attention
 from flaxseed.kernels.attention import flash_attention
+from flaxseed.kernels.attention import masks
 from flaxseed.kernels.attention import reference as attention_reference

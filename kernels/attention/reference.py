@@ -21,6 +21,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from flaxseed.kernels.attention import masks
 
 # Added to the scores of masked pairs. Finite, so a fully masked row gives a uniform softmax
 # (zeroed afterwards) instead of NaN; -1e30 absorbs any finite score in float32.
@@ -41,17 +44,28 @@ def as_segment_ids(segment_ids) -> SegmentIds | None:
   return SegmentIds(segment_ids, segment_ids)
 
 
-def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids: SegmentIds | None,
-              q_offset=0, kv_start: int = 0) -> jax.Array | None:
+def make_mask(q_len: int, kv_len: int, *, causal: bool = False,
+              segment_ids: SegmentIds | None = None, q_offset=0, kv_start: int = 0,
+              pattern: masks.Mask | None = None) -> jax.Array | None:
   """Boolean visibility mask ``[B or 1, Lq, Lk]``; ``None`` when everything is visible.
 
-  ``kv_start`` is the absolute index of the first key given (for callers passing a key slice).
+  ``pattern`` is a ``masks.Mask`` over absolute positions (``causal=True`` adds
+  ``masks.causal()``); ``kv_start`` is the absolute index of the first key given (for callers
+  passing a key slice).
   """
-  mask = None
   if causal:
-    q_pos = jnp.arange(q_len)[:, None] + q_offset
-    kv_pos = jnp.arange(kv_len)[None, :] + kv_start
-    mask = (kv_pos <= q_pos)[None]
+    pattern = masks.causal() if pattern is None else pattern & masks.causal()
+  mask = None
+  if pattern is not None:
+    if pattern.computable:
+      q_pos = jnp.arange(q_len)[:, None] + q_offset
+      kv_pos = jnp.arange(kv_len)[None, :] + kv_start
+    else:  # a table lookup: host indices (a traced q_offset cannot index a numpy table)
+      if not isinstance(q_offset, int):
+        raise ValueError("a from_dense mask needs a static q_offset (it cannot be used to decode)")
+      q_pos = np.arange(q_len)[:, None] + q_offset
+      kv_pos = np.arange(kv_len)[None, :] + kv_start
+    mask = jnp.asarray(pattern(q_pos, kv_pos))[None]
   if segment_ids is not None:
     same = segment_ids.q[:, :, None] == segment_ids.kv[:, None, :]
     mask = same if mask is None else mask & same
@@ -101,9 +115,14 @@ def masked_scores(q_BKQE, k_BKME, mask_BLM, *, sm_scale: float,
   return s, tanh, visible
 
 
+def _may_leave_rows_empty(pattern: masks.Mask | None) -> bool:
+  """False only for patterns whose every query sees at least itself (so no row is empty)."""
+  return pattern is not None and not pattern.sees_self
+
+
 def attention(q_BLHE, k_BMKE, v_BMKE, *, causal: bool = False, segment_ids=None, q_offset=0,
               sm_scale: float | None = None, logit_soft_cap: float | None = None,
-              kv_start: int = 0):
+              kv_start: int = 0, mask: masks.Mask | None = None):
   """Softmax attention with grouped heads.
 
   Args:
@@ -114,19 +133,21 @@ def attention(q_BLHE, k_BMKE, v_BMKE, *, causal: bool = False, segment_ids=None,
     sm_scale: score scale; defaults to ``E ** -0.5``.
     logit_soft_cap: if set, scores become ``cap * tanh(scores / cap)`` before masking.
     kv_start: absolute position of the first key along the key axis (for causal masking).
+    mask: a ``masks.Mask`` pattern over absolute positions, combined (``&``) with ``causal``.
 
   Returns:
     ``[B, Lq, H, E]`` in the dtype of ``q``.
   """
   length, kv_heads, e = q_BLHE.shape[1], k_BMKE.shape[2], q_BLHE.shape[3]
   segment_ids = as_segment_ids(segment_ids)
+  pattern = mask
   mask = make_mask(length, k_BMKE.shape[1], causal=causal, segment_ids=segment_ids,
-                   q_offset=q_offset, kv_start=kv_start)
+                   q_offset=q_offset, kv_start=kv_start, pattern=pattern)
   v_BKME = v_BMKE.transpose(0, 2, 1, 3)
   scores, _, visible = masked_scores(
       to_grouped(q_BLHE, kv_heads), k_BMKE.transpose(0, 2, 1, 3), mask,
       sm_scale=e**-0.5 if sm_scale is None else sm_scale, logit_soft_cap=logit_soft_cap,
-      rows_may_be_empty=segment_ids is not None)
+      rows_may_be_empty=segment_ids is not None or _may_leave_rows_empty(pattern))
   weights = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("BKQM,BKME->BKQE", weights.astype(v_BKME.dtype), v_BKME,
                    preferred_element_type=jnp.float32)

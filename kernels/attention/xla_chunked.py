@@ -1,8 +1,9 @@
 """Memory-efficient attention in pure XLA: flash attention's math, one query chunk at a time.
 
-The sequence is cut into query chunks of ``block_q`` rows; a chunk attends to keys
-``[0, end of chunk)`` when causal (the masked upper triangle is never computed: with ``n`` chunks
-the work is ``(n + 1) / 2n`` of the full square) or to all keys otherwise.
+The sequence is cut into query chunks of ``block_q`` rows; a chunk attends only to the key range
+its mask can reach (from the mask's block layout, on the host): ``[0, end of chunk)`` when causal
+(the masked upper triangle is never computed: with ``n`` chunks the work is ``(n + 1) / 2n`` of
+the full square), a band for a sliding window, all keys without a mask.
 
 Forward, per chunk: scores, row max ``m``, ``p = exp(s - m)``, ``l = sum(p)``, ``o = p v / l``;
 only ``o`` and the log-sum-exp ``lse = m + log l`` are kept (``O(L)`` memory, no ``L x L``
@@ -24,7 +25,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from flaxseed.kernels.attention import masks
 from flaxseed.kernels.attention import reference
 
 
@@ -48,27 +51,39 @@ class BlockSizes:
 class _Static:
   """Non-array arguments of the custom-VJP core (hashable)."""
 
-  causal: bool
+  pattern: masks.Mask | None
   sm_scale: float
   logit_soft_cap: float | None
   block_q: int
   has_segments: bool
 
+  @property
+  def rows_may_be_empty(self) -> bool:
+    return self.has_segments or (self.pattern is not None and not self.pattern.sees_self)
+
   def chunks(self, length: int):
-    """(start, end, number of visible keys) of each query chunk."""
-    for start in range(0, length, self.block_q):
-      end = min(start + self.block_q, length)
-      yield start, end, (end if self.causal else length)
+    """(start, end, first key, end of keys) of each query chunk."""
+    if self.pattern is None:
+      kinds = np.full((-(-length // self.block_q),) * 2, masks.FULL)
+    else:
+      kinds = masks.block_layout(self.pattern, length, self.block_q, self.block_q).kinds
+    for i, start in enumerate(range(0, length, self.block_q)):
+      seen = np.nonzero(kinds[i] != masks.EMPTY)[0]
+      lo, hi = (seen[0], seen[-1] + 1) if seen.size else (0, 1)  # nothing seen: one dummy block
+      yield (start, min(start + self.block_q, length), int(lo) * self.block_q,
+             min(int(hi) * self.block_q, length))
 
 
 def attention(q_BLHE, k_BLKE, v_BLKE, *, causal: bool = False, segment_ids=None,
               sm_scale: float | None = None, logit_soft_cap: float | None = None,
-              block_sizes: BlockSizes | None = None):
+              block_sizes: BlockSizes | None = None, mask: masks.Mask | None = None):
   """Same contract as ``reference.attention`` for self-attention (``Lq == Lk``)."""
   b, length, h, e = q_BLHE.shape
   kv_heads = k_BLKE.shape[2]
   segment_ids = reference.as_segment_ids(segment_ids)
-  static = _Static(causal=causal, sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
+  if causal:
+    mask = masks.causal() if mask is None else mask & masks.causal()
+  static = _Static(pattern=mask, sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
                    logit_soft_cap=logit_soft_cap,
                    block_q=(block_sizes or BlockSizes()).resolve(length),
                    has_segments=segment_ids is not None)
@@ -81,20 +96,19 @@ def attention(q_BLHE, k_BLKE, v_BLKE, *, causal: bool = False, segment_ids=None,
   return reference.from_grouped(out, length)
 
 
-def _scores(q_BKQE, k_BKME, seg_q, seg_kv, start, static: _Static):
-  """``reference.masked_scores`` of one chunk, whose first query is position ``start``."""
+def _scores(q_BKQE, k_BKME, seg_q, seg_kv, start, kv_lo, static: _Static):
+  """``reference.masked_scores`` of one chunk: queries from ``start``, keys from ``kv_lo``."""
   segments = reference.SegmentIds(seg_q, seg_kv) if static.has_segments else None
-  mask = reference.make_mask(seg_q.shape[1], k_BKME.shape[2], causal=static.causal,
-                             segment_ids=segments, q_offset=start)
+  mask = reference.make_mask(seg_q.shape[1], k_BKME.shape[2], pattern=static.pattern,
+                             segment_ids=segments, q_offset=start, kv_start=kv_lo)
   return reference.masked_scores(q_BKQE, k_BKME, mask, sm_scale=static.sm_scale,
                                  logit_soft_cap=static.logit_soft_cap,
-                                 rows_may_be_empty=static.has_segments)
+                                 rows_may_be_empty=static.rows_may_be_empty)
 
 
-def _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys, groups):
-  rows = slice(start * groups, end * groups)
-  return (q[:, :, rows], k[:, :, :num_keys], v[:, :, :num_keys], seg_q[:, start:end],
-          seg_kv[:, :num_keys])
+def _chunk_args(q, k, v, seg_q, seg_kv, start, end, kv_lo, kv_hi, groups):
+  rows, keys = slice(start * groups, end * groups), slice(kv_lo, kv_hi)
+  return (q[:, :, rows], k[:, :, keys], v[:, :, keys], seg_q[:, start:end], seg_kv[:, keys])
 
 
 def _forward(q, k, v, seg_q, seg_kv, static: _Static):
@@ -102,9 +116,9 @@ def _forward(q, k, v, seg_q, seg_kv, static: _Static):
   length = seg_q.shape[1]
   groups = q.shape[2] // length
   outs, lses = [], []
-  for start, end, num_keys in static.chunks(length):
-    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys, groups)
-    s, _, visible = _scores(q_c, k_c, sq, skv, start, static)
+  for start, end, kv_lo, kv_hi in static.chunks(length):
+    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, kv_lo, kv_hi, groups)
+    s, _, visible = _scores(q_c, k_c, sq, skv, start, kv_lo, static)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     total = jnp.sum(p, axis=-1, keepdims=True)
@@ -136,15 +150,15 @@ def _flash_bwd(static: _Static, residuals, d_out):
   dq_chunks = []
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
-  for start, end, num_keys in static.chunks(length):
-    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, num_keys, groups)
+  for start, end, kv_lo, kv_hi in static.chunks(length):
+    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, kv_lo, kv_hi, groups)
     rows = slice(start * groups, end * groups)
-    s, tanh, visible = _scores(q_c, k_c, sq, skv, start, static)
+    s, tanh, visible = _scores(q_c, k_c, sq, skv, start, kv_lo, static)
     do_c = d_out[:, :, rows]
     if visible is not None:  # the forward zeroed these rows: no gradient flows through them
       do_c = do_c * visible
     p = jnp.exp(s - lse[:, :, rows, None])
-    dv = dv.at[:, :, :num_keys].add(
+    dv = dv.at[:, :, kv_lo:kv_hi].add(
         jnp.einsum("BKQM,BKQE->BKME", p.astype(v.dtype), do_c.astype(v.dtype),
                    preferred_element_type=jnp.float32))
     dp = jnp.einsum("BKQE,BKME->BKQM", do_c.astype(v.dtype), v_c,
@@ -154,7 +168,7 @@ def _flash_bwd(static: _Static, residuals, d_out):
       ds = ds * (1.0 - tanh * tanh)
     ds = (ds * static.sm_scale).astype(q.dtype)
     dq_chunks.append(jnp.einsum("BKQM,BKME->BKQE", ds, k_c, preferred_element_type=jnp.float32))
-    dk = dk.at[:, :, :num_keys].add(
+    dk = dk.at[:, :, kv_lo:kv_hi].add(
         jnp.einsum("BKQM,BKQE->BKME", ds, q_c, preferred_element_type=jnp.float32))
   dq = jnp.concatenate(dq_chunks, axis=2)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)

@@ -1,0 +1,105 @@
+"""What the Pallas kernels share: block sizes, the static description of a call, in-block masks.
+
+Both kernels (``pallas_tpu.py``, ``pallas_gpu.py``) compute block-sparse attention: the mask's
+block layout (``masks.block_layout``) lists the key blocks each query block visits, *full* blocks
+run without any masking, *partial* blocks mask inside the block. Causal flash attention is the
+special case ``mask = masks.causal()``, dense attention ``mask = masks.full()``.
+
+Inside a partial block the visibility of each (query, key) pair is
+
+    pattern(q, kv) & (q < length) & (kv < length) & (seg_q == seg_kv)
+
+where ``pattern`` is evaluated from iotas for computable masks, or read from the stored block for
+``from_dense`` masks; the length terms only exist when the sequence was padded to a block multiple.
+Segment ids make every block partial (they are data, unknown on the host).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from flaxseed.kernels.attention import masks
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Query and key block lengths of the Pallas kernels (forward and both backward kernels)."""
+
+  block_q: int = 128
+  block_kv: int = 128
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0 or value % 8:
+        raise ValueError(f"block_sizes.{name} must be a positive multiple of 8, got {value!r}")
+
+  def fit(self, length: int) -> "BlockSizes":
+    """Shrinks blocks longer than the (8-rounded) sequence, so short inputs are not over-padded."""
+    cap = -(-length // 8) * 8
+    return BlockSizes(min(self.block_q, cap), min(self.block_kv, cap))
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Everything about a call that is not an array (hashable: a custom_vjp nondiff argument)."""
+
+  pattern: masks.Mask
+  length: int           # true sequence length (before padding)
+  block_q: int
+  block_kv: int
+  sm_scale: float
+  logit_soft_cap: float | None
+  has_segments: bool
+  interpret: bool
+
+  @property
+  def layout(self) -> masks.BlockLayout:
+    return masks.block_layout(self.pattern, self.length, self.block_q, self.block_kv)
+
+  @property
+  def padded(self) -> bool:
+    return self.layout.padded_length != self.length
+
+  @property
+  def stores_blocks(self) -> bool:
+    """Partial blocks come from stored tables (non-computable masks) rather than iotas."""
+    return not self.pattern.computable
+
+
+def scores(q, k, static: Static):
+  """``q k^T * scale`` (float32) with the soft cap; returns ``(s, tanh or None)``."""
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.float32) * static.sm_scale
+  if static.logit_soft_cap is None:
+    return s, None
+  t = jnp.tanh(s / static.logit_soft_cap)
+  return static.logit_soft_cap * t, t
+
+
+def visible(static: Static, q_start, kv_start, shape, *, stored_block=None, seg_q=None,
+            seg_kv=None):
+  """Boolean ``[block_q, block_kv]`` visibility inside one partial block."""
+  vis = None
+  if static.stores_blocks:
+    vis = stored_block != 0
+  else:
+    q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    kv_idx = kv_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    vis = static.pattern(q_idx, kv_idx)
+    if static.padded:
+      vis = vis & (kv_idx < static.length) & (q_idx < static.length)
+  if static.has_segments:
+    vis = vis & (seg_q == seg_kv)
+  return vis
+
+
+def pad_length(x, axis: int, padded: int):
+  """Zero-pads ``axis`` of ``x`` up to ``padded``."""
+  extra = padded - x.shape[axis]
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
