@@ -36,8 +36,9 @@ class BlockSizes:
         raise ValueError(f"block_sizes.{name} must be a positive multiple of 8, got {value!r}")
 
   def fit(self, length: int) -> "BlockSizes":
-    """Shrinks blocks longer than the (8-rounded) sequence, so short inputs are not over-padded."""
-    cap = -(-length // 8) * 8
+    """Shrinks blocks longer than the sequence (rounded up to a power of two, at least 8), so
+    short inputs are not over-padded."""
+    cap = max(8, 1 << (length - 1).bit_length())
     return BlockSizes(min(self.block_q, cap), min(self.block_kv, cap))
 
 
