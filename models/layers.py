@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseed import kernels
+from flaxseed.kernels import masks
 from flaxseed.kernels.attention import reference as attention_reference
 from flaxseed.models import sharding as sh
 
@@ -126,19 +127,21 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
   """Multi-head / grouped-query / multi-query self-attention with RoPE and a KV cache.
 
-  Training and full forwards go through ``kernels.flash_attention`` (the implementation is a
-  config choice). With ``decode=True`` the keys and values of the given tokens are written into a
-  ``cache`` collection at ``cache/index`` and the queries attend to everything cached so far; decode
-  steps are a few queries against the cache (bandwidth-bound), so they use the reference kernel.
+  Training and full forwards go through ``kernels.block_sparse_attention`` under ``mask`` (the
+  implementation is a config choice). With ``decode=True`` the keys and values of the given tokens
+  are written into a ``cache`` collection at ``cache/index`` and the queries attend to everything
+  cached so far (under the same mask, at absolute positions); decode steps are a few queries
+  against the cache (bandwidth-bound), so they use the reference kernel.
   """
 
   num_heads: int
   num_kv_heads: int
   head_dim: int
   rope_theta: float = 10_000.0
-  causal: bool = True
+  mask: masks.Mask | None = None  # kernels.masks pattern (masks.causal() for a causal LM)
   logit_soft_cap: float | None = None
   implementation: str | None = None
+  interpret: bool = False
   decode: bool = False
   dtype: Dtype = jnp.float32
 
@@ -155,9 +158,10 @@ class Attention(nn.Module):
     else:
       q = apply_rope(q, positions_BL, self.rope_theta)
       key = apply_rope(key, positions_BL, self.rope_theta)
-      out = kernels.flash_attention(q, key, value, causal=self.causal, segment_ids=segment_ids_BL,
-                                    logit_soft_cap=self.logit_soft_cap,
-                                    implementation=self.implementation)
+      out = kernels.block_sparse_attention(
+          q, key, value, self.mask, segment_ids=segment_ids_BL,
+          logit_soft_cap=self.logit_soft_cap, implementation=self.implementation,
+          interpret=self.interpret or None)
     return Dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, dtype=self.dtype,
                  name="o")(out)
 
@@ -185,6 +189,6 @@ class Attention(nn.Module):
         cached_segments.value, segment_ids_BL.astype(jnp.int32), (0, start))
     index.value = start + length
     segments = attention_reference.SegmentIds(segment_ids_BL, cached_segments.value)
-    return attention_reference.attention(q, cached_key.value, cached_value.value, causal=True,
-                                         segment_ids=segments, q_offset=start,
+    return attention_reference.attention(q, cached_key.value, cached_value.value,
+                                         mask=self.mask, segment_ids=segments, q_offset=start,
                                          logit_soft_cap=self.logit_soft_cap)

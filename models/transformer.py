@@ -17,11 +17,14 @@ Packed sequences pass ``segment_ids`` (tokens attend within their segment) and `
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from flaxseed.kernels import masks
 from flaxseed.models import layers
 from flaxseed.models import sharding as sh
 
@@ -57,6 +60,12 @@ class TransformerConfig:
   scan_layers: bool = True
   remat_policy: str = "none"  # see REMAT_POLICIES
   attention_impl: str | None = None  # kernels.flash_attention implementation; None: best
+  attention_interpret: bool = False  # run a Pallas attention_impl in interpret mode (CPU tests)
+  # Per-layer attention masks, cycled over the layers: "global" (the model's causal/full mask) or
+  # a kernels.masks.parse spec such as "sliding_window:4096". E.g. ("sliding_window:4096",
+  # "global") alternates local and global layers (Gemma 2, Mistral-style local attention).
+  # A causal model intersects every pattern with the causal mask.
+  attention_pattern: tuple[str, ...] = ()
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
@@ -85,6 +94,24 @@ class TransformerConfig:
         raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
     if self.rope_theta <= 0:
       raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+    if isinstance(self.attention_pattern, str):
+      raise ValueError("attention_pattern must be a tuple of mask specs, got a string")
+    for spec in self.attention_pattern:
+      if spec != "global":
+        masks.parse(spec)  # raises, naming the bad spec
+    if (self.scan_layers and len(self.attention_pattern) > 1
+        and self.num_layers % len(self.attention_pattern)):
+      raise ValueError(f"with scan_layers, num_layers={self.num_layers} must be a multiple of "
+                       f"len(attention_pattern)={len(self.attention_pattern)} (the scanned unit)")
+
+  def layer_mask(self, layer: int) -> masks.Mask | None:
+    """The attention mask of ``layer``: ``None`` for no mask (bidirectional global layers)."""
+    spec = self.attention_pattern[layer % len(self.attention_pattern)] if (
+        self.attention_pattern) else "global"
+    if spec == "global":
+      return masks.causal() if self.causal else None
+    mask = masks.parse(spec)
+    return mask & masks.causal() if self.causal else mask
 
   @property
   def kv_heads(self) -> int:
@@ -109,8 +136,8 @@ class TransformerConfig:
     mlp_mats = 3 if self.mlp_activation == "swiglu" else 2
     per_layer = d * h * e * 2 + d * k * e * 2 + mlp_mats * d * f
     matmul_params = self.num_layers * per_layer + d * self.vocab_size
-    keys = (seq_len + 1) / 2 if self.causal else seq_len
-    attention = self.num_layers * 4 * h * e * keys
+    keys = sum(_visible_keys(self.layer_mask(i), seq_len) for i in range(self.num_layers))
+    attention = 4 * h * e * keys
     return 3 * (2 * matmul_params + attention)
 
   # Presets. The generic ladder uses the byte vocabulary of the default corpus; the named families
@@ -195,11 +222,25 @@ PRESETS = {
 }
 
 
+@functools.lru_cache(maxsize=32)
+def _visible_keys(mask: masks.Mask | None, seq_len: int) -> float:
+  """Keys a query sees on average under ``mask`` (exact; counted by rows on the host)."""
+  if mask is None:
+    return float(seq_len)
+  if mask == masks.causal():
+    return (seq_len + 1) / 2
+  idx, total = np.arange(seq_len), 0
+  for start in range(0, seq_len, 1024):
+    total += int(np.count_nonzero(mask(idx[start:start + 1024, None], idx[None, :])))
+  return total / seq_len
+
+
 class Block(nn.Module):
   """``x + attn(norm(x))`` then ``x + mlp(norm(x))``; the scan body (carry, broadcasts)."""
 
   config: TransformerConfig
   decode: bool = False
+  mask: masks.Mask | None = None  # this layer's attention mask (config.layer_mask)
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
@@ -207,14 +248,37 @@ class Block(nn.Module):
     x_BLD = sh.constrain(x_BLD, (sh.BATCH, sh.LENGTH, sh.EMBED))
     h = layers.RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BLD)
     h = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.head_size, rope_theta=cfg.rope_theta,
-                         causal=cfg.causal, logit_soft_cap=cfg.attn_logit_soft_cap,
-                         implementation=cfg.attention_impl, decode=self.decode, dtype=dtype,
-                         name="attn")(h, segment_ids_BL, positions_BL)
+                         mask=self.mask, logit_soft_cap=cfg.attn_logit_soft_cap,
+                         implementation=cfg.attention_impl, interpret=cfg.attention_interpret,
+                         decode=self.decode, dtype=dtype, name="attn")(
+                             h, segment_ids_BL, positions_BL)
     x_BLD = x_BLD + h
     h = layers.RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BLD)
     h = layers.Mlp(cfg.d_model, cfg.mlp_dim, cfg.mlp_activation, dtype, name="mlp")(h)
     x_BLD = sh.constrain(x_BLD + h, (sh.BATCH, sh.LENGTH, sh.EMBED))
     return x_BLD, None
+
+
+class BlockGroup(nn.Module):
+  """One period of ``config.attention_pattern``: consecutive blocks with their own masks (the
+  scanned unit when layers differ, so the stack still compiles one body)."""
+
+  config: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    cfg = self.config
+    for j in range(len(cfg.attention_pattern)):
+      x_BLD, _ = _block_class(cfg)(cfg, self.decode, cfg.layer_mask(j), name=f"block_{j}")(
+          x_BLD, segment_ids_BL, positions_BL)
+    return x_BLD, None
+
+
+def _block_class(cfg: TransformerConfig):
+  if cfg.remat_policy == "none":
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nn.Module):
@@ -240,18 +304,22 @@ class Transformer(nn.Module):
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, name="embed")
     x_BLD = embed(tokens_BL)
 
-    block = Block
-    if cfg.remat_policy != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
-                       prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+      # The scanned unit: one block, or one period of blocks when layers' masks differ.
+      period = max(1, len(cfg.attention_pattern))
+      if period == 1:
+        unit, unit_args = _block_class(cfg), (cfg, decode, cfg.layer_mask(0))
+      else:
+        unit, unit_args = BlockGroup, (cfg, decode)
+      stack = nn.scan(unit, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: sh.LAYERS})
-      x_BLD, _ = stack(cfg, decode, name="layers")(x_BLD, segment_ids, positions)
+                      length=cfg.num_layers // period,
+                      metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+      x_BLD, _ = stack(*unit_args, name="layers")(x_BLD, segment_ids, positions)
     else:
       for i in range(cfg.num_layers):
-        x_BLD, _ = block(cfg, decode, name=f"layers_{i}")(x_BLD, segment_ids, positions)
+        x_BLD, _ = _block_class(cfg)(cfg, decode, cfg.layer_mask(i), name=f"layers_{i}")(
+            x_BLD, segment_ids, positions)
 
     x_BLD = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:

@@ -29,6 +29,7 @@ never visible.
 import dataclasses
 import functools
 import hashlib
+import re
 
 import numpy as np
 
@@ -226,6 +227,37 @@ def random_blocks(length: int, block: int, density: float, seed: int = 0) -> Mas
   tiles = np.random.default_rng(seed).random((n, n)) < density
   tiles |= np.eye(n, dtype=bool)
   return from_dense(np.kron(tiles, np.ones((block, block), bool))[:length, :length])
+
+
+_BY_NAME = {"full": full, "causal": causal, "sliding_window": sliding_window,
+            "bidirectional_window": lambda w: sliding_window(w, causal=False),
+            "chunked_causal": chunked_causal, "prefix_lm": prefix_lm,
+            "global_tokens": global_tokens}
+
+
+def parse(spec: str) -> Mask:
+  """A mask from a config string: terms ``name`` or ``name:int`` joined by ``|`` or ``&``
+  (evaluated left to right), e.g. ``"sliding_window:4096"`` or
+  ``"sliding_window:512|global_tokens:4"``. Names: ``{names}``."""
+  tokens = re.split(r"\s*([|&])\s*", spec.strip())
+  result = None
+  for pos in range(0, len(tokens), 2):
+    term = tokens[pos]
+    name, _, arg = term.partition(":")
+    if name not in _BY_NAME:
+      raise ValueError(f"mask spec {spec!r}: unknown mask {name!r}; known: {sorted(_BY_NAME)}")
+    try:
+      mask = _BY_NAME[name](int(arg)) if arg else _BY_NAME[name]()
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"mask spec {spec!r}: bad term {term!r} ({e})") from None
+    if result is None:
+      result = mask
+    else:
+      result = result | mask if tokens[pos - 1] == "|" else result & mask
+  return result
+
+
+parse.__doc__ = parse.__doc__.format(names=", ".join(sorted(_BY_NAME)))
 
 
 # --------------------------------------------------------------------------- block layout
