@@ -96,6 +96,7 @@ class TransformerConfig:
       raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
     if isinstance(self.attention_pattern, str):
       raise ValueError("attention_pattern must be a tuple of mask specs, got a string")
+    object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
     for spec in self.attention_pattern:
       if spec != "global":
         masks.parse(spec)  # raises, naming the bad spec
