@@ -135,3 +135,19 @@ def no_compile(monkeypatch):
 def test_bad_config_is_rejected_before_compiling(tmp_path, no_compile, overrides, match):
   with pytest.raises(ValueError, match=match):
     training.train(_config(**overrides), str(tmp_path))
+
+
+@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_attention_trains_like_xla(tmp_path, losses, implementation):
+  """The transformer with Pallas attention (interpret mode) follows the XLA run step for step;
+  the layers alternate a sliding window and global attention (one scanned period of two)."""
+  common = {"steps": 3, "sample_tokens": 0, "seq_len": 48,
+            "model.attention_pattern": ("sliding_window:16", "global"),
+            "model.attention_interpret": True}
+  training.train(_config(**common, **{"model.attention_impl": "xla"}), str(tmp_path / "xla"))
+  training.train(_config(**common, **{"model.attention_impl": implementation}),
+                 str(tmp_path / implementation))
+  want, got = losses(tmp_path / "xla"), losses(tmp_path / implementation)
+  assert sorted(got) == sorted(want) == [1, 2, 3]
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)

@@ -1,0 +1,74 @@
+"""The Pallas kernels lower for real accelerators from this CPU machine.
+
+TPU: forward and backward compile ahead of time for a v5e:2x2 topology (libtpu, from the ``test``
+extra) inside ``shard_map`` on a sharded mesh. GPU: forward and backward lower to Triton IR
+(``lowering_platforms=("cuda",)``); PTX compilation itself needs a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flaxseed import kernels
+from flaxseed.kernels import masks
+
+LENGTH = 1000  # ragged: padded to the block size inside
+
+CASES = [
+    (masks.causal(), False),
+    (masks.sliding_window(256) | masks.global_tokens(4), True),
+    (masks.random_blocks(LENGTH, 128, 0.3), True),
+]
+
+
+def _loss(implementation, mask, with_segments, **mesh):
+  def loss(q, k, v, seg):
+    out = kernels.block_sparse_attention(
+        q, k, v, mask, segment_ids=seg if with_segments else None, logit_soft_cap=30.0,
+        implementation=implementation, **mesh)
+    return jnp.sum(out.astype(jnp.float32))
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def tpu_mesh():
+  topologies = pytest.importorskip("jax.experimental.topologies")
+  try:
+    topology = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no TPU compiler here (install the 'tpu' extra): {e}")
+  return jax.sharding.Mesh(np.array(topology.devices).reshape(2, 2), ("data", "tensor"))
+
+
+@pytest.mark.parametrize("mask,with_segments", CASES)
+def test_tpu_kernels_compile_for_v5e_in_shard_map(tpu_mesh, mask, with_segments):
+  spec = P("data", None, "tensor", None)
+  array = lambda shape, s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, dtype, sharding=NamedSharding(tpu_mesh, s))
+  args = (array((4, LENGTH, 8, 128), spec), array((4, LENGTH, 2, 128), spec),
+          array((4, LENGTH, 2, 128), spec), array((4, LENGTH), P("data", None), jnp.int32))
+  fn = _loss("pallas_tpu", mask, with_segments, mesh=tpu_mesh, spec=spec)
+  compiled = jax.jit(fn).lower(*args).compile()
+  text = compiled.as_text()
+  for kernel in ("flaxseed_flash_fwd", "flaxseed_flash_dq", "flaxseed_flash_dkv"):
+    assert kernel in text, kernel
+
+
+@pytest.mark.parametrize("mask,with_segments", CASES)
+@pytest.mark.parametrize("head_dim", [80, 128])
+def test_gpu_kernels_lower_to_triton(mask, with_segments, head_dim):
+  shapes = [(2, LENGTH, 8, head_dim), (2, LENGTH, 2, head_dim), (2, LENGTH, 2, head_dim)]
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+  args.append(jax.ShapeDtypeStruct((2, LENGTH), jnp.int32))
+  try:
+    lowered = jax.jit(_loss("pallas_gpu", mask, with_segments)).trace(*args).lower(
+        lowering_platforms=("cuda",))
+  except RuntimeError as e:
+    if "No supported GPU devices found" in str(e):  # newer jax needs an abstract GPU device
+      pytest.skip(f"this jax cannot lower for CUDA without a GPU: {e}")
+    raise
+  text = lowered.as_text()
+  assert text.count("xla.gpu.triton") == 3  # forward, dq, dkv
