@@ -53,7 +53,8 @@ def test_bidirectional_model_sees_future_tokens():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2, scan_layers=False),
-                                dict(num_kv_heads=1, attn_logit_soft_cap=3.0)])
+                                dict(num_kv_heads=1, attn_logit_soft_cap=3.0),
+                                dict(attention_pattern=("sliding_window:4", "global"))])
 def test_kv_cache_decode_matches_full_forward(kw):
   model = _model(**kw)
   params = _init(model)
@@ -161,6 +162,32 @@ def test_logit_soft_cap_bounds_logits():
   assert float(jnp.max(jnp.abs(logits))) <= 0.5
 
 
+def test_sliding_window_layers_see_exactly_their_window():
+  """One layer with a window of 3: output t depends on tokens t-2..t and nothing else."""
+  model = _model(tie_embeddings=False, num_layers=1, attention_pattern=("sliding_window:3",))
+  length, t = 12, 7
+  rows = _embedding_grad_rows(model, _init(model, length), t, length)
+  assert np.all(rows[t - 2:t + 1] > 0), rows
+  assert np.all(rows[:t - 2] == 0) and np.all(rows[t + 1:] == 0), rows
+
+
+def test_attention_pattern_scans_by_period_like_the_loop():
+  """Scanning a (local, global) pattern over periods == the unrolled layers with their masks."""
+  kw = dict(num_layers=4, attention_pattern=("sliding_window:3", "global"))
+  scanned, looped = _model(**kw), _model(scan_layers=False, **kw)
+  params = _init(scanned)
+  assert set(params["layers"]) == {"block_0", "block_1"}
+  per_layer = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(4):
+    per_layer[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i // 2],
+                                            params["layers"][f"block_{i % 2}"])
+  tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 256)
+  np.testing.assert_allclose(looped.apply({"params": per_layer}, tokens),
+                             scanned.apply({"params": params}, tokens), atol=1e-5)
+  global_only = _model(num_layers=4, scan_layers=False).apply({"params": per_layer}, tokens)
+  assert not np.allclose(global_only, looped.apply({"params": per_layer}, tokens), atol=1e-3)
+
+
 def test_flops_per_token_counts_matmul_parameters():
   cfg = transformer.TransformerConfig(**TINY)
   params = _init(transformer.Transformer(cfg))
@@ -180,6 +207,8 @@ def test_flops_per_token_counts_matmul_parameters():
     (dict(mlp_activation="relu"), "mlp_activation"),
     (dict(dtype="float64"), "dtype"),
     (dict(remat_policy="some"), "remat_policy"),
+    (dict(attention_pattern=("sliding_window:x",)), "bad term 'sliding_window:x'"),
+    (dict(attention_pattern=("global",) * 3), "multiple of len.attention_pattern.=3"),
 ])
 def test_bad_config_values_name_the_field(bad, match):
   with pytest.raises(ValueError, match=match):
