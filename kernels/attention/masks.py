@@ -271,9 +271,11 @@ class BlockLayout:
 
   Forward and dq kernels walk ``kv_blocks[i, :kv_counts[i]]`` for query block ``i``; the dk/dv
   kernel walks ``q_blocks[j, :q_counts[j]]`` for key block ``j``. Entries past a count repeat the
-  last valid one (so a pipelining kernel issues no new copy) and are skipped. ``*_partial`` is 1
-  where the block needs in-block masking. ``*_mask_ids`` index ``partial_blocks`` (the distinct
-  ``[block_q, block_kv]`` tables of partial blocks; only filled for non-computable masks).
+  last valid one (so a pipelining kernel issues no new copy) and are skipped. ``*_codes`` say how
+  to mask inside each visited block: 0 for a full block (no masking), ``1 + id`` for a partial one,
+  where ``id`` indexes ``partial_blocks`` (the distinct ``[block_q, block_kv]`` tables of partial
+  blocks; only used for non-computable masks, whose ids are otherwise 0). Two int32 tables per
+  walk, small enough for TPU SMEM (2 x 256 KiB at L = 32k with 128-blocks, dense).
   """
 
   length: int
@@ -281,12 +283,10 @@ class BlockLayout:
   block_kv: int
   kv_blocks: np.ndarray     # [num_q_blocks, max_kv] int32
   kv_counts: np.ndarray     # [num_q_blocks] int32
-  kv_partial: np.ndarray    # [num_q_blocks, max_kv] int32
-  kv_mask_ids: np.ndarray   # [num_q_blocks, max_kv] int32
+  kv_codes: np.ndarray      # [num_q_blocks, max_kv] int32
   q_blocks: np.ndarray      # [num_kv_blocks, max_q] int32
   q_counts: np.ndarray      # [num_kv_blocks] int32
-  q_partial: np.ndarray     # [num_kv_blocks, max_q] int32
-  q_mask_ids: np.ndarray    # [num_kv_blocks, max_q] int32
+  q_codes: np.ndarray       # [num_kv_blocks, max_q] int32
   partial_blocks: np.ndarray  # [num_distinct, block_q, block_kv] bool (>= 1 entry)
   kinds: np.ndarray         # [num_q_blocks, num_kv_blocks] EMPTY / PARTIAL / FULL
 
@@ -305,17 +305,15 @@ def _walk(kinds: np.ndarray, ids: np.ndarray):
   counts = np.sum(kinds != EMPTY, axis=1).astype(np.int32)
   width = max(1, int(counts.max()))
   order = np.zeros((kinds.shape[0], width), np.int32)
-  partial = np.zeros_like(order)
-  mask_ids = np.zeros_like(order)
+  codes = np.zeros_like(order)
   for r in range(kinds.shape[0]):
     cols = np.nonzero(kinds[r] != EMPTY)[0]
     if cols.size == 0:
       continue  # an all-empty row: count 0, the kernel writes zeros
     cols = np.concatenate([cols, np.full(width - cols.size, cols[-1])])
     order[r] = cols
-    partial[r] = kinds[r, cols] == PARTIAL
-    mask_ids[r] = ids[r, cols]
-  return order, counts, partial, mask_ids
+    codes[r] = np.where(kinds[r, cols] == PARTIAL, 1 + ids[r, cols], 0)
+  return order, counts, codes
 
 
 def padded_length(length: int, block_q: int, block_kv: int) -> int:

@@ -49,17 +49,17 @@ def _params(e):
   return pltr.CompilerParams(num_warps=4 if e <= 64 else 8, num_stages=2)
 
 
-def _block(static, is_partial, full_step, partial_step, carry):
-  """``partial_step`` where the block needs masking, ``full_step`` elsewhere."""
+def _block(static, code, full_step, partial_step, carry):
+  """``partial_step`` where the block needs masking (code != 0), ``full_step`` elsewhere."""
   if static.has_segments:
     return partial_step(carry)
-  return jax.lax.cond(is_partial != 0, partial_step, full_step, carry)
+  return jax.lax.cond(code != 0, partial_step, full_step, carry)
 
 
-def _visible(static, q_start, kv_start, shape, stored, mask_id, seg_q, seg_kv):
+def _visible(static, q_start, kv_start, shape, stored, code, seg_q, seg_kv):
   return block_common.visible(
       static, q_start, kv_start, shape,
-      stored_block=None if stored is None else stored[mask_id],
+      stored_block=None if stored is None else stored[jnp.maximum(code - 1, 0)],
       seg_q=None if seg_q is None else seg_q[:, None],
       seg_kv=None if seg_kv is None else seg_kv[None, :])
 
@@ -77,7 +77,7 @@ def _split(refs, static):
 
 # ------------------------------------------------------------------------------------ forward
 
-def _fwd_kernel(q_ref, k_ref, v_ref, blocks, counts, partial, mask_ids, *refs, static):
+def _fwd_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
   seg_q_ref, seg_kv_ref, stored, (o_ref, lse_ref) = _split(refs, static)
   i = pl.program_id(0)
   bq, bk = static.block_q, static.block_kv
@@ -103,10 +103,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, blocks, counts, partial, mask_ids, *refs, s
 
     def masked(carry):
       seg_kv = None if seg_kv_ref is None else seg_kv_ref[pl.ds(kb * bk, bk)]
-      return step(carry, _visible(static, i * bq, kb * bk, s.shape, stored, mask_ids[i, t],
+      return step(carry, _visible(static, i * bq, kb * bk, s.shape, stored, codes[i, t],
                                   seg_q, seg_kv))
 
-    return _block(static, partial[i, t], step, masked, carry)
+    return _block(static, codes[i, t], step, masked, carry)
 
   init = (jnp.full((bq,), MASK_VALUE, _F32), jnp.zeros((bq,), _F32),
           jnp.zeros(q.shape, _F32))
@@ -161,8 +161,7 @@ def _forward(q, k, v, seg_q, seg_kv, static):
   b, length, heads, e = q.shape
   groups = heads // k.shape[2]
   layout = static.layout
-  tables = [_table(layout.kv_blocks), _table(layout.kv_counts), _table(layout.kv_partial),
-            _table(layout.kv_mask_ids)]
+  tables = [_table(layout.kv_blocks), _table(layout.kv_counts), _table(layout.kv_codes)]
   opt_specs, opt_arrays = _optional(static, seg_q, seg_kv, walk_q=False)
   bq = static.block_q
   return pl.pallas_call(
@@ -193,7 +192,7 @@ def _ds_and_p(q, k, v, do, lse, delta, static, vis):
   return ds * static.sm_scale, p
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, blocks, counts, partial, mask_ids, *refs, static):
+def _dq_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
   seg_q_ref, seg_kv_ref, stored, (do_ref, lse_ref, delta_ref, dq_ref) = _split(refs, static)
   i = pl.program_id(0)
   bq, bk = static.block_q, static.block_kv
@@ -211,16 +210,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, blocks, counts, partial, mask_ids, *refs, st
 
     def masked(dq):
       seg_kv = None if seg_kv_ref is None else seg_kv_ref[pl.ds(kb * bk, bk)]
-      return step(dq, _visible(static, i * bq, kb * bk, (bq, bk), stored, mask_ids[i, t],
+      return step(dq, _visible(static, i * bq, kb * bk, (bq, bk), stored, codes[i, t],
                                seg_q, seg_kv))
 
-    return _block(static, partial[i, t], step, masked, dq)
+    return _block(static, codes[i, t], step, masked, dq)
 
   dq = jax.lax.fori_loop(0, counts[i], body, jnp.zeros(q.shape, _F32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, blocks, counts, partial, mask_ids, *refs, static):
+def _dkv_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
   seg_q_ref, seg_kv_ref, stored, (do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = _split(
       refs, static)
   j = pl.program_id(0)
@@ -243,10 +242,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blocks, counts, partial, mask_ids, *refs, s
 
     def masked(carry):
       seg_q = None if seg_q_ref is None else seg_q_ref[rows]
-      return step(carry, _visible(static, qb * bq, j * bk, (bq, bk), stored, mask_ids[j, t],
+      return step(carry, _visible(static, qb * bq, j * bk, (bq, bk), stored, codes[j, t],
                                   seg_q, seg_kv))
 
-    return _block(static, partial[j, t], step, masked, carry)
+    return _block(static, codes[j, t], step, masked, carry)
 
   zeros = jnp.zeros(k.shape, _F32)
   dk, dv = jax.lax.fori_loop(0, counts[j], body, (zeros, zeros))
@@ -261,8 +260,7 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
   bq, bk = static.block_q, static.block_kv
   delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1).transpose(0, 2, 1)  # [B,H,L]
 
-  q_tables = [_table(layout.kv_blocks), _table(layout.kv_counts), _table(layout.kv_partial),
-              _table(layout.kv_mask_ids)]
+  q_tables = [_table(layout.kv_blocks), _table(layout.kv_counts), _table(layout.kv_codes)]
   opt_specs, opt_arrays = _optional(static, seg_q, seg_kv, walk_q=False)
   own_row = lambda i, b_, h: (b_, h, i)
   dq = pl.pallas_call(
@@ -277,8 +275,7 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
       compiler_params=_params(e), interpret=static.interpret, name="flaxseed_flash_dq",
   )(q, k, v, *q_tables, *opt_arrays, d_out, lse, delta)
 
-  kv_tables = [_table(layout.q_blocks), _table(layout.q_counts), _table(layout.q_partial),
-               _table(layout.q_mask_ids)]
+  kv_tables = [_table(layout.q_blocks), _table(layout.q_counts), _table(layout.q_codes)]
   opt_specs, opt_arrays = _optional(static, seg_q, seg_kv, walk_q=True)
   whole_row = lambda i, b_, h: (b_, h, 0)
   per_head = pl.BlockSpec((None, bk, None, e), lambda i, b_, h: (b_, i, h, 0))

@@ -62,25 +62,24 @@ def _visible_or_none(static, partial, q_start, kv_start, shape, block, seg_q, se
       seg_q=None if seg_q is None else seg_q[...], seg_kv=None if seg_kv is None else seg_kv[...])
 
 
-def _for_full_and_partial(static, is_partial, body):
-  """Runs ``body(partial)`` with the in-block mask only where the block needs one."""
+def _for_full_and_partial(static, code, body):
+  """Runs ``body(partial)`` with the in-block mask only where the block needs one (code != 0)."""
   if static.has_segments:  # segment ids: every block may need masking
     body(True)
     return
 
-  @pl.when(is_partial == 0)
+  @pl.when(code == 0)
   def _():
     body(False)
 
-  @pl.when(is_partial != 0)
+  @pl.when(code != 0)
   def _():
     body(True)
 
 
 # ------------------------------------------------------------------------------------ forward
 
-def _fwd_kernel(kv_blocks, kv_counts, kv_partial, kv_mask_ids, *refs, static):
-  del kv_mask_ids  # used by the index maps only
+def _fwd_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
   (q_ref, k_ref, v_ref, seg_q, seg_kv, block), (o_ref, lse_ref, m_scr, l_scr, acc_scr) = (
       _unpack(refs, static, 2))
   i, j = pl.program_id(2), pl.program_id(3)
@@ -110,7 +109,7 @@ def _fwd_kernel(kv_blocks, kv_counts, kv_partial, kv_mask_ids, *refs, static):
 
   @pl.when(j < kv_counts[i])
   def _():
-    _for_full_and_partial(static, kv_partial[i, j], step)
+    _for_full_and_partial(static, kv_codes[i, j], step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _():
@@ -131,8 +130,8 @@ def _specs_for_q_walk(static, heads, kv_heads, e):
     specs += [pl.BlockSpec((None, bq, 1), lambda b, h, i, j, *_: (b, i, 0)),
               pl.BlockSpec((None, 1, bk), lambda b, h, i, j, blocks, *_: (b, 0, blocks[i, j]))]
   if static.stores_blocks:
-    specs.append(pl.BlockSpec((None, bq, bk),
-                              lambda b, h, i, j, blocks, counts, part, ids: (ids[i, j], 0, 0)))
+    specs.append(pl.BlockSpec((None, bq, bk), lambda b, h, i, j, blocks, counts, codes:
+                              (jnp.maximum(codes[i, j] - 1, 0), 0, 0)))
   return specs
 
 
@@ -155,7 +154,7 @@ def _forward(q, k, v, seg_q, seg_kv, static):
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, static=static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=grid,
+          num_scalar_prefetch=3, grid=grid,
           in_specs=_specs_for_q_walk(static, heads, k.shape[1], e),
           out_specs=[pl.BlockSpec((None, None, bq, e), row),
                      pl.BlockSpec((None, None, bq, 1), row)],
@@ -167,7 +166,7 @@ def _forward(q, k, v, seg_q, seg_kv, static):
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret(static),
       name="flaxseed_flash_fwd",
-  )(*_tables(layout.kv_blocks, layout.kv_counts, layout.kv_partial, layout.kv_mask_ids),
+  )(*_tables(layout.kv_blocks, layout.kv_counts, layout.kv_codes),
     q, k, v, *_extra_inputs(static, seg_q, seg_kv, _stored(static)))
   return out, lse
 
@@ -182,8 +181,7 @@ def _stored(static):
 
 # ------------------------------------------------------------------------------------ backward
 
-def _dq_kernel(kv_blocks, kv_counts, kv_partial, kv_mask_ids, *refs, static):
-  del kv_mask_ids
+def _dq_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
   (q_ref, k_ref, v_ref, seg_q, seg_kv, block), rest = _unpack(refs, static, 1)
   do_ref, lse_ref, delta_ref, dq_ref, dq_scr = rest
   i, j = pl.program_id(2), pl.program_id(3)
@@ -202,7 +200,7 @@ def _dq_kernel(kv_blocks, kv_counts, kv_partial, kv_mask_ids, *refs, static):
 
   @pl.when(j < kv_counts[i])
   def _():
-    _for_full_and_partial(static, kv_partial[i, j], step)
+    _for_full_and_partial(static, kv_codes[i, j], step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _():
@@ -223,8 +221,7 @@ def _ds_and_p(q, k, v, do, lse, delta, static, partial, q_start, kv_start, block
   return ds * static.sm_scale, p
 
 
-def _dkv_kernel(q_blocks, q_counts, q_partial, q_mask_ids, *refs, static):
-  del q_mask_ids
+def _dkv_kernel(q_blocks, q_counts, q_codes, *refs, static):
   (q_ref, k_ref, v_ref, seg_q, seg_kv, block), rest = _unpack(refs, static, 2)
   do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr = rest
   jk, g, t = pl.program_id(2), pl.program_id(3), pl.program_id(4)
@@ -247,7 +244,7 @@ def _dkv_kernel(q_blocks, q_counts, q_partial, q_mask_ids, *refs, static):
 
   @pl.when(t < q_counts[jk])
   def _():
-    _for_full_and_partial(static, q_partial[jk, t], step)
+    _for_full_and_partial(static, q_codes[jk, t], step)
 
   @pl.when((g == pl.num_programs(3) - 1) & (t == pl.num_programs(4) - 1))
   def _():
@@ -270,7 +267,7 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, static=static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=(b, heads, length // bq, layout.kv_blocks.shape[1]),
+          num_scalar_prefetch=3, grid=(b, heads, length // bq, layout.kv_blocks.shape[1]),
           in_specs=_specs_for_q_walk(static, heads, kv_heads, e) + [
               pl.BlockSpec((None, None, bq, e), row), pl.BlockSpec((None, None, bq, 1), row),
               pl.BlockSpec((None, None, bq, 1), row)],
@@ -278,7 +275,7 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
           scratch_shapes=[pltpu.VMEM((bq, e), _F32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params(4), interpret=_interpret(static), name="flaxseed_flash_dq",
-  )(*_tables(layout.kv_blocks, layout.kv_counts, layout.kv_partial, layout.kv_mask_ids),
+  )(*_tables(layout.kv_blocks, layout.kv_counts, layout.kv_codes),
     q, k, v, *extra, d_out, lse, delta)
 
   # dk/dv: grid (B, K, kv block, group member, visit); q-side blocks follow the visit list.
@@ -291,14 +288,14 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
                            (b_, blocks[jk, t], 0)),
               pl.BlockSpec((None, 1, bk), lambda b_, kh, jk, g, t, *_: (b_, 0, jk))]
   if static.stores_blocks:
-    specs.append(pl.BlockSpec((None, bq, bk), lambda b_, kh, jk, g, t, blocks, counts, part, ids:
-                              (ids[jk, t], 0, 0)))
+    specs.append(pl.BlockSpec((None, bq, bk), lambda b_, kh, jk, g, t, blocks, counts, codes:
+                              (jnp.maximum(codes[jk, t] - 1, 0), 0, 0)))
   specs += [pl.BlockSpec((None, None, bq, e), q_map), pl.BlockSpec((None, None, bq, 1), q_map),
             pl.BlockSpec((None, None, bq, 1), q_map)]
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, static=static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4,
+          num_scalar_prefetch=3,
           grid=(b, kv_heads, length // bk, groups, layout.q_blocks.shape[1]),
           in_specs=specs,
           out_specs=[pl.BlockSpec((None, None, bk, e), kv_map),
@@ -306,7 +303,7 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
           scratch_shapes=[pltpu.VMEM((bk, e), _F32), pltpu.VMEM((bk, e), _F32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params(5), interpret=_interpret(static), name="flaxseed_flash_dkv",
-  )(*_tables(layout.q_blocks, layout.q_counts, layout.q_partial, layout.q_mask_ids),
+  )(*_tables(layout.q_blocks, layout.q_counts, layout.q_codes),
     q, k, v, *extra, d_out, lse, delta)
   return dq, dk, dv
 

@@ -76,13 +76,12 @@ def test_block_layout_lists_exactly_the_nonempty_blocks(mask, blocks):
   for i in range(padded // bq):  # forward walk: the non-empty tiles of the row, in order
     visited = layout.kv_blocks[i, :layout.kv_counts[i]]
     np.testing.assert_array_equal(visited, np.nonzero(want[i] != masks.EMPTY)[0])
-    np.testing.assert_array_equal(layout.kv_partial[i, :layout.kv_counts[i]],
-                                  want[i, visited] == masks.PARTIAL)
+    codes = layout.kv_codes[i, :layout.kv_counts[i]]
+    np.testing.assert_array_equal(codes != 0, want[i, visited] == masks.PARTIAL)
     if not mask.computable:  # stored blocks reproduce the partial tiles
-      for t, j in enumerate(visited):
-        if want[i, j] == masks.PARTIAL:
-          np.testing.assert_array_equal(
-              layout.partial_blocks[layout.kv_mask_ids[i, t]], tiles[i, j])
+      for code, j in zip(codes, visited):
+        if code:
+          np.testing.assert_array_equal(layout.partial_blocks[code - 1], tiles[i, j])
   for j in range(padded // bk):  # transposed walk for dk/dv
     np.testing.assert_array_equal(layout.q_blocks[j, :layout.q_counts[j]],
                                   np.nonzero(want[:, j] != masks.EMPTY)[0])
