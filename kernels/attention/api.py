@@ -6,8 +6,8 @@ same function, masked attention under a ``masks.Mask`` (``flash_attention`` is t
 ``mask = masks.causal()`` or no mask):
 
   ``"xla"``          the reference (``reference.py``): materializes all scores.
-  ``"xla_chunked"``  memory-efficient pure XLA (``xla_chunked.py``): query chunks that skip the key
-                     ranges the mask hides; O(L) memory.
+  ``"xla_chunked"``  memory-efficient pure XLA (``xla_chunked.py``): the kernels' block walk in
+                     lax loops; skips empty blocks; O(L) memory.
   ``"pallas_tpu"``   Mosaic kernels, forward and backward (``pallas_tpu.py``); block-sparse.
   ``"pallas_gpu"``   Triton kernels, forward and backward (``pallas_gpu.py``); block-sparse.
   ``"cudnn"``        ``jax.nn.dot_product_attention(implementation="cudnn")``, GPU only, for
@@ -52,11 +52,21 @@ def _xla(q, k, v, *, mask, segment_ids, sm_scale, logit_soft_cap, block_sizes, i
                              logit_soft_cap=logit_soft_cap)
 
 
+def _check_block_sizes(block_sizes):
+  if block_sizes is not None and not isinstance(block_sizes, block_common.BlockSizes):
+    raise ValueError("block_sizes must be kernels.attention.BlockSizes(block_q, block_kv), "
+                     f"got {type(block_sizes).__name__}")
+
+
 def _xla_chunked(q, k, v, *, mask, segment_ids, sm_scale, logit_soft_cap, block_sizes,
                  interpret):
   del interpret
+  _check_block_sizes(block_sizes)
   return xla_chunked.attention(q, k, v, mask=mask, segment_ids=segment_ids, sm_scale=sm_scale,
                                logit_soft_cap=logit_soft_cap, block_sizes=block_sizes)
+
+
+PALLAS_DEFAULT_BLOCK = 128
 
 
 def _pallas(module_name: str):
@@ -67,13 +77,11 @@ def _pallas(module_name: str):
     module = importlib.import_module(f"flaxseed.kernels.attention.{module_name}")
     length, e = q.shape[1], q.shape[3]
     blocks = block_sizes or block_common.BlockSizes()
-    if not isinstance(blocks, block_common.BlockSizes):
-      raise ValueError(f"{module_name} takes block_sizes=kernels.attention.BlockSizes(...), "
-                       f"got {type(blocks).__name__}")
-    blocks = blocks.fit(length)
+    _check_block_sizes(blocks)
+    block_q, block_kv = blocks.resolve(length, PALLAS_DEFAULT_BLOCK)
     static = block_common.Static(
         pattern=masks.full() if mask is None else mask, length=length,
-        block_q=blocks.block_q, block_kv=blocks.block_kv,
+        block_q=block_q, block_kv=block_kv,
         sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
         logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
         has_segments=segment_ids is not None, interpret=bool(interpret))
@@ -106,17 +114,17 @@ def default_implementation(length: int, causal: bool) -> str:
   """The implementation ``implementation=None`` resolves to for this backend and shape.
 
   GPU and TPU: their Pallas kernel. CPU, measured on a 2-core machine
-  (experiments/benchmarks/attention.py, fwd+bwd, B=16, H=4, E=64): the chunked path takes 0.92x
-  the reference's time at L=128, 0.78x at 256, 0.59x at 512 and 0.51x at 1024, since it skips the
-  causal upper triangle and has a leaner backward. Without a causal mask it only saves memory, so
-  the reference is kept for sequences up to 1024.
+  (experiments/benchmarks/attention.py, causal fwd+bwd, B=16, H=4, E=64, attention_cpu.json):
+  the chunked path is slower than the reference at L = 128 and faster from 256 on (it skips the
+  causal upper triangle and has a leaner backward), and its memory is O(L) where the reference's
+  is O(L^2). Without a causal mask it only saves memory, so the reference is kept up to 1024.
   """
   backend = jax.default_backend()
   if backend == "gpu":
     return "pallas_gpu"
   if backend == "tpu":
     return "pallas_tpu"
-  if causal and length > xla_chunked.BlockSizes().resolve(length):
+  if causal and length > 128:
     return "xla_chunked"
   if length > 1024:  # score memory O(L^2) starts to matter
     return "xla_chunked"

@@ -24,22 +24,27 @@ from flaxseed.kernels.attention import masks
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Query and key block lengths of the Pallas kernels (forward and both backward kernels)."""
+  """Query and key block lengths of a blockwise implementation (``None``: its default).
 
-  block_q: int = 128
-  block_kv: int = 128
+  Defaults: 128 x 128 for the Pallas kernels (the MXU tile of TPUs; a common Triton tile), see
+  ``xla_chunked.default_block`` for the chunked XLA path. Blocks longer than the sequence shrink
+  to it (rounded up to a power of two), so short inputs are not over-padded.
+  """
+
+  block_q: int | None = None
+  block_kv: int | None = None
 
   def __post_init__(self):
     for name in ("block_q", "block_kv"):
       value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0 or value % 8:
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value <= 0 or value % 8):
         raise ValueError(f"block_sizes.{name} must be a positive multiple of 8, got {value!r}")
 
-  def fit(self, length: int) -> "BlockSizes":
-    """Shrinks blocks longer than the sequence (rounded up to a power of two, at least 8), so
-    short inputs are not over-padded."""
+  def resolve(self, length: int, default: int) -> tuple[int, int]:
+    """``(block_q, block_kv)`` for a sequence of ``length``."""
     cap = max(8, 1 << (length - 1).bit_length())
-    return BlockSizes(min(self.block_q, cap), min(self.block_kv, cap))
+    return (min(self.block_q or default, cap), min(self.block_kv or default, cap))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +97,8 @@ def visible(static: Static, q_start, kv_start, shape, *, stored_block=None, seg_
     if static.padded:
       vis = vis & (kv_idx < static.length) & (q_idx < static.length)
   if static.has_segments:
-    vis = vis & (seg_q == seg_kv)
+    same = seg_q == seg_kv  # [bq, bk], or [B, bq, bk] when the caller keeps a batch axis
+    vis = (vis[None] if same.ndim == vis.ndim + 1 else vis) & same
   return vis
 
 

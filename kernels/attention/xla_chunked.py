@@ -1,77 +1,43 @@
-"""Memory-efficient attention in pure XLA: flash attention's math, one query chunk at a time.
+"""Memory-efficient attention in pure XLA: the Pallas kernels' block walk, written with lax loops.
 
-The sequence is cut into query chunks of ``block_q`` rows; a chunk attends only to the key range
-its mask can reach (from the mask's block layout, on the host): ``[0, end of chunk)`` when causal
-(the masked upper triangle is never computed: with ``n`` chunks the work is ``(n + 1) / 2n`` of
-the full square), a band for a sliding window, all keys without a mask.
+The same block layout the kernels use (``masks.block_layout``) drives three loops; each holds one
+``[block_q, block_kv]`` tile of scores per (batch, kv head) at a time, so memory is ``O(L)``:
+a 32k-token forward+backward fits in laptop memory (``experiments/benchmarks/attention.py``).
 
-Forward, per chunk: scores, row max ``m``, ``p = exp(s - m)``, ``l = sum(p)``, ``o = p v / l``;
-only ``o`` and the log-sum-exp ``lse = m + log l`` are kept (``O(L)`` memory, no ``L x L``
-probabilities). Backward (``jax.custom_vjp``), per chunk, as in FlashAttention-2:
+  forward: ``lax.map`` over query blocks; inside, ``fori_loop`` over the key blocks the layout
+           lists for that block (a dynamic trip count: empty blocks cost nothing), online softmax
+           ``m, l, acc`` as in FlashAttention; keeps only ``out`` and ``lse = m + log l``.
+  dq:      the same walk, ``dq += ds k``.
+  dk, dv:  ``lax.map`` over key blocks, walking the query blocks that see each one (the
+           transposed layout): ``dv += p^T dO``, ``dk += ds^T q``.
 
-    p  = exp(s - lse)                  (recomputed scores, no max/sum reductions needed)
-    dv += p^T do         dp = do v^T
-    ds = p * (dp - D),   D = rowsum(do * o)
-    dq = ds k * scale    dk += ds^T q * scale
-
-so peak memory is ``O(block_q * L)`` scores in both passes, and the backward does two elementwise
-passes over the scores instead of the six or so that autodiff of the reference does. The chunks
-form a static Python loop (static shapes, plain batched matmuls); ``block_q=None`` picks
-``max(64, L / 16)`` rounded up to a multiple of 64, so there are at most 16 chunks.
+with ``p = exp(s - lse)`` recomputed and ``ds = p (dO v^T - D) * scale``, ``D = rowsum(dO * O)``.
+Tiles are in the grouped layout ``[B, K, block * G, E]`` (the ``G`` query heads of a kv head as
+extra rows), so every matmul is one batched matmul over ``B x K`` and dk/dv sum over the group for
+free. Full blocks skip in-block masking (``lax.cond``); partial blocks mask with
+``block_common.visible``, exactly as the kernels do.
 """
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from flaxseed.kernels.attention import block_common
 from flaxseed.kernels.attention import masks
 from flaxseed.kernels.attention import reference
+from flaxseed.kernels.attention.reference import MASK_VALUE
+
+_F32 = jnp.float32
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Query chunk length of the chunked XLA path (``None``: chosen from the sequence length)."""
-
-  block_q: int | None = None
-
-  def __post_init__(self):
-    if self.block_q is not None and self.block_q <= 0:
-      raise ValueError(f"block_sizes.block_q must be positive, got {self.block_q}")
-
-  def resolve(self, length: int) -> int:
-    if self.block_q is not None:
-      return self.block_q
-    return max(64, -(-length // (16 * 64)) * 64)
+BlockSizes = block_common.BlockSizes
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Non-array arguments of the custom-VJP core (hashable)."""
-
-  pattern: masks.Mask | None
-  sm_scale: float
-  logit_soft_cap: float | None
-  block_q: int
-  has_segments: bool
-
-  @property
-  def rows_may_be_empty(self) -> bool:
-    return self.has_segments or (self.pattern is not None and not self.pattern.sees_self)
-
-  def chunks(self, length: int):
-    """(start, end, first key, end of keys) of each query chunk."""
-    if self.pattern is None:
-      kinds = np.full((-(-length // self.block_q),) * 2, masks.FULL)
-    else:
-      kinds = masks.block_layout(self.pattern, length, self.block_q, self.block_q).kinds
-    for i, start in enumerate(range(0, length, self.block_q)):
-      seen = np.nonzero(kinds[i] != masks.EMPTY)[0]
-      lo, hi = (seen[0], seen[-1] + 1) if seen.size else (0, 1)  # nothing seen: one dummy block
-      yield (start, min(start + self.block_q, length), int(lo) * self.block_q,
-             min(int(hi) * self.block_q, length))
+def default_block(length: int) -> int:
+  """One 256-tile up to L = 256, 128-tiles beyond: on a 2-core CPU (causal fwd+bwd, B=16, H=4,
+  E=64) 128 x 128 beat 64, 256 and 512-row tiles at L = 512 and 1024 by 10-30%."""
+  return 256 if length <= 256 else 128
 
 
 def attention(q_BLHE, k_BLKE, v_BLKE, *, causal: bool = False, segment_ids=None,
@@ -83,95 +49,200 @@ def attention(q_BLHE, k_BLKE, v_BLKE, *, causal: bool = False, segment_ids=None,
   segment_ids = reference.as_segment_ids(segment_ids)
   if causal:
     mask = masks.causal() if mask is None else mask & masks.causal()
-  static = _Static(pattern=mask, sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
-                   logit_soft_cap=logit_soft_cap,
-                   block_q=(block_sizes or BlockSizes()).resolve(length),
-                   has_segments=segment_ids is not None)
-  if segment_ids is None:  # dummies keep the custom_vjp signature fixed; never read
-    segment_ids = reference.SegmentIds(jnp.zeros((b, length), jnp.int32),
-                                       jnp.zeros((b, length), jnp.int32))
-  # Grouped layout [B, K, L * G, E]: a chunk of positions is a contiguous block of rows.
-  out = _flash(reference.to_grouped(q_BLHE, kv_heads), k_BLKE.transpose(0, 2, 1, 3),
-               v_BLKE.transpose(0, 2, 1, 3), segment_ids.q, segment_ids.kv, static)
-  return reference.from_grouped(out, length)
+  block_q, block_kv = (block_sizes or BlockSizes()).resolve(length, default_block(length))
+  static = block_common.Static(
+      pattern=masks.full() if mask is None else mask, length=length, block_q=block_q,
+      block_kv=block_kv, sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
+      logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
+      has_segments=segment_ids is not None, interpret=False)
+  padded = static.layout.padded_length
+  pad = lambda x: block_common.pad_length(x, 1, padded)  # noqa: E731
+  seg_q = seg_kv = None
+  if segment_ids is not None:
+    seg_q, seg_kv = (pad(s.astype(jnp.int32)) for s in segment_ids)
+  out = _attention(reference.to_grouped(pad(q_BLHE), kv_heads),
+                   pad(k_BLKE).transpose(0, 2, 1, 3), pad(v_BLKE).transpose(0, 2, 1, 3),
+                   seg_q, seg_kv, static)
+  return reference.from_grouped(out, padded)[:, :length]
 
 
-def _scores(q_BKQE, k_BKME, seg_q, seg_kv, start, kv_lo, static: _Static):
-  """``reference.masked_scores`` of one chunk: queries from ``start``, keys from ``kv_lo``."""
-  segments = reference.SegmentIds(seg_q, seg_kv) if static.has_segments else None
-  mask = reference.make_mask(seg_q.shape[1], k_BKME.shape[2], pattern=static.pattern,
-                             segment_ids=segments, q_offset=start, kv_start=kv_lo)
-  return reference.masked_scores(q_BKQE, k_BKME, mask, sm_scale=static.sm_scale,
-                                 logit_soft_cap=static.logit_soft_cap,
-                                 rows_may_be_empty=static.rows_may_be_empty)
+# ------------------------------------------------------------------------------- one tile
+
+def _rows(x, block: int, size: int, groups: int = 1):
+  """Rows ``[block * size * groups, +size * groups)`` of a ``[B, K, rows, ...]`` array."""
+  return jax.lax.dynamic_slice_in_dim(x, block * size * groups, size * groups, axis=2)
 
 
-def _chunk_args(q, k, v, seg_q, seg_kv, start, end, kv_lo, kv_hi, groups):
-  rows, keys = slice(start * groups, end * groups), slice(kv_lo, kv_hi)
-  return (q[:, :, rows], k[:, :, keys], v[:, :, keys], seg_q[:, start:end], seg_kv[:, keys])
+def _tile(static, q, k):
+  """Scores ``[B, K, block_q * G, block_kv]`` (float32, soft-capped) of one tile, and the
+  ``tanh`` of the cap (``None`` without one). Masking is the caller's (see ``_visible``)."""
+  s = jnp.einsum("BKQE,BKME->BKQM", q, k, preferred_element_type=_F32) * static.sm_scale
+  tanh = None
+  if static.logit_soft_cap is not None:
+    tanh = jnp.tanh(s / static.logit_soft_cap)
+    s = static.logit_soft_cap * tanh
+  return s, tanh
 
 
-def _forward(q, k, v, seg_q, seg_kv, static: _Static):
-  """Output ``[B, K, L * G, E]`` and log-sum-exp ``[B, K, L * G]``."""
-  length = seg_q.shape[1]
-  groups = q.shape[2] // length
-  outs, lses = [], []
-  for start, end, kv_lo, kv_hi in static.chunks(length):
-    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, kv_lo, kv_hi, groups)
-    s, _, visible = _scores(q_c, k_c, sq, skv, start, kv_lo, static)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - m)
-    total = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("BKQM,BKME->BKQE", p.astype(v.dtype), v_c,
-                   preferred_element_type=jnp.float32) / total
-    if visible is not None:
-      o = o * visible
-    outs.append(o.astype(q.dtype))
-    lses.append((m + jnp.log(total))[..., 0])
-  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+def _visible(static, groups, seg_q, seg_kv, qb, kb, code):
+  """``[B or 1, 1, block_q * G, block_kv]`` visibility of a partial tile."""
+  bq, bk = static.block_q, static.block_kv
+  stored = None
+  if static.stores_blocks:
+    stored = jnp.asarray(static.layout.partial_blocks)[jnp.maximum(code - 1, 0)]
+  sq = skv = None
+  if static.has_segments:
+    sq = jax.lax.dynamic_slice_in_dim(seg_q, qb * bq, bq, axis=1)[:, :, None]
+    skv = jax.lax.dynamic_slice_in_dim(seg_kv, kb * bk, bk, axis=1)[:, None, :]
+  vis = block_common.visible(static, qb * bq, kb * bk, (bq, bk), stored_block=stored,
+                             seg_q=sq, seg_kv=skv)
+  if vis.ndim == 2:  # no segment ids: the same for every batch row
+    vis = vis[None]
+  # Each position's G query heads are G consecutive rows of the grouped layout.
+  return jnp.repeat(vis, groups, axis=1)[:, None]
+
+
+def _masked_or_full(static, code, full_step, partial_step, carry):
+  if static.has_segments:
+    return partial_step(carry)
+  return jax.lax.cond(code != 0, partial_step, full_step, carry)
+
+
+# ------------------------------------------------------------------------------- walks
+
+def _forward(q, k, v, seg_q, seg_kv, static):
+  """``q [B, K, Lp * G, E]``, ``k, v [B, K, Lp, E]`` -> out like q, ``lse [B, K, Lp * G]``."""
+  layout = static.layout
+  groups = q.shape[2] // layout.padded_length
+  bq, bk = static.block_q, static.block_kv
+  blocks, counts, codes = (jnp.asarray(t) for t in (layout.kv_blocks, layout.kv_counts,
+                                                     layout.kv_codes))
+
+  def one_query_block(qb):
+    q_t = _rows(q, qb, bq, groups)
+
+    def body(t, carry):
+      kb, code = blocks[qb, t], codes[qb, t]
+      k_t, v_t = _rows(k, kb, bk), _rows(v, kb, bk)
+      s, _ = _tile(static, q_t, k_t)
+
+      def step(carry, vis=None):
+        m, l, acc = carry
+        s_ = s if vis is None else jnp.where(vis, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s_, axis=-1))
+        p = jnp.exp(s_ - m_new[..., None])
+        if vis is not None:
+          p = jnp.where(vis, p, 0.0)
+        correction = jnp.exp(m - m_new)
+        pv = jnp.einsum("BKQM,BKME->BKQE", p.astype(v.dtype), v_t, preferred_element_type=_F32)
+        return m_new, correction * l + jnp.sum(p, axis=-1), correction[..., None] * acc + pv
+
+      masked = lambda c: step(c, _visible(static, groups, seg_q, seg_kv, qb, kb, code))  # noqa
+      return _masked_or_full(static, code, step, masked, carry)
+
+    rows = q_t.shape[:3]
+    init = (jnp.full(rows, MASK_VALUE, _F32), jnp.zeros(rows, _F32), jnp.zeros(q_t.shape, _F32))
+    m, l, acc = jax.lax.fori_loop(0, counts[qb], body, init)
+    safe = jnp.where(l == 0.0, 1.0, l)  # rows that saw no key: acc is 0, so out is 0
+    return (acc / safe[..., None]).astype(q.dtype), m + jnp.log(safe)
+
+  out, lse = jax.lax.map(one_query_block, jnp.arange(layout.kv_blocks.shape[0]))
+  return _unblock(out), _unblock(lse)
+
+
+def _unblock(x):
+  """``[num_blocks, B, K, rows, ...]`` -> ``[B, K, num_blocks * rows, ...]``."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
+
+
+def _ds_and_p(static, s, tanh, lse, d_out, v_t, delta, vis):
+  p = jnp.exp(s - lse[..., None])
+  if vis is not None:
+    p = jnp.where(vis, p, 0.0)
+  dp = jnp.einsum("BKQE,BKME->BKQM", d_out.astype(v_t.dtype), v_t, preferred_element_type=_F32)
+  ds = p * (dp - delta[..., None])
+  if tanh is not None:  # d(cap tanh(x / cap)) / dx = 1 - tanh^2
+    ds = ds * (1.0 - tanh * tanh)
+  return ds * static.sm_scale, p
+
+
+def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
+  layout = static.layout
+  groups = q.shape[2] // layout.padded_length
+  bq, bk = static.block_q, static.block_kv
+  delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)  # D = rowsum(dO * O)
+
+  def tiles(qb, kb):
+    q_t, k_t, v_t = _rows(q, qb, bq, groups), _rows(k, kb, bk), _rows(v, kb, bk)
+    s, tanh = _tile(static, q_t, k_t)
+    rows = lambda x: _rows(x, qb, bq, groups)  # noqa: E731
+    return q_t, k_t, v_t, s, tanh, rows(lse), rows(d_out), rows(delta)
+
+  kv_tables = [jnp.asarray(t) for t in (layout.kv_blocks, layout.kv_counts, layout.kv_codes)]
+
+  def dq_block(qb):
+    blocks, counts, codes = kv_tables
+
+    def body(t, dq):
+      kb, code = blocks[qb, t], codes[qb, t]
+      q_t, k_t, v_t, s, tanh, lse_t, do_t, delta_t = tiles(qb, kb)
+
+      def step(dq, vis=None):
+        ds, _ = _ds_and_p(static, s, tanh, lse_t, do_t, v_t, delta_t, vis)
+        return dq + jnp.einsum("BKQM,BKME->BKQE", ds.astype(k.dtype), k_t,
+                               preferred_element_type=_F32)
+
+      masked = lambda c: step(c, _visible(static, groups, seg_q, seg_kv, qb, kb, code))  # noqa
+      return _masked_or_full(static, code, step, masked, dq)
+
+    zeros = jnp.zeros(q.shape[:2] + (bq * groups, q.shape[3]), _F32)
+    return jax.lax.fori_loop(0, kv_tables[1][qb], body, zeros).astype(q.dtype)
+
+  q_tables = [jnp.asarray(t) for t in (layout.q_blocks, layout.q_counts, layout.q_codes)]
+
+  def dkv_block(kb):
+    blocks, counts, codes = q_tables
+
+    def body(t, carry):
+      qb, code = blocks[kb, t], codes[kb, t]
+      q_t, k_t, v_t, s, tanh, lse_t, do_t, delta_t = tiles(qb, kb)
+
+      def step(carry, vis=None):
+        dk, dv = carry
+        ds, p = _ds_and_p(static, s, tanh, lse_t, do_t, v_t, delta_t, vis)
+        dv = dv + jnp.einsum("BKQM,BKQE->BKME", p.astype(v.dtype), do_t.astype(v.dtype),
+                             preferred_element_type=_F32)
+        dk = dk + jnp.einsum("BKQM,BKQE->BKME", ds.astype(q.dtype), q_t,
+                             preferred_element_type=_F32)
+        return dk, dv
+
+      masked = lambda c: step(c, _visible(static, groups, seg_q, seg_kv, qb, kb, code))  # noqa
+      return _masked_or_full(static, code, step, masked, carry)
+
+    zeros = jnp.zeros(k.shape[:2] + (bk, k.shape[3]), _F32)
+    dk, dv = jax.lax.fori_loop(0, counts[kb], body, (zeros, zeros))
+    return dk.astype(k.dtype), dv.astype(v.dtype)
+
+  dq = _unblock(jax.lax.map(dq_block, jnp.arange(layout.kv_blocks.shape[0])))
+  dk, dv = jax.lax.map(dkv_block, jnp.arange(layout.q_blocks.shape[0]))
+  return dq, _unblock(dk), _unblock(dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q_BKQE, k_BKLE, v_BKLE, seg_q, seg_kv, static: _Static):
-  return _forward(q_BKQE, k_BKLE, v_BKLE, seg_q, seg_kv, static)[0]
+def _attention(q, k, v, seg_q, seg_kv, static):
+  return _forward(q, k, v, seg_q, seg_kv, static)[0]
 
 
-def _flash_fwd(q, k, v, seg_q, seg_kv, static):
+def _attention_fwd(q, k, v, seg_q, seg_kv, static):
   out, lse = _forward(q, k, v, seg_q, seg_kv, static)
   return out, (q, k, v, seg_q, seg_kv, out, lse)
 
 
-def _flash_bwd(static: _Static, residuals, d_out):
+def _attention_bwd(static, residuals, d_out):
   q, k, v, seg_q, seg_kv, out, lse = residuals
-  length = seg_q.shape[1]
-  groups = q.shape[2] // length
-  d_out = d_out.astype(jnp.float32)
-  delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # D = rowsum(do * o)
-  dq_chunks = []
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
-  for start, end, kv_lo, kv_hi in static.chunks(length):
-    q_c, k_c, v_c, sq, skv = _chunk_args(q, k, v, seg_q, seg_kv, start, end, kv_lo, kv_hi, groups)
-    rows = slice(start * groups, end * groups)
-    s, tanh, visible = _scores(q_c, k_c, sq, skv, start, kv_lo, static)
-    do_c = d_out[:, :, rows]
-    if visible is not None:  # the forward zeroed these rows: no gradient flows through them
-      do_c = do_c * visible
-    p = jnp.exp(s - lse[:, :, rows, None])
-    dv = dv.at[:, :, kv_lo:kv_hi].add(
-        jnp.einsum("BKQM,BKQE->BKME", p.astype(v.dtype), do_c.astype(v.dtype),
-                   preferred_element_type=jnp.float32))
-    dp = jnp.einsum("BKQE,BKME->BKQM", do_c.astype(v.dtype), v_c,
-                    preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, :, rows, None])
-    if tanh is not None:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
-      ds = ds * (1.0 - tanh * tanh)
-    ds = (ds * static.sm_scale).astype(q.dtype)
-    dq_chunks.append(jnp.einsum("BKQM,BKME->BKQE", ds, k_c, preferred_element_type=jnp.float32))
-    dk = dk.at[:, :, kv_lo:kv_hi].add(
-        jnp.einsum("BKQM,BKQE->BKME", ds, q_c, preferred_element_type=jnp.float32))
-  dq = jnp.concatenate(dq_chunks, axis=2)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+  dq, dk, dv = _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static)
+  return dq, dk, dv, None, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -75,7 +75,7 @@ def test_chunked_equals_reference_forward_and_gradients(causal, segmented, lengt
   q, k, v = _inputs(length=length)
   seg = _segments(2, length) if segmented else None
   kwargs = dict(causal=causal, segment_ids=seg, logit_soft_cap=5.0)
-  sizes = xla_chunked.BlockSizes(block_q=block)
+  sizes = xla_chunked.BlockSizes(block_q=block, block_kv=16)
   ct = jax.random.normal(jax.random.key(9), q.shape)  # a random cotangent
 
   def loss(fn, q, k, v):

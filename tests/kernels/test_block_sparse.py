@@ -169,7 +169,8 @@ def test_implementation_matches_float64_reference(implementation, case):
     visible &= np.asarray(segments.q)[:, :, None] == np.asarray(segments.kv)[:, None, :]
   want_out, want_grads = _numpy_reference(q, k, v, d_out, visible, cap)
 
-  blocks = BlockSizes(32, 32) if implementation.startswith("pallas") else None
+  blocks = {"xla": None, "xla_chunked": BlockSizes(32, 16)}.get(implementation,
+                                                                 BlockSizes(32, 32))
   fn = lambda q, k, v: kernels.block_sparse_attention(  # noqa: E731
       q, k, v, mask, segment_ids=segments, logit_soft_cap=cap, implementation=implementation,
       block_sizes=blocks, interpret=True)
