@@ -50,6 +50,8 @@ _SPARSE_LENGTHS = flags.DEFINE_list("sparse_lengths", ["4096", "8192", "16384"],
                                     "Accelerator sparse section.")
 _IMPLEMENTATIONS = flags.DEFINE_list("implementations", None,
                                      "Accelerator sections: override the implementations.")
+_SECTIONS = flags.DEFINE_list("sections", None,
+                              "Run only these sections (default: all of the mode's).")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "Accelerator sections: B = tokens / L.")
 
 
@@ -236,15 +238,16 @@ def main(argv):
   device = jax.devices()[0].device_kind
   print(f"device: {device} ({backend}), jax {jax.__version__}")
   results = {"device": device, "backend": backend, "jax": jax.__version__, "mode": mode}
-  if mode == "cpu":
-    results["time"] = cpu_time(_REPEATS.value)
-    results["memory"] = cpu_memory()
-    results["interpret"] = cpu_interpret()
-  else:
-    impls = _IMPLEMENTATIONS.value or {"gpu": ["pallas_gpu", "cudnn", "xla"],
-                                       "tpu": ["pallas_tpu", "xla"]}.get(backend, ["xla"])
-    results["dense"] = accelerator_dense(impls, _REPEATS.value)
-    results["sparse"] = accelerator_sparse(impls[0], _REPEATS.value)
+  impls = _IMPLEMENTATIONS.value or {"gpu": ["pallas_gpu", "cudnn", "xla"],
+                                     "tpu": ["pallas_tpu", "xla"]}.get(backend, ["xla"])
+  sections = {"cpu": {"time": lambda: cpu_time(_REPEATS.value), "memory": cpu_memory,
+                      "interpret": cpu_interpret},
+              "accelerator": {"dense": lambda: accelerator_dense(impls, _REPEATS.value),
+                              "sparse": lambda: accelerator_sparse(impls[0], _REPEATS.value)}}[mode]
+  for name in _SECTIONS.value or sections:
+    if name not in sections:
+      raise app.UsageError(f"--sections: {name!r} is not one of {list(sections)} (mode {mode})")
+    results[name] = sections[name]()
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)

@@ -15,6 +15,7 @@ Segment ids make every block partial (they are data, unknown on the host).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -110,3 +111,27 @@ def pad_length(x, axis: int, padded: int):
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, extra)
   return jnp.pad(x, widths)
+
+
+def flash_vjp(forward, backward):
+  """The differentiable attention of a blockwise implementation, FlashAttention-style.
+
+  ``forward(q, k, v, seg_q, seg_kv, static) -> (out, lse)`` and
+  ``backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static) -> (dq, dk, dv)``: only ``out`` and
+  the log-sum-exp ``lse`` are kept for the backward pass, which recomputes the probabilities.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+  def attention(q, k, v, seg_q, seg_kv, static):
+    return forward(q, k, v, seg_q, seg_kv, static)[0]
+
+  def attention_fwd(q, k, v, seg_q, seg_kv, static):
+    out, lse = forward(q, k, v, seg_q, seg_kv, static)
+    return out, (q, k, v, seg_q, seg_kv, out, lse)
+
+  def attention_bwd(static, residuals, d_out):
+    dq, dk, dv = backward(*residuals, d_out, static)
+    return dq, dk, dv, None, None  # segment ids: integers, no gradient
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention

@@ -310,23 +310,7 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
 
 # ------------------------------------------------------------------------------------ entry
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, seg_q, seg_kv, static):
-  return _forward(q, k, v, seg_q, seg_kv, static)[0]
-
-
-def _attention_fwd(q, k, v, seg_q, seg_kv, static):
-  out, lse = _forward(q, k, v, seg_q, seg_kv, static)
-  return out, (q, k, v, seg_q, seg_kv, out, lse)
-
-
-def _attention_bwd(static, residuals, d_out):
-  q, k, v, seg_q, seg_kv, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static)
-  return dq, dk, dv, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = block_common.flash_vjp(_forward, _backward)
 
 
 def attention(q_BLHE, k_BLKE, v_BLKE, seg_q, seg_kv, static: block_common.Static):

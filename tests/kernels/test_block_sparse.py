@@ -242,3 +242,24 @@ def test_sharded_call_matches_unsharded():
   with pytest.raises(ValueError, match="sequence .axis 1. and head dim .axis 3. cannot be sharded"):
     kernels.flash_attention(q, k, v, implementation="xla", mesh=mesh,
                             spec=jax.sharding.PartitionSpec("data", "tensor"))
+
+
+@pytest.mark.parametrize("case", ["causal_gqa", "random_blocks_segments", "fully_masked_rows"])
+def test_xla_chunked_loops_equal_its_unrolled_walk(case, monkeypatch):
+  """Short walks are unrolled, long ones run as lax loops: both give the same values and grads."""
+  from flaxseed.kernels.attention import xla_chunked  # pylint: disable=g-import-not-at-top
+  mask, (h, kh), seg_kind, cap = CASES[case]
+  q, k, v, d_out = _inputs(length=100, h=h, k=kh)
+  segments = None if seg_kind is None else _segments(2, 100, seg_kind == "absent")
+
+  def run():
+    fn = lambda q, k, v: kernels.block_sparse_attention(  # noqa: E731
+        q, k, v, mask, segment_ids=segments, logit_soft_cap=cap, implementation="xla_chunked",
+        block_sizes=BlockSizes(16, 16))
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(d_out)
+
+  unrolled = run()
+  monkeypatch.setattr(xla_chunked, "MAX_UNROLLED_BLOCKS", 0)
+  looped = run()
+  chex.assert_trees_all_close(looped, unrolled, atol=1e-6, rtol=1e-6)
