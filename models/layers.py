@@ -124,6 +124,19 @@ class Mlp(nn.Module):
     return Dense((f, d), (sh.MLP, sh.EMBED), dtype=self.dtype, name="down")(h_BLF)
 
 
+def _kernel_mesh(implementation: str | None) -> dict:
+  """``mesh``/``spec`` for a Pallas kernel under the ambient mesh (``jax.set_mesh``), from the
+  logical axis rules: Mosaic kernels cannot be partitioned by XLA, so the API runs them under
+  ``shard_map`` with the activations' own sharding (batch and heads; never the sequence)."""
+  if implementation is None or not implementation.startswith("pallas"):
+    return {}
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return {}
+  spec = nn.logical_to_mesh_axes((sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
+  return {"mesh": mesh, "spec": spec}
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query / multi-query self-attention with RoPE and a KV cache.
 
@@ -161,7 +174,7 @@ class Attention(nn.Module):
       out = kernels.block_sparse_attention(
           q, key, value, self.mask, segment_ids=segment_ids_BL,
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation,
-          interpret=self.interpret or None)
+          interpret=self.interpret or None, **_kernel_mesh(self.implementation))
     return Dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, dtype=self.dtype,
                  name="o")(out)
 

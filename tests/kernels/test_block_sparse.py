@@ -263,3 +263,11 @@ def test_xla_chunked_loops_equal_its_unrolled_walk(case, monkeypatch):
   monkeypatch.setattr(xla_chunked, "MAX_UNROLLED_BLOCKS", 0)
   looped = run()
   chex.assert_trees_all_close(looped, unrolled, atol=1e-6, rtol=1e-6)
+
+
+def test_cudnn_is_refused_clearly_off_gpu():
+  q, k, v, _ = _inputs(length=16)
+  if jax.default_backend() == "gpu":
+    pytest.skip("this checks the error off GPU")
+  with pytest.raises(ValueError, match="implementation='cudnn' needs a GPU backend"):
+    kernels.flash_attention(q, k, v, causal=True, implementation="cudnn")

@@ -137,15 +137,19 @@ def test_bad_config_is_rejected_before_compiling(tmp_path, no_compile, overrides
     training.train(_config(**overrides), str(tmp_path))
 
 
-@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
-def test_pallas_attention_trains_like_xla(tmp_path, losses, implementation):
+@pytest.mark.parametrize("implementation,mesh", [
+    ("pallas_tpu", (1, 1, 1)), ("pallas_gpu", (1, 1, 1)),
+    ("pallas_tpu", (2, 2, 2)),  # batch and heads sharded: the kernel runs under shard_map
+])
+def test_pallas_attention_trains_like_xla(tmp_path, losses, implementation, mesh):
   """The transformer with Pallas attention (interpret mode) follows the XLA run step for step;
   the layers alternate a sliding window and global attention (one scanned period of two)."""
   common = {"steps": 3, "sample_tokens": 0, "seq_len": 48,
             "model.attention_pattern": ("sliding_window:16", "global"),
             "model.attention_interpret": True}
   training.train(_config(**common, **{"model.attention_impl": "xla"}), str(tmp_path / "xla"))
-  training.train(_config(**common, **{"model.attention_impl": implementation}),
+  sharded = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh))
+  training.train(_config(**common, **sharded, **{"model.attention_impl": implementation}),
                  str(tmp_path / implementation))
   want, got = losses(tmp_path / "xla"), losses(tmp_path / implementation)
   assert sorted(got) == sorted(want) == [1, 2, 3]
