@@ -134,7 +134,12 @@ def test_cli_rejects_bad_input_with_a_message(tmp_path, repo, child_env, main_cm
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-@pytest.mark.parametrize("mesh", [[], ["--config.mesh.data=2", "--config.mesh.tensor=2"]])
+@pytest.mark.parametrize("mesh", [
+    [], ["--config.mesh.data=2", "--config.mesh.tensor=2"],
+    # The Pallas TPU attention kernels (Mosaic) inside the sharded step, local/global layers.
+    ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.model.attention_impl=pallas_tpu",
+     "--config.model.attention_pattern=('sliding_window:16','global')"],
+])
 def test_train_step_compiles_for_a_tpu_topology(tmp_path, repo, child_env, mesh):
   out = tmp_path / "aot.json"
   cmd = [sys.executable, os.path.join(repo, "experiments", "aot.py"), TEST_CONFIG,
