@@ -4,6 +4,9 @@ Pre-norm RMSNorm blocks of RoPE attention (MHA, GQA or MQA) and a SwiGLU or GELU
 untied embeddings; optional logit soft-caps; ``causal=False`` turns it into the bidirectional
 network that the masked-diffusion LM reuses. Layers are stacked with ``nn.scan`` (one compiled
 block, a leading ``layers`` axis on every block parameter) and rematerialized by a named policy.
+Attention goes through ``flaxseed.kernels`` (``attention_impl`` picks the implementation) under a
+per-layer mask: ``attention_pattern=("sliding_window:4096", "global")`` alternates local and global
+layers, and the scanned unit becomes one period of the pattern (``layers/block_0``, ``block_1``).
 
     from flaxseed.models import transformer
     model = transformer.Transformer(transformer.TransformerConfig.tiny())

@@ -39,8 +39,9 @@ def _interpret(static):
   return pltpu.InterpretParams() if static.interpret else False
 
 
-def _unpack(refs, static, num_out):
-  """Splits a kernel's refs into (q, k, v, seg_q, seg_kv, stored block, *outs+scratch)."""
+def _unpack(refs, static):
+  """Splits a kernel's refs into ``(q, k, v, seg_q, seg_kv, stored block)`` (the optional ones
+  ``None`` when absent) and the rest (more inputs, outputs, scratch)."""
   refs = list(refs)
   q, k, v = refs[:3]
   rest = refs[3:]
@@ -81,7 +82,7 @@ def _for_full_and_partial(static, code, body):
 
 def _fwd_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
   (q_ref, k_ref, v_ref, seg_q, seg_kv, block), (o_ref, lse_ref, m_scr, l_scr, acc_scr) = (
-      _unpack(refs, static, 2))
+      _unpack(refs, static))
   i, j = pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -182,7 +183,7 @@ def _stored(static):
 # ------------------------------------------------------------------------------------ backward
 
 def _dq_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
-  (q_ref, k_ref, v_ref, seg_q, seg_kv, block), rest = _unpack(refs, static, 1)
+  (q_ref, k_ref, v_ref, seg_q, seg_kv, block), rest = _unpack(refs, static)
   do_ref, lse_ref, delta_ref, dq_ref, dq_scr = rest
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -222,7 +223,7 @@ def _ds_and_p(q, k, v, do, lse, delta, static, partial, q_start, kv_start, block
 
 
 def _dkv_kernel(q_blocks, q_counts, q_codes, *refs, static):
-  (q_ref, k_ref, v_ref, seg_q, seg_kv, block), rest = _unpack(refs, static, 2)
+  (q_ref, k_ref, v_ref, seg_q, seg_kv, block), rest = _unpack(refs, static)
   do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr = rest
   jk, g, t = pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
