@@ -9,3 +9,7 @@ from flaxseed.kernels.attention import block_sparse_attention
 from flaxseed.kernels.attention import flash_attention
 from flaxseed.kernels.attention import masks
 from flaxseed.kernels.attention import reference as attention_reference
+from flaxseed.kernels.quant import QuantizedWeight
+from flaxseed.kernels.quant import dequantize_weight
+from flaxseed.kernels.quant import quantize_weight
+from flaxseed.kernels.quant import quantized_matmul

@@ -6,6 +6,7 @@ D width, H heads, K kv heads, E head dim, F MLP width, V vocab).
 """
 
 from collections.abc import Sequence
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -50,10 +51,21 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
                         jnp.float32)
     lead = x.shape[:x.ndim - n]
+    if isinstance(kernel, kernels.QuantizedWeight):  # models.quantize put it there
+      return self._quantized(x, kernel, lead)
     x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)
     y = jax.lax.dot_general(x2, kernel.astype(self.dtype),
                             ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
     return y.reshape(lead + y.shape[1:])
+
+  def _quantized(self, x, kernel, lead):
+    n = self.num_in
+    k, out = math.prod(self.shape[:n]), math.prod(self.shape[n:])
+    if kernel.shape != (k, out):
+      raise ValueError(f"{self.name}: quantized kernel is {kernel.shape} but this layer "
+                       f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})")
+    y = kernels.quantized_matmul(x.reshape(-1, k).astype(self.dtype), kernel)
+    return y.reshape(lead + self.shape[n:])
 
 
 class RMSNorm(nn.Module):

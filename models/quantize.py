@@ -1,0 +1,83 @@
+"""Post-training quantization of any zoo model's parameters.
+
+    from flaxseed.models import quantize
+    qparams = quantize.quantize_params(params, fmt="int4", group_size=128,
+                                       targets=r".*(attn|mlp).*kernel")
+    logits = model.apply({"params": qparams}, tokens)      # the same model, quantized weights
+
+Each selected kernel becomes a ``kernels.QuantizedWeight`` leaf; ``layers.Dense`` sees the leaf
+type and calls ``kernels.quantized_matmul`` instead of a float matmul, so there is no second
+model class. A Dense kernel ``[in..., out...]`` is quantized as the matrix
+``[prod(in), prod(out)]`` it multiplies by: the zoo's kernels contract their leading axis, except
+attention output projections (``.../attn/o/kernel``, ``[H, E, D]``), which contract two; pass
+``num_in`` for layers of your own with other layouts.
+"""
+
+import re
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from flaxseed import kernels
+
+
+def zoo_num_in(path: str) -> int:
+  """How many leading axes a zoo Dense kernel at ``path`` contracts."""
+  return 2 if re.search(r"(^|/)attn/o/kernel$", path) else 1
+
+
+def _path(key_path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
+def param_paths(params) -> list[str]:
+  """``/``-joined paths of every leaf (what ``targets`` is matched against)."""
+  return [_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(params))]
+
+
+def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
+                    targets: str = r".*(attn|mlp).*kernel",
+                    num_in: Callable[[str], int] = zoo_num_in):
+  """Returns ``params`` with every leaf whose path fully matches ``targets`` quantized.
+
+  Raises ``ValueError`` listing the available paths when nothing matches, and naming the
+  parameter when one cannot be quantized in this format (e.g. a group size that does not divide
+  its contraction dim).
+  """
+  params = nn.unbox(params)
+  pattern = re.compile(targets)
+  matched = []
+
+  def convert(key_path, leaf):
+    path = _path(key_path)
+    if not pattern.fullmatch(path):
+      return leaf
+    matched.append(path)
+    n = num_in(path)
+    shape = leaf.shape
+    matrix = leaf.reshape(int(np.prod(shape[:n])), int(np.prod(shape[n:])))
+    try:
+      return kernels.quantize_weight(matrix, fmt, group_size)
+    except ValueError as e:
+      raise ValueError(f"cannot quantize {path} (shape {shape}, as [{matrix.shape[0]}, "
+                       f"{matrix.shape[1]}]): {e}") from None
+
+  out = jax.tree_util.tree_map_with_path(convert, params)
+  if not matched:
+    raise ValueError(f"targets={targets!r} matches no parameter; the paths are:\n  "
+                     + "\n  ".join(param_paths(params)))
+  return out
+
+
+def weight_bytes(params) -> int:
+  """Bytes of all parameters as stored (quantized leaves count their packed codes and scales)."""
+  total = 0
+  for leaf in jax.tree.leaves(nn.unbox(params), is_leaf=lambda x: isinstance(
+      x, kernels.QuantizedWeight)):
+    if isinstance(leaf, kernels.QuantizedWeight):
+      total += leaf.nbytes
+    else:
+      total += leaf.size * leaf.dtype.itemsize
+  return int(total)
