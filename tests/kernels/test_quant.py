@@ -18,7 +18,8 @@ def _weight(k=256, n=200, seed=0):
 
 
 def test_nf4_levels_are_the_qlora_papers():
-  np.testing.assert_allclose(formats.nf4_levels_from_quantiles(), formats.NF4_LEVELS, atol=1e-7)
+  # The paper's table was computed in float32: the float64 rebuild agrees to 2e-7.
+  np.testing.assert_allclose(formats.nf4_levels_from_quantiles(), formats.NF4_LEVELS, atol=5e-7)
   assert len(set(formats.NF4_LEVELS)) == 16 and 0.0 in formats.NF4_LEVELS
 
 
