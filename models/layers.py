@@ -48,11 +48,13 @@ class Dense(nn.Module):
   def __call__(self, x):
     n = self.num_in
     init = fan_in_init(range(n), range(n, len(self.shape)))
+    lead = x.shape[:x.ndim - n]
+    if self.has_variable("params", "kernel"):
+      stored = self.get_variable("params", "kernel")
+      if isinstance(stored, kernels.QuantizedWeight):  # models.quantize put it there
+        return self._quantized(x, stored, lead)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
                         jnp.float32)
-    lead = x.shape[:x.ndim - n]
-    if isinstance(kernel, kernels.QuantizedWeight):  # models.quantize put it there
-      return self._quantized(x, kernel, lead)
     x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)
     y = jax.lax.dot_general(x2, kernel.astype(self.dtype),
                             ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))

@@ -9,8 +9,10 @@ Each selected kernel becomes a ``kernels.QuantizedWeight`` leaf; ``layers.Dense`
 type and calls ``kernels.quantized_matmul`` instead of a float matmul, so there is no second
 model class. A Dense kernel ``[in..., out...]`` is quantized as the matrix
 ``[prod(in), prod(out)]`` it multiplies by: the zoo's kernels contract their leading axis, except
-attention output projections (``.../attn/o/kernel``, ``[H, E, D]``), which contract two; pass
-``num_in`` for layers of your own with other layouts.
+attention output projections (``.../attn/o/kernel``, ``[H, E, D]``), which contract two. Layers
+stacked by ``nn.scan`` (paths under ``layers/``) carry a leading layer axis: each layer's matrix
+is quantized on its own and the ``QuantizedWeight`` leaves keep the layer axis, so the scan
+slices them like any parameter. Pass ``num_in`` / ``stacked`` for layouts of your own.
 """
 
 import re
@@ -24,8 +26,13 @@ from flaxseed import kernels
 
 
 def zoo_num_in(path: str) -> int:
-  """How many leading axes a zoo Dense kernel at ``path`` contracts."""
+  """How many axes (after any stacked layer axis) a zoo Dense kernel at ``path`` contracts."""
   return 2 if re.search(r"(^|/)attn/o/kernel$", path) else 1
+
+
+def zoo_stacked(path: str) -> int:
+  """Leading layer axes of a zoo parameter: 1 under ``layers/`` (``nn.scan``), else 0."""
+  return 1 if path.startswith("layers/") else 0
 
 
 def _path(key_path) -> str:
@@ -39,7 +46,8 @@ def param_paths(params) -> list[str]:
 
 def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
                     targets: str = r".*(attn|mlp).*kernel",
-                    num_in: Callable[[str], int] = zoo_num_in):
+                    num_in: Callable[[str], int] = zoo_num_in,
+                    stacked: Callable[[str], int] = zoo_stacked):
   """Returns ``params`` with every leaf whose path fully matches ``targets`` quantized.
 
   Raises ``ValueError`` listing the available paths when nothing matches, and naming the
@@ -55,14 +63,18 @@ def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
     if not pattern.fullmatch(path):
       return leaf
     matched.append(path)
-    n = num_in(path)
+    s, n = stacked(path), num_in(path)
     shape = leaf.shape
-    matrix = leaf.reshape(int(np.prod(shape[:n])), int(np.prod(shape[n:])))
+    lead, inner = shape[:s], shape[s:]
+    matrices = leaf.reshape(lead + (int(np.prod(inner[:n])), int(np.prod(inner[n:]))))
+    quantize = lambda m: kernels.quantize_weight(m, fmt, group_size)  # noqa: E731
+    for _ in range(s):
+      quantize = jax.vmap(quantize)
     try:
-      return kernels.quantize_weight(matrix, fmt, group_size)
+      return quantize(matrices)
     except ValueError as e:
-      raise ValueError(f"cannot quantize {path} (shape {shape}, as [{matrix.shape[0]}, "
-                       f"{matrix.shape[1]}]): {e}") from None
+      raise ValueError(f"cannot quantize {path} (shape {shape}, as {len(lead)} stacked "
+                       f"[{matrices.shape[-2]}, {matrices.shape[-1]}]): {e}") from None
 
   out = jax.tree_util.tree_map_with_path(convert, params)
   if not matched:

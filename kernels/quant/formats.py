@@ -188,8 +188,11 @@ def decode(values, scales, layout: Layout, dtype=jnp.float32):
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype=jnp.float32):
-  """The float ``[K, N]`` weight that ``qw`` represents."""
-  return decode(qw.values, qw.scales, qw.layout, dtype)
+  """The float ``[..., K, N]`` weight that ``qw`` represents (leading axes: stacked layers)."""
+  fn = lambda values, scales: decode(values, scales, qw.layout, dtype)  # noqa: E731
+  for _ in range(qw.values.ndim - 2):
+    fn = jax.vmap(fn)
+  return fn(qw.values, qw.scales)
 
 
 def max_abs_error(qw: QuantizedWeight, w) -> float:

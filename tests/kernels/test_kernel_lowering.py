@@ -1,4 +1,4 @@
-"""The Pallas kernels lower for real accelerators from this CPU machine.
+"""The Pallas kernels (attention, quantized matmul) lower for real accelerators from this CPU machine.
 
 TPU: forward and backward compile ahead of time for a v5e:2x2 topology (libtpu, from the ``test``
 extra) inside ``shard_map`` on a sharded mesh. GPU: forward and backward lower to Triton IR
@@ -72,3 +72,36 @@ def test_gpu_kernels_lower_to_triton(mask, with_segments, head_dim):
     raise
   text = lowered.as_text()
   assert text.count("xla.gpu.triton") == 3  # forward, dq, dkv
+
+
+QUANT_FORMATS = [("int8", None), ("int4", 128), ("nf4", 64), ("ternary", None)]
+
+
+def _quantized_weight(fmt, group, k=4096, n=4096, sharding=None):
+  qw = jax.eval_shape(lambda w: kernels.quantize_weight(w, fmt, group),
+                      jax.ShapeDtypeStruct((k, n), jnp.float32))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), qw)
+
+
+@pytest.mark.parametrize("fmt,group", QUANT_FORMATS)
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_tpu_quantized_matmul_compiles_for_v5e(tpu_mesh, fmt, group, m):
+  device = jax.sharding.SingleDeviceSharding(tpu_mesh.devices.flat[0])
+  qw = _quantized_weight(fmt, group, sharding=device)
+  x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16, sharding=device)
+  fn = lambda x, qw: kernels.quantized_matmul(x, qw, implementation="pallas_tpu")  # noqa: E731
+  assert f"flaxseed_{fmt}_matmul" in jax.jit(fn).lower(x, qw).compile().as_text()
+
+
+@pytest.mark.parametrize("fmt,group", QUANT_FORMATS)
+def test_gpu_quantized_matmul_lowers_to_triton(fmt, group):
+  qw = _quantized_weight(fmt, group)
+  x = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
+  fn = lambda x, qw: kernels.quantized_matmul(x, qw, implementation="pallas_gpu")  # noqa: E731
+  try:
+    lowered = jax.jit(fn).trace(x, qw).lower(lowering_platforms=("cuda",))
+  except RuntimeError as e:
+    if "No supported GPU devices found" in str(e):
+      pytest.skip(f"this jax cannot lower for CUDA without a GPU: {e}")
+    raise
+  assert lowered.as_text().count("xla.gpu.triton") == 1
