@@ -6,6 +6,7 @@ D width, H heads, K kv heads, E head dim, F MLP width, V vocab).
 """
 
 from collections.abc import Sequence
+import functools
 import math
 from typing import Any
 
@@ -43,31 +44,55 @@ class Dense(nn.Module):
   axes: tuple[str, ...]
   num_in: int = 1
   dtype: Dtype = jnp.float32
+  quant: str | None = None  # "ternary": BitNet b1.58 training (see ternary_ste)
 
   @nn.compact
   def __call__(self, x):
     n = self.num_in
     init = fan_in_init(range(n), range(n, len(self.shape)))
     lead = x.shape[:x.ndim - n]
+    x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)  # [M, in...]
+    if self.quant == "ternary":
+      x2 = int8_absmax_ste(x2)
     if self.has_variable("params", "kernel"):
       stored = self.get_variable("params", "kernel")
       if isinstance(stored, kernels.QuantizedWeight):  # models.quantize put it there
-        return self._quantized(x, stored, lead)
+        return self._quantized(x2, stored, lead)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
                         jnp.float32)
-    x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)
+    if self.quant == "ternary":
+      kernel = ternary_ste(kernel)
     y = jax.lax.dot_general(x2, kernel.astype(self.dtype),
                             ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
     return y.reshape(lead + y.shape[1:])
 
-  def _quantized(self, x, kernel, lead):
+  def _quantized(self, x2, kernel, lead):
     n = self.num_in
     k, out = math.prod(self.shape[:n]), math.prod(self.shape[n:])
     if kernel.shape != (k, out):
       raise ValueError(f"{self.name}: quantized kernel is {kernel.shape} but this layer "
                        f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})")
-    y = kernels.quantized_matmul(x.reshape(-1, k).astype(self.dtype), kernel)
+    y = kernels.quantized_matmul(x2.reshape(-1, k), kernel)
     return y.reshape(lead + self.shape[n:])
+
+
+def ternary_ste(w):
+  """BitNet b1.58 weights: ``round(w / s)`` clipped to {-1, 0, 1} times ``s = mean |w|`` (over
+  the whole matrix), with a straight-through gradient (the float weight gets the gradient of the
+  quantized one). The same numbers as ``kernels.quantize_weight(w, "ternary")``, so a trained
+  model exports to packed ternary weights exactly."""
+  scale = jnp.maximum(jnp.mean(jnp.abs(w)), 1e-8)
+  quantized = jnp.clip(jnp.round(w / scale), -1, 1) * scale
+  return w + jax.lax.stop_gradient(quantized - w)
+
+
+def int8_absmax_ste(x):
+  """BitNet's 8-bit activations: each row of ``x [M, in...]`` scaled by its absmax to
+  [-127, 127] and rounded, with a straight-through gradient."""
+  axes = tuple(range(1, x.ndim))
+  scale = jnp.maximum(jnp.max(jnp.abs(x), axis=axes, keepdims=True), 1e-5) / 127.0
+  quantized = jnp.clip(jnp.round(x / scale), -127, 127) * scale
+  return x + jax.lax.stop_gradient(quantized - x)
 
 
 class RMSNorm(nn.Module):
@@ -125,17 +150,19 @@ class Mlp(nn.Module):
   hidden: int
   activation: str = "swiglu"
   dtype: Dtype = jnp.float32
+  quant: str | None = None
 
   @nn.compact
   def __call__(self, x_BLD):
     d, f = self.features, self.hidden
-    up_BLF = Dense((d, f), (sh.EMBED, sh.MLP), dtype=self.dtype, name="up")(x_BLD)
+    dense = functools.partial(Dense, dtype=self.dtype, quant=self.quant)
+    up_BLF = dense((d, f), (sh.EMBED, sh.MLP), name="up")(x_BLD)
     if self.activation == "swiglu":
-      gate_BLF = Dense((d, f), (sh.EMBED, sh.MLP), dtype=self.dtype, name="gate")(x_BLD)
+      gate_BLF = dense((d, f), (sh.EMBED, sh.MLP), name="gate")(x_BLD)
       h_BLF = nn.silu(gate_BLF) * up_BLF
     else:
       h_BLF = nn.gelu(up_BLF)
-    return Dense((f, d), (sh.MLP, sh.EMBED), dtype=self.dtype, name="down")(h_BLF)
+    return dense((f, d), (sh.MLP, sh.EMBED), name="down")(h_BLF)
 
 
 def _kernel_mesh(implementation: str | None) -> dict:
@@ -171,15 +198,17 @@ class Attention(nn.Module):
   interpret: bool = False
   decode: bool = False
   dtype: Dtype = jnp.float32
+  quant: str | None = None
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
     d, h, k, e = x_BLD.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
-    q = Dense((d, h, e), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), dtype=self.dtype, name="q")(x_BLD)
+    q = Dense((d, h, e), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), dtype=self.dtype, quant=self.quant,
+              name="q")(x_BLD)
     key = Dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), dtype=self.dtype,
-                name="k")(x_BLD)
+                quant=self.quant, name="k")(x_BLD)
     value = Dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), dtype=self.dtype,
-                  name="v")(x_BLD)
+                  quant=self.quant, name="v")(x_BLD)
     if self.decode:
       out = self._attend_with_cache(q, key, value, segment_ids_BL, positions_BL)
     else:
@@ -190,7 +219,7 @@ class Attention(nn.Module):
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation,
           interpret=self.interpret or None, **_kernel_mesh(self.implementation))
     return Dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, dtype=self.dtype,
-                 name="o")(out)
+                 quant=self.quant, name="o")(out)
 
   def _attend_with_cache(self, q, key, value, segment_ids_BL, positions_BL):
     """Writes this call's keys/values at ``index`` and attends to the whole cache."""

@@ -32,6 +32,7 @@ from flaxseed.models import layers
 from flaxseed.models import sharding as sh
 
 MLP_ACTIVATIONS = ("swiglu", "gelu")
+QUANT_MODES = (None, "ternary")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = {
     "none": None,  # keep every activation
@@ -69,6 +70,10 @@ class TransformerConfig:
   # "global") alternates local and global layers (Gemma 2, Mistral-style local attention).
   # A causal model intersects every pattern with the causal mask.
   attention_pattern: tuple[str, ...] = ()
+  # "ternary": BitNet b1.58 quantization-aware training of the attention and MLP projections
+  # (absmean ternary weights, 8-bit absmax activations, straight-through gradients); export with
+  # models.quantize.quantize_params(params, fmt="ternary"). Embeddings stay in float.
+  quant: str | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
@@ -97,6 +102,8 @@ class TransformerConfig:
         raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
     if self.rope_theta <= 0:
       raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+    if self.quant not in QUANT_MODES:
+      raise ValueError(f"quant={self.quant!r} is not one of {QUANT_MODES}")
     if isinstance(self.attention_pattern, str):
       raise ValueError("attention_pattern must be a tuple of mask specs, got a string")
     object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
@@ -254,11 +261,12 @@ class Block(nn.Module):
     h = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.head_size, rope_theta=cfg.rope_theta,
                          mask=self.mask, logit_soft_cap=cfg.attn_logit_soft_cap,
                          implementation=cfg.attention_impl, interpret=cfg.attention_interpret,
-                         decode=self.decode, dtype=dtype, name="attn")(
+                         decode=self.decode, dtype=dtype, quant=cfg.quant, name="attn")(
                              h, segment_ids_BL, positions_BL)
     x_BLD = x_BLD + h
     h = layers.RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BLD)
-    h = layers.Mlp(cfg.d_model, cfg.mlp_dim, cfg.mlp_activation, dtype, name="mlp")(h)
+    h = layers.Mlp(cfg.d_model, cfg.mlp_dim, cfg.mlp_activation, dtype, quant=cfg.quant,
+                   name="mlp")(h)
     x_BLD = sh.constrain(x_BLD + h, (sh.BATCH, sh.LENGTH, sh.EMBED))
     return x_BLD, None
 

@@ -72,3 +72,38 @@ def test_unquantizable_weight_is_named():
   with pytest.raises(ValueError, match=r"cannot quantize layers/mlp/down/kernel .*as 1 stacked "
                      r"\[96, 64\].*group_size=64 must divide the contraction dim K=96"):
     quantize.quantize_params(params, fmt="int4", group_size=64)
+
+
+def test_bitnet_qat_model_exports_to_packed_ternary_exactly():
+  """A ``quant="ternary"`` model computes the same logits from its float weights (quantized on
+  the fly) as from the packed ternary export served by the quantized matmul."""
+  cfg = transformer.TransformerConfig(d_model=64, num_layers=2, num_heads=4, mlp_dim=128,
+                                      quant="ternary")
+  model = transformer.Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 256)
+  qat = model.apply({"params": params}, tokens)
+  exported = quantize.quantize_params(params, fmt="ternary")
+  np.testing.assert_allclose(model.apply({"params": exported}, tokens), qat, atol=1e-4,
+                             rtol=1e-4)
+  # The float model (no quantization) computes something else.
+  float_model = transformer.Transformer(transformer.TransformerConfig(
+      d_model=64, num_layers=2, num_heads=4, mlp_dim=128))
+  assert not np.allclose(float_model.apply({"params": params}, tokens), qat, atol=1e-2)
+  assert quantize.weight_bytes(exported) < quantize.weight_bytes(params) / 3
+
+
+def test_straight_through_estimators_pass_gradients_unchanged():
+  from flaxseed.models import layers  # pylint: disable=g-import-not-at-top
+  w = jax.random.normal(jax.random.key(0), (32, 16))
+  c = jax.random.normal(jax.random.key(1), (32, 16))
+  ternary = layers.ternary_ste(w)
+  scale = float(jnp.mean(jnp.abs(w)))
+  assert set(np.unique(np.round(np.asarray(ternary) / scale, 5))) <= {-1.0, 0.0, 1.0}
+  np.testing.assert_allclose(jax.grad(lambda w: jnp.sum(layers.ternary_ste(w) * c))(w), c)
+  x = jax.random.normal(jax.random.key(2), (4, 32))
+  q = layers.int8_absmax_ste(x)
+  steps = np.asarray(q) / (np.abs(np.asarray(x)).max(-1, keepdims=True) / 127)
+  np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)  # on the int8 grid
+  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(layers.int8_absmax_ste(x) * x))(x),
+                             q + x, atol=1e-6)  # d/dx [q(x) x] with dq/dx = 1
