@@ -209,14 +209,58 @@ def _check_finite(step: int, metrics: dict[str, float], last_checkpoint: int | N
     raise NonFiniteLossError(f"non-finite values at step {step}: {bad}; stopping; {where}")
 
 
-def evaluate(s: Setup, params, frozen, eval_batches: list) -> dict[str, float]:
+def evaluate(s: Setup, params, frozen, eval_batches: list, eval_step=None) -> dict[str, float]:
+  """Mean eval metrics over ``eval_batches`` (``eval_step``: default the setup's, compiled for
+  the training parameters' shardings)."""
   totals = {}
   for batch in eval_batches:
-    for name, (total, count) in s.eval_step(params, frozen, batch).items():
+    for name, (total, count) in (eval_step or s.eval_step)(params, frozen, batch).items():
       prev = totals.get(name, (0.0, 0.0))
       totals[name] = (prev[0] + total, prev[1] + count)
   totals = jax.device_get(totals)
   return {f"eval/{k}": float(t / max(c, 1e-9)) for k, (t, c) in totals.items()}
+
+
+@dataclasses.dataclass
+class Restored:
+  """A trained run, loaded for evaluation (``restore``)."""
+
+  setup: Setup
+  params: Any
+  frozen: Any
+  step: int
+  eval_batches: list
+
+  def evaluate(self, params=None) -> dict[str, float]:
+    """Eval metrics of ``params`` (default: the restored ones; any pytree the task's model
+    accepts, e.g. quantized) over the run's eval batches."""
+    eval_step = jax.jit(self.setup.task.evaluate)  # any parameter pytree, shardings inferred
+    with self.setup.context():
+      return evaluate(self.setup, self.params if params is None else params, self.frozen,
+                      self.eval_batches, eval_step=eval_step)
+
+
+def restore(config, workdir: str) -> Restored:
+  """The latest checkpoint of a run in ``workdir`` with its eval batches (for studies and
+  evaluation scripts). Raises ``ValueError`` if there is no checkpoint."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  validate(config, mesh)
+  task = tasks_lib.build(config)
+  s = setup(config, task, mesh)
+  rows = data_lib.process_rows(s.batch_spec["tokens"].sharding, config.batch_size)
+  train_data, eval_data = task.datasets(global_batch=config.batch_size, rows=rows,
+                                        train_batches=config.steps,
+                                        eval_batches=config.eval_batches, seed=config.seed)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=config.max_to_keep)
+  try:
+    state, step = ckpt.restore_latest(s.abstract_state, data_lib.train_iterator(train_data))
+  finally:
+    ckpt.close()
+  if state is None:
+    raise ValueError(f"no checkpoint in {workdir}")
+  return Restored(setup=s, params=state.params, frozen=s.init_frozen(), step=step,
+                  eval_batches=[_global_batch(b, s.batch_spec) for b in eval_data])
 
 
 def train(config, workdir: str) -> dict[str, float]:

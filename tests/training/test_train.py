@@ -155,3 +155,20 @@ def test_pallas_attention_trains_like_xla(tmp_path, losses, implementation, mesh
   assert sorted(got) == sorted(want) == [1, 2, 3]
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-5)
+
+
+def test_restore_evaluates_like_the_end_of_training(tmp_path):
+  """``training.restore`` loads the last checkpoint; its eval equals the run's final eval, and it
+  evaluates other parameter pytrees (here: the params quantized to int8) with the same batches."""
+  from flaxseed.models import quantize  # pylint: disable=g-import-not-at-top
+  config = _config(steps=3, **{"mesh.data": 1})
+  summary = training.train(config, str(tmp_path))
+  restored = training.restore(config, str(tmp_path))
+  assert restored.step == 3
+  metrics = restored.evaluate()
+  assert metrics["eval/loss"] == pytest.approx(summary["eval/loss"], abs=1e-5)
+  int8 = restored.evaluate(quantize.quantize_params(restored.params, fmt="int8"))
+  assert int8["eval/loss"] == pytest.approx(metrics["eval/loss"], rel=0.01)
+  assert int8["eval/loss"] != metrics["eval/loss"]
+  with pytest.raises(ValueError, match="no checkpoint in"):
+    training.restore(config, str(tmp_path / "empty"))
