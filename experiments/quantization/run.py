@@ -71,8 +71,8 @@ def main(argv):
     r["bpb_vs_fp32"] = r["bpb"] / fp32
     print(f"{name:12s} bpb {r['bpb']:.4f} ({100 * (r['bpb_vs_fp32'] - 1):+.2f}% vs fp32)  "
           f"weights {r['weight_bytes'] / 1024:.0f} KiB")
-  results["meta"] = {"config": "configs/lm.py:tiny", "steps": _config().steps,
-                     "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  print(f"configs/lm.py:tiny, {_config().steps} steps, {jax.devices()[0].device_kind}, "
+        f"jax {jax.__version__}")
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                      "results_quick.json" if _QUICK.value else "results.json")
   with open(out, "w", encoding="utf-8") as f:

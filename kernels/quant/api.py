@@ -10,6 +10,11 @@
 ``None`` picks the Pallas kernel of the backend, ``"xla"`` on CPU (XLA:CPU gains nothing from
 quantized weights). Gradients flow to ``x`` (``dx = dy W^T`` through the dequantized weight, for
 QLoRA and QAT); the quantized weight is frozen (its cotangent is zero).
+
+``activations="int8"`` (w8a8, int8 weights only; ``"xla"`` and ``"pallas_tpu"``): each row of
+``x`` is quantized on the fly to int8 with its absmax, the product runs int8 x int8 -> int32 (the
+TPU MXU's integer path) and is rescaled by both scales. The gradient to ``x`` is the same
+straight-through one.
 """
 
 import functools
@@ -27,7 +32,25 @@ def default_implementation() -> str:
   return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
 
 
-def _matmul_2d(x, qw, implementation, interpret):
+def quantize_rows(x):
+  """Per-row absmax int8 quantization: ``(int8 codes, float32 scales [M, 1])``."""
+  scale = jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True), 1e-12)
+  scale = scale / 127.0
+  return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _w8a8_2d(x, qw, implementation, interpret):
+  codes, x_scale = quantize_rows(x)
+  if implementation == "xla":
+    acc = jnp.dot(codes, qw.values, preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * x_scale * qw.scales).astype(x.dtype)
+  from flaxseed.kernels.quant import pallas_tpu  # pylint: disable=g-import-not-at-top
+  return pallas_tpu.w8a8_matmul(codes, x_scale, qw, out_dtype=x.dtype, interpret=interpret)
+
+
+def _matmul_2d(x, qw, implementation, interpret, activations=None):
+  if activations == "int8":
+    return _w8a8_2d(x, qw, implementation, interpret)
   if implementation == "xla":
     return jnp.dot(x, formats.dequantize_weight(qw, x.dtype), preferred_element_type=jnp.float32
                    ).astype(x.dtype)
@@ -38,13 +61,13 @@ def _matmul_2d(x, qw, implementation, interpret):
   return pallas_gpu.matmul(x, qw, interpret=interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x, qw, implementation, interpret):
-  return _matmul_2d(x, qw, implementation, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(x, qw, implementation, interpret, activations):
+  return _matmul_2d(x, qw, implementation, interpret, activations)
 
 
-def _matmul_fwd(x, qw, implementation, interpret):
-  return _matmul_2d(x, qw, implementation, interpret), qw
+def _matmul_fwd(x, qw, implementation, interpret, activations):
+  return _matmul_2d(x, qw, implementation, interpret, activations), qw
 
 
 def _zero_cotangent(leaf):
@@ -53,8 +76,8 @@ def _zero_cotangent(leaf):
   return jnp.zeros_like(leaf)
 
 
-def _matmul_bwd(implementation, interpret, qw, dy):
-  del implementation, interpret
+def _matmul_bwd(implementation, interpret, activations, qw, dy):
+  del implementation, interpret, activations
   w = formats.dequantize_weight(qw, dy.dtype)
   dx = jnp.dot(dy, w.T, preferred_element_type=jnp.float32).astype(dy.dtype)
   return dx, jax.tree.map(_zero_cotangent, qw)
@@ -64,7 +87,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | None = None,
-                     interpret: bool | None = None):
+                     interpret: bool | None = None, activations: str | None = None):
   """``x [..., K] @ W [K, N] -> [..., N]`` in ``x``'s dtype, accumulating in float32.
 
   Args:
@@ -72,6 +95,7 @@ def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | No
     qw: the quantized weight.
     implementation: ``None`` (best for the backend) or one of ``IMPLEMENTATIONS``.
     interpret: run a Pallas implementation in interpret mode (CPU tests).
+    activations: ``None`` (float activations) or ``"int8"`` (w8a8, see the module docstring).
   """
   if not isinstance(qw, formats.QuantizedWeight):
     raise ValueError(f"qw must be a QuantizedWeight (kernels.quantize_weight), got "
@@ -83,6 +107,13 @@ def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | No
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown quantized_matmul implementation {implementation!r}; "
                      f"available: {', '.join(IMPLEMENTATIONS)}")
+  if activations not in (None, "int8"):
+    raise ValueError(f"activations={activations!r} is not one of (None, 'int8')")
+  if activations == "int8":
+    if qw.layout.fmt != "int8":
+      raise ValueError(f"activations='int8' (w8a8) needs int8 weights, got {qw.layout.fmt}")
+    if implementation == "pallas_gpu":
+      raise ValueError("activations='int8' (w8a8) runs on 'xla' or 'pallas_tpu'")
   lead = x.shape[:-1]
-  y = _matmul(x.reshape(-1, k), qw, implementation, bool(interpret))
+  y = _matmul(x.reshape(-1, k), qw, implementation, bool(interpret), activations)
   return y.reshape(*lead, n)

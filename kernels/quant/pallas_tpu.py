@@ -84,3 +84,51 @@ def matmul(x, qw: formats.QuantizedWeight, *, interpret: bool = False):
       name=f"flaxseed_{layout.fmt}_matmul",
   )(*([x] * p), values, *([scales] * p))
   return out[:m, :n]
+
+
+def _w8a8_kernel(x_ref, x_scale_ref, w_ref, w_scale_ref, o_ref, acc_ref):
+  t = pl.program_id(2)
+
+  @pl.when(t == 0)
+  def _():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.int32)
+
+  acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.int32)
+
+  @pl.when(t == pl.num_programs(2) - 1)
+  def _():
+    scaled = acc_ref[...].astype(jnp.float32) * x_scale_ref[...] * w_scale_ref[0]
+    o_ref[...] = scaled.astype(o_ref.dtype)
+
+
+def w8a8_matmul(codes, x_scale, qw: formats.QuantizedWeight, *, out_dtype,
+                interpret: bool = False):
+  """int8 activations ``codes [M, K]`` (row scales ``x_scale [M, 1]``) times an int8 weight with
+  per-channel scales: int32 accumulation on the MXU, rescaled at the end."""
+  layout = qw.layout
+  if layout.fmt != "int8" or layout.group_size is not None:
+    raise ValueError("w8a8 needs int8 weights with per-channel scales (group_size=None)")
+  m = codes.shape[0]
+  k, n = layout.shape
+  tiles = tiling.Tiles.plan(layout, m, min_bm=32)  # int8 tiles: 32 sublanes
+  codes = tiling.pad_to(codes, 0, tiles.bm)
+  x_scale = tiling.pad_to(x_scale, 0, tiles.bm)
+  values = tiling.pad_to(qw.values, 1, tiles.bn)
+  w_scale = tiling.pad_to(qw.scales[:, None, :], 2, tiles.bn)
+  out = pl.pallas_call(
+      _w8a8_kernel,
+      grid=(codes.shape[0] // tiles.bm, values.shape[1] // tiles.bn, k // tiles.bkp),
+      in_specs=[pl.BlockSpec((tiles.bm, tiles.bkp), lambda i, jn, t: (i, t)),
+                pl.BlockSpec((tiles.bm, 1), lambda i, jn, t: (i, 0)),
+                pl.BlockSpec((tiles.bkp, tiles.bn), lambda i, jn, t: (t, jn)),
+                pl.BlockSpec((1, 1, tiles.bn), lambda i, jn, t: (0, 0, jn))],
+      out_specs=pl.BlockSpec((tiles.bm, tiles.bn), lambda i, jn, t: (i, jn)),
+      out_shape=jax.ShapeDtypeStruct((codes.shape[0], values.shape[1]), out_dtype),
+      scratch_shapes=[pltpu.VMEM((tiles.bm, tiles.bn), jnp.int32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=pltpu.InterpretParams() if interpret else False,
+      name="flaxseed_w8a8_matmul",
+  )(codes, x_scale, values, w_scale)
+  return out[:m, :n]

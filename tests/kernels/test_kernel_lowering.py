@@ -93,6 +93,16 @@ def test_tpu_quantized_matmul_compiles_for_v5e(tpu_mesh, fmt, group, m):
   assert f"flaxseed_{fmt}_matmul" in jax.jit(fn).lower(x, qw).compile().as_text()
 
 
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_tpu_w8a8_matmul_compiles_for_v5e(tpu_mesh, m):
+  device = jax.sharding.SingleDeviceSharding(tpu_mesh.devices.flat[0])
+  qw = _quantized_weight("int8", None, sharding=device)
+  x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16, sharding=device)
+  fn = lambda x, qw: kernels.quantized_matmul(  # noqa: E731
+      x, qw, implementation="pallas_tpu", activations="int8")
+  assert "flaxseed_w8a8_matmul" in jax.jit(fn).lower(x, qw).compile().as_text()
+
+
 @pytest.mark.parametrize("fmt,group", QUANT_FORMATS)
 def test_gpu_quantized_matmul_lowers_to_triton(fmt, group):
   qw = _quantized_weight(fmt, group)

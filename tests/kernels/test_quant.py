@@ -113,3 +113,23 @@ def test_matmul_argument_errors():
     kernels.quantized_matmul(jnp.zeros((2, 128)), qw, implementation="nope")
   with pytest.raises(ValueError, match="qw must be a QuantizedWeight"):
     kernels.quantized_matmul(jnp.zeros((2, 128)), jnp.zeros((128, 64)))
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_w8a8_kernel_equals_its_integer_reference(m):
+  """int8 activations x int8 weights: the TPU kernel's int32 accumulation equals the XLA path,
+  which equals the integer formula written out in numpy."""
+  w = _weight(k=256, n=200)
+  qw = kernels.quantize_weight(w, "int8")
+  x = jax.random.normal(jax.random.key(m), (m, 256), jnp.float32)
+  xla = kernels.quantized_matmul(x, qw, implementation="xla", activations="int8")
+  tpu = kernels.quantized_matmul(x, qw, implementation="pallas_tpu", activations="int8",
+                                 interpret=True)
+  np.testing.assert_array_equal(tpu, xla)
+  codes, x_scale = kernels.quant.api.quantize_rows(x)
+  exact = (np.asarray(codes, np.int64) @ np.asarray(qw.values, np.int64)) * np.asarray(
+      x_scale, np.float64) * np.asarray(qw.scales, np.float64)
+  np.testing.assert_allclose(xla, exact, rtol=1e-6, atol=1e-6)
+  assert np.max(np.abs(np.asarray(codes))) == 127  # each row uses the full int8 range
+  with pytest.raises(ValueError, match="w8a8. needs int8 weights, got int4"):
+    kernels.quantized_matmul(x, kernels.quantize_weight(w, "int4"), activations="int8")
