@@ -1,4 +1,7 @@
-"""Kernels: one package per op (``api.py``, ``reference.py``, one file per backend).
+"""Kernels: one package per op (``api.py``, a reference, one file per backend).
+
+  attention/  ``flash_attention``, ``block_sparse_attention`` and ``masks``
+  quant/      ``quantize_weight``, ``dequantize_weight``, ``quantized_matmul``
 
 Every op has one entry point with ``implementation=None | "xla" | ...``; ``None`` picks the best
 for the backend and falls back to the XLA reference, so models never name a backend.

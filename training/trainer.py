@@ -240,9 +240,8 @@ class Restored:
                       self.eval_batches, eval_step=eval_step)
 
 
-def restore(config, workdir: str) -> Restored:
-  """The latest checkpoint of a run in ``workdir`` with its eval batches (for studies and
-  evaluation scripts). Raises ``ValueError`` if there is no checkpoint."""
+def _prepare(config):
+  """Mesh, validation, task, setup and this process's (train, eval) datasets of ``config``."""
   mesh = mesh_lib.make_mesh(config.mesh)
   validate(config, mesh)
   task = tasks_lib.build(config)
@@ -251,6 +250,13 @@ def restore(config, workdir: str) -> Restored:
   train_data, eval_data = task.datasets(global_batch=config.batch_size, rows=rows,
                                         train_batches=config.steps,
                                         eval_batches=config.eval_batches, seed=config.seed)
+  return s, train_data, eval_data
+
+
+def restore(config, workdir: str) -> Restored:
+  """The latest checkpoint of a run in ``workdir`` with its eval batches (for studies and
+  evaluation scripts). Raises ``ValueError`` if there is no checkpoint."""
+  s, train_data, eval_data = _prepare(config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=config.max_to_keep)
   try:
@@ -270,14 +276,7 @@ def train(config, workdir: str) -> dict[str, float]:
   ``ValueError`` for a bad config (before compiling) and ``NonFiniteLossError`` if training
   diverges.
   """
-  mesh = mesh_lib.make_mesh(config.mesh)
-  validate(config, mesh)
-  task = tasks_lib.build(config)
-  s = setup(config, task, mesh)
-  rows = data_lib.process_rows(s.batch_spec["tokens"].sharding, config.batch_size)
-  train_data, eval_data = task.datasets(global_batch=config.batch_size, rows=rows,
-                                        train_batches=config.steps,
-                                        eval_batches=config.eval_batches, seed=config.seed)
+  s, train_data, eval_data = _prepare(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

@@ -110,8 +110,9 @@ def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | No
   if activations not in (None, "int8"):
     raise ValueError(f"activations={activations!r} is not one of (None, 'int8')")
   if activations == "int8":
-    if qw.layout.fmt != "int8":
-      raise ValueError(f"activations='int8' (w8a8) needs int8 weights, got {qw.layout.fmt}")
+    if qw.layout.fmt != "int8" or qw.layout.group_size is not None:
+      raise ValueError("activations='int8' (w8a8) needs int8 weights with per-channel scales, "
+                       f"got {qw.layout.fmt} with group_size={qw.layout.group_size}")
     if implementation == "pallas_gpu":
       raise ValueError("activations='int8' (w8a8) runs on 'xla' or 'pallas_tpu'")
   lead = x.shape[:-1]

@@ -131,5 +131,7 @@ def test_w8a8_kernel_equals_its_integer_reference(m):
       x_scale, np.float64) * np.asarray(qw.scales, np.float64)
   np.testing.assert_allclose(xla, exact, rtol=1e-6, atol=1e-6)
   assert np.max(np.abs(np.asarray(codes))) == 127  # each row uses the full int8 range
-  with pytest.raises(ValueError, match="w8a8. needs int8 weights, got int4"):
-    kernels.quantized_matmul(x, kernels.quantize_weight(w, "int4"), activations="int8")
+  for fmt, group in (("int4", 128), ("int8", 64)):
+    with pytest.raises(ValueError, match=f"w8a8. needs int8 weights with per-channel scales, "
+                       f"got {fmt} with group_size={group}"):
+      kernels.quantized_matmul(x, kernels.quantize_weight(w, fmt, group), activations="int8")
