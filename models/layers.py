@@ -214,10 +214,13 @@ class Attention(nn.Module):
     else:
       q = apply_rope(q, positions_BL, self.rope_theta)
       key = apply_rope(key, positions_BL, self.rope_theta)
+      # Interpreted kernels use the plain Pallas interpreter: the TPU interpreter has side
+      # effects, which nn.scan's loop-invariance check rejects (jax >= 0.11).
       out = kernels.block_sparse_attention(
           q, key, value, self.mask, segment_ids=segment_ids_BL,
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation,
-          interpret=self.interpret or None, **_kernel_mesh(self.implementation))
+          interpret="generic" if self.interpret else None,
+          **_kernel_mesh(self.implementation))
     return Dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, dtype=self.dtype,
                  quant=self.quant, name="o")(out)
 

@@ -84,7 +84,8 @@ def _pallas(module_name: str):
         block_q=block_q, block_kv=block_kv,
         sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
         logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
-        has_segments=segment_ids is not None, interpret=bool(interpret))
+        has_segments=segment_ids is not None,
+        interpret=interpret if interpret == "generic" else bool(interpret))
     seg_q, seg_kv = (None, None) if segment_ids is None else segment_ids
     return module.attention(q, k, v, seg_q, seg_kv, static)
 
@@ -172,7 +173,8 @@ def block_sparse_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Arr
                            mask: masks.Mask | None, *, segment_ids=None,
                            sm_scale: float | None = None, logit_soft_cap: float | None = None,
                            implementation: str | None = None, block_sizes=None,
-                           interpret: bool | None = None, mesh=None, spec=None) -> jax.Array:
+                           interpret: bool | str | None = None, mesh=None,
+                           spec=None) -> jax.Array:
   """Self-attention ``softmax(q k^T * sm_scale) v`` where ``mask`` (a ``kernels.masks.Mask``,
   ``None`` for none) says which key each query sees, combined with ``segment_ids``.
 
@@ -185,7 +187,10 @@ def block_sparse_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Arr
     logit_soft_cap: ``cap * tanh(score / cap)`` applied to the scores.
     implementation: ``None`` (best for the backend) or one of ``implementations()``.
     block_sizes: the implementation's frozen block-size dataclass (``None``: its defaults).
-    interpret: run a Pallas implementation in interpret mode (CPU); ignored by XLA ones.
+    interpret: run a Pallas implementation in interpret mode (CPU); ignored by XLA ones. For
+      ``pallas_tpu``, ``True`` uses the TPU interpreter (TPU memory semantics, race detection)
+      and ``"generic"`` the plain Pallas interpreter (no side effects: usable inside
+      ``nn.scan``).
     mesh, spec: run under ``shard_map`` over ``mesh``; ``spec`` is the ``PartitionSpec`` of
       ``q`` (``[B, L, H, E]``, only B and H may be sharded).
 
@@ -217,7 +222,7 @@ def block_sparse_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Arr
 def flash_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array, *,
                     causal: bool = False, segment_ids=None, sm_scale: float | None = None,
                     logit_soft_cap: float | None = None, implementation: str | None = None,
-                    block_sizes=None, interpret: bool | None = None, mesh=None,
+                    block_sizes=None, interpret: bool | str | None = None, mesh=None,
                     spec=None) -> jax.Array:
   """Dense or causal self-attention: ``block_sparse_attention`` with ``masks.causal()`` when
   ``causal`` and no mask otherwise. Arguments as there."""

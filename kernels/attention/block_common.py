@@ -59,7 +59,7 @@ class Static:
   sm_scale: float
   logit_soft_cap: float | None
   has_segments: bool
-  interpret: bool
+  interpret: bool | str  # False, True (TPU semantics for pallas_tpu) or "generic"
 
   @property
   def layout(self) -> masks.BlockLayout:

@@ -19,7 +19,10 @@ where ``ds = p (dO v^T - D) * scale`` (times ``1 - tanh^2`` under a soft cap). F
 grid walks the ``G`` query heads of a kv head one after another, accumulating in VMEM.
 
 Mosaic kernels cannot be partitioned by XLA: ``api`` wraps this in ``shard_map`` when given a
-mesh. ``interpret=True`` runs the kernels with the TPU interpreter on CPU (tests).
+mesh. ``interpret=True`` runs the kernels with the TPU interpreter on CPU (tests: TPU memory
+semantics, race and out-of-bounds detection); ``interpret="generic"`` with the plain Pallas
+interpreter, which has no side effects and so can run inside ``nn.scan`` (the transformer's
+``attention_interpret``).
 """
 
 import functools
@@ -36,6 +39,8 @@ _F32 = jnp.float32
 
 
 def _interpret(static):
+  if static.interpret == "generic":
+    return True
   return pltpu.InterpretParams() if static.interpret else False
 
 

@@ -271,3 +271,18 @@ def test_cudnn_is_refused_clearly_off_gpu():
     pytest.skip("this checks the error off GPU")
   with pytest.raises(ValueError, match="implementation='cudnn' needs a GPU backend"):
     kernels.flash_attention(q, k, v, causal=True, implementation="cudnn")
+
+
+def test_pallas_tpu_generic_interpreter_matches_the_tpu_interpreter():
+  """``interpret="generic"`` (no side effects; what the transformer uses inside nn.scan) computes
+  what the TPU interpreter computes, forward and backward."""
+  q, k, v, d_out = _inputs(length=64)
+  segments = _segments(2, 64)
+  outs = []
+  for interpret in (True, "generic"):
+    fn = lambda q, k, v, i=interpret: kernels.block_sparse_attention(  # noqa: E731
+        q, k, v, masks.sliding_window(20), segment_ids=segments, implementation="pallas_tpu",
+        block_sizes=BlockSizes(16, 16), interpret=i)
+    out, vjp = jax.vjp(fn, q, k, v)
+    outs.append((out, vjp(d_out)))
+  chex.assert_trees_all_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
