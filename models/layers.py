@@ -72,7 +72,8 @@ class Dense(nn.Module):
     if kernel.shape != (k, out):
       raise ValueError(f"{self.name}: quantized kernel is {kernel.shape} but this layer "
                        f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})")
-    y = kernels.quantized_matmul(x2.reshape(-1, k), kernel)
+    y = kernels.quantized_matmul(x2.reshape(-1, k), kernel,
+                                 **_quantized_mesh(self.axes[n:]))
     return y.reshape(lead + self.shape[n:])
 
 
@@ -176,6 +177,21 @@ def _kernel_mesh(implementation: str | None) -> dict:
     return {}
   spec = nn.logical_to_mesh_axes((sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
   return {"mesh": mesh, "spec": spec}
+
+
+def _quantized_mesh(out_axes) -> dict:
+  """``mesh``/``spec`` for a Pallas quantized matmul under the ambient mesh: rows over the batch
+  axes, output columns over the mesh axis of the first output axis (when the others are not
+  sharded, so that flattened columns stay contiguous per device)."""
+  if kernels.quant.api.default_implementation() == "xla":
+    return {}
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return {}
+  rows = nn.logical_to_mesh_axes((sh.BATCH,))[0]
+  cols = nn.logical_to_mesh_axes(tuple(out_axes))
+  col = cols[0] if all(c is None for c in cols[1:]) else None
+  return {"mesh": mesh, "spec": jax.sharding.PartitionSpec(rows, col)}
 
 
 class Attention(nn.Module):

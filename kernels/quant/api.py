@@ -17,11 +17,13 @@ TPU MXU's integer path) and is rescaled by both scales. The gradient to ``x`` is
 straight-through one.
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from flaxseed.kernels.quant import formats
 
@@ -86,8 +88,28 @@ def _matmul_bwd(implementation, interpret, activations, qw, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def _sharded(fn, qw: formats.QuantizedWeight, mesh, spec):
+  """``fn(x [M, K], qw)`` under ``shard_map``: rows of x over ``spec[0]``, weight columns (and
+  the output's) over ``spec[1]``; K stays whole on every device (XLA gathers it first)."""
+  spec = P(*spec) if not isinstance(spec, P) else spec
+  spec = P(*(tuple(spec) + (None,) * (2 - len(spec))))
+  rows, cols = spec
+  scale_spec = P(None, None) if qw.layout.fmt == "ternary" else P(None, cols)
+  layout = qw.layout
+
+  def local(x, values, scales):  # this device's columns: a weight of its own width
+    shard = formats.QuantizedWeight(
+        values, scales, dataclasses.replace(layout, shape=(layout.shape[0], values.shape[1])))
+    return fn(x, shard)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(rows, None), P(None, cols), scale_spec),
+                          out_specs=P(rows, cols), check_vma=False)
+  return lambda x, qw: sharded(x, qw.values, qw.scales)
+
+
 def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | None = None,
-                     interpret: bool | None = None, activations: str | None = None):
+                     interpret: bool | None = None, activations: str | None = None,
+                     mesh=None, spec=None):
   """``x [..., K] @ W [K, N] -> [..., N]`` in ``x``'s dtype, accumulating in float32.
 
   Args:
@@ -96,6 +118,9 @@ def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | No
     implementation: ``None`` (best for the backend) or one of ``IMPLEMENTATIONS``.
     interpret: run a Pallas implementation in interpret mode (CPU tests).
     activations: ``None`` (float activations) or ``"int8"`` (w8a8, see the module docstring).
+    mesh, spec: run under ``shard_map`` over ``mesh`` (Mosaic kernels cannot be partitioned by
+      XLA); ``spec`` is the ``PartitionSpec`` of the ``[M, N]`` output: rows of ``x`` shard over
+      ``spec[0]``, the weight's columns over ``spec[1]``.
   """
   if not isinstance(qw, formats.QuantizedWeight):
     raise ValueError(f"qw must be a QuantizedWeight (kernels.quantize_weight), got "
@@ -115,6 +140,10 @@ def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | No
                        f"got {qw.layout.fmt} with group_size={qw.layout.group_size}")
     if implementation == "pallas_gpu":
       raise ValueError("activations='int8' (w8a8) runs on 'xla' or 'pallas_tpu'")
+  if (mesh is None) != (spec is None):
+    raise ValueError("mesh and spec go together: give both or neither")
   lead = x.shape[:-1]
-  y = _matmul(x.reshape(-1, k), qw, implementation, bool(interpret), activations)
-  return y.reshape(*lead, n)
+  call = lambda x, qw: _matmul(x, qw, implementation, bool(interpret), activations)  # noqa: E731
+  if mesh is not None:
+    call = _sharded(call, qw, mesh, spec)
+  return call(x.reshape(-1, k), qw).reshape(*lead, n)

@@ -115,3 +115,30 @@ def test_gpu_quantized_matmul_lowers_to_triton(fmt, group):
       pytest.skip(f"this jax cannot lower for CUDA without a GPU: {e}")
     raise
   assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
+def test_quantized_transformer_compiles_for_a_sharded_v5e_mesh(tpu_mesh, monkeypatch):
+  """An int4-quantized transformer on a 2x2 mesh (batch x tensor) compiles with the Pallas TPU
+  matmul: Dense runs the kernel under shard_map (as on a TPU backend, where it is the default)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from flaxseed.kernels.quant import api as quant_api  # pylint: disable=g-import-not-at-top
+  from flaxseed.models import quantize  # pylint: disable=g-import-not-at-top
+  from flaxseed.models import transformer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(quant_api, "default_implementation", lambda: "pallas_tpu")
+  mesh = jax.sharding.Mesh(tpu_mesh.devices, ("data", "tensor"),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  model = transformer.Transformer(transformer.TransformerConfig(
+      d_model=256, num_layers=2, num_heads=4, mlp_dim=512))
+  params = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+  qparams = jax.eval_shape(lambda p: quantize.quantize_params(p, fmt="int4", group_size=128),
+                           params)
+  replicated = NamedSharding(mesh, P())
+  qparams = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                         qparams)
+  tokens = jax.ShapeDtypeStruct((4, 128), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+  rules = (("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+           ("vocab", "tensor"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(qparams, tokens).compile()
+  assert "flaxseed_int4_matmul" in compiled.as_text()

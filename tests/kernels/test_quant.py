@@ -135,3 +135,18 @@ def test_w8a8_kernel_equals_its_integer_reference(m):
     with pytest.raises(ValueError, match=f"w8a8. needs int8 weights with per-channel scales, "
                        f"got {fmt} with group_size={group}"):
       kernels.quantized_matmul(x, kernels.quantize_weight(w, fmt, group), activations="int8")
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 64), ("ternary", None), ("int8", None)])
+def test_sharded_quantized_matmul_matches_unsharded(fmt, group):
+  """Under shard_map (rows over "data", weight columns over "tensor") each device multiplies by
+  its own columns; the result equals the unsharded call."""
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:4])
+  qw = kernels.quantize_weight(_weight(k=256, n=256), fmt, group)
+  x = jax.random.normal(jax.random.key(1), (6, 256), jnp.float32)
+  want = kernels.quantized_matmul(x, qw, implementation="pallas_tpu", interpret=True)
+  got = jax.jit(lambda x, qw: kernels.quantized_matmul(
+      x, qw, implementation="pallas_tpu", interpret=True, mesh=mesh,
+      spec=jax.sharding.PartitionSpec("data", "tensor")))(x, qw)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
