@@ -13,6 +13,7 @@ import builtins
 import dataclasses
 from typing import Any, Callable
 
+from flaxseed.models import titans
 from flaxseed.models import transformer
 
 _PRESETS: dict[str, tuple[type, Callable[..., Any]]] = {}
@@ -68,3 +69,7 @@ def build(family: str, fields: dict[str, Any]):
 register_family("transformer", transformer.Transformer, transformer.TransformerConfig)
 for _name, _fn in transformer.PRESETS.items():
   register(_name, transformer.Transformer, _fn)
+
+register_family("titans", titans.Titans, titans.TitansConfig)
+for _name, _fn in titans.PRESETS.items():
+  register(_name, titans.Titans, _fn)
