@@ -166,11 +166,14 @@ class Mlp(nn.Module):
     return dense((f, d), (sh.MLP, sh.EMBED), name="down")(h_BLF)
 
 
-def _kernel_mesh(implementation: str | None) -> dict:
+def _kernel_mesh(implementation: str | None, length: int, mask: masks.Mask | None) -> dict:
   """``mesh``/``spec`` for a Pallas kernel under the ambient mesh (``jax.set_mesh``), from the
   logical axis rules: Mosaic kernels cannot be partitioned by XLA, so the API runs them under
-  ``shard_map`` with the activations' own sharding (batch and heads; never the sequence)."""
-  if implementation is None or not implementation.startswith("pallas"):
+  ``shard_map`` with the activations' own sharding (batch and heads; never the sequence).
+  ``implementation=None`` is resolved as the API resolves it (a Pallas kernel on GPU and TPU)."""
+  if implementation is None:
+    implementation = kernels.attention.api.default_implementation(length, mask == masks.causal())
+  if not implementation.startswith("pallas"):
     return {}
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
@@ -236,7 +239,7 @@ class Attention(nn.Module):
           q, key, value, self.mask, segment_ids=segment_ids_BL,
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation,
           interpret="generic" if self.interpret else None,
-          **_kernel_mesh(self.implementation))
+          **_kernel_mesh(self.implementation, q.shape[1], self.mask))
     return Dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, dtype=self.dtype,
                  quant=self.quant, name="o")(out)
 

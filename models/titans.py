@@ -1,8 +1,7 @@
 """Titans: a neural long-term memory that learns at test time (Behrouz, Zhong, Mirrokni 2025).
 
 The memory is a small MLP ``M`` (per head) whose weights are state. Reading token ``t`` it takes
-one gradient step on the associative loss ``||M(k_t) - v_t||^2 / E`` with momentum and
-forgetting:
+one gradient step on the associative loss ``||M(k_t) - v_t||^2`` with momentum and forgetting:
 
     S_t = eta_t S_{t-1} - theta_t grad_t        (surprise, with momentum)
     M_t = (1 - alpha_t) M_{t-1} + S_t            (forgetting)
@@ -44,6 +43,10 @@ Decisions (see the README's Titans section):
 * Each row is one stream: the memory carries across packed documents (like an RNN over the
   stream) and attention ignores ``segment_ids``; positions restart per segment (MAC) or run over
   the row.
+* Each token's gradient of each memory layer is clipped to norm ``memory_grad_clip`` (as
+  lucidrains' soft clamp; a scalar per token and layer, folded into ``theta``, so the dual form
+  stays exact). Without it the paper's loss diverges: a deep memory's curvature grows with its
+  weights, and runs of repeated tokens (indentation) drive them up.
 * The memory recurrence runs in float32 whatever the compute dtype.
 * Decoding keeps the memory state of the last chunk boundary plus the current chunk's keys, values
   and gates in the cache; each new token recomputes its chunk's reads, so generation is exactly the
@@ -87,6 +90,7 @@ class TitansConfig:
   memory_expansion: int = 2  # hidden width of the memory MLP, in units of memory_head_dim
   memory_chunk: int = 16  # C: tokens per parallel update
   memory_max_lr: float = 0.1  # theta_t = memory_max_lr * sigmoid(.)
+  memory_grad_clip: float | None = 1.0  # per-token, per-layer gradient norm bound (None: off)
   memory_conv: int = 4  # depthwise causal conv width on q, k, v (1: none)
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
@@ -117,6 +121,8 @@ class TitansConfig:
       raise ValueError(f"the attention head dim ({self.head_size}) must be even for RoPE")
     if self.memory_max_lr <= 0:
       raise ValueError(f"memory_max_lr must be positive, got {self.memory_max_lr}")
+    if self.memory_grad_clip is not None and self.memory_grad_clip <= 0:
+      raise ValueError(f"memory_grad_clip must be positive or None, got {self.memory_grad_clip}")
     if self.variant == "mac" and self.window % self.memory_chunk:
       raise ValueError(f"variant 'mac': memory_chunk={self.memory_chunk} must divide "
                        f"window={self.window} (the segment length)")
@@ -242,11 +248,7 @@ def memory_mlp(weights, x):
 
 
 def associative_grads(weights, k, v):
-  """Per-token gradients of ``||M(k_t) - v_t||^2 / E`` at ``weights``, in factored form.
-
-  (The loss is a mean over the ``E`` channels, as in lucidrains/titans-pytorch: with the sum, the
-  inner loop's curvature grows with the hidden width and a 2-layer memory with momentum diverges on
-  text with repeated keys.)
+  """Per-token gradients of ``||M(k_t) - v_t||^2`` at ``weights``, in factored form.
 
   The gradient of layer ``l`` for token ``t`` is the outer product ``a_t^T d_t`` of the layer's
   input ``a_t`` and the loss gradient ``d_t`` at its output; returns ``(inputs, deltas)`` lists of
@@ -260,7 +262,7 @@ def associative_grads(weights, k, v):
       x = _mm(x, w) + offset
       if i < len(weights) - 1:
         x = jax.nn.silu(x)
-    return jnp.sum(jnp.mean(jnp.square(x - v), axis=-1)), inputs
+    return jnp.sum(jnp.square(x - v)), inputs
 
   offsets = [jnp.zeros(k.shape[:3] + (w.shape[-1],), jnp.float32) for w in weights]
   deltas, inputs = jax.grad(loss, has_aux=True)(offsets)
@@ -278,28 +280,37 @@ def _segment_sums(x):
   return jnp.where((r >= s).reshape(lead + (c, c)), sums, -jnp.inf)
 
 
-def chunk_update(weights, momentum, chunk: Chunk):
+def chunk_update(weights, momentum, chunk: Chunk, grad_clip: float | None = None):
   """One chunk of the memory recurrence, every gradient at the chunk-start ``weights``.
 
   Returns ``(y [B, H, C, E], weights, momentum)``: the per-token reads ``M_t(q_t)`` and the state
   after the chunk. With ``P`` products of gates and ``D[t, s] = prod_{s < r <= t}`` (one per gate):
   ``S_t = Peta_t S - sum_s Deta[t, s] theta_s g_s`` and ``M_t = Pkeep_t M + B_t S - sum_s c_ts g_s``
   with ``B = Dkeep @ Peta`` and ``c = (Dkeep @ Deta) * theta``.
+
+  ``grad_clip``: each token's gradient of each layer is scaled to Frobenius norm at most this
+  (``||a^T d|| = ||a|| ||d||``, a per-token scalar folded into ``theta``). Without it a deep
+  memory's inner loop can diverge: its curvature grows with its weights, and a run of repeated
+  tokens (indentation) drives them up.
   """
   inputs, deltas = associative_grads(weights, chunk.k, chunk.v)
+  steps = [chunk.theta] * len(weights)  # per layer: theta, times the clip factor
+  if grad_clip is not None:
+    norms = [jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(d, axis=-1)
+             for a, d in zip(inputs, deltas)]
+    steps = [chunk.theta * jnp.minimum(1.0, grad_clip / jnp.maximum(n, 1e-12)) for n in norms]
   decay_eta = jnp.exp(_segment_sums(chunk.log_eta))  # [B, H, C, C]
   decay_keep = jnp.exp(_segment_sums(chunk.log_keep))
   prod_eta = jnp.exp(jnp.cumsum(chunk.log_eta, axis=-1))  # [B, H, C]
   prod_keep = jnp.exp(jnp.cumsum(chunk.log_keep, axis=-1))
   hi = jax.lax.Precision.HIGHEST
-  coef = jnp.einsum("bhtr,bhrs->bhts", decay_keep, decay_eta, precision=hi) * chunk.theta[
-      :, :, None, :]
+  decay = jnp.einsum("bhtr,bhrs->bhts", decay_keep, decay_eta, precision=hi)
   from_momentum = jnp.einsum("bhtr,bhr->bht", decay_keep, prod_eta, precision=hi)
 
   # Reads through the per-token weights, layer by layer (the dual form).
   x = chunk.q
-  for i, (w, m, a, d) in enumerate(zip(weights, momentum, inputs, deltas)):
-    scores = jnp.einsum("bhti,bhsi->bhts", x, a, precision=hi) * coef
+  for i, (w, m, a, d, step) in enumerate(zip(weights, momentum, inputs, deltas, steps)):
+    scores = jnp.einsum("bhti,bhsi->bhts", x, a, precision=hi) * decay * step[:, :, None, :]
     x = (prod_keep[..., None] * _mm(x, w) + from_momentum[..., None] * _mm(x, m)
          - jnp.einsum("bhts,bhso->bhto", scores, d, precision=hi))
     if i < len(weights) - 1:
@@ -307,16 +318,18 @@ def chunk_update(weights, momentum, chunk: Chunk):
 
   # The state after the chunk: the last row of the same coefficients.
   new_weights, new_momentum = [], []
-  last_eta = decay_eta[:, :, -1, :] * chunk.theta
-  for w, m, a, d in zip(weights, momentum, inputs, deltas):
+  for w, m, a, d, step in zip(weights, momentum, inputs, deltas, steps):
     new_weights.append(prod_keep[:, :, -1, None, None] * w + from_momentum[:, :, -1, None, None] * m
-                       - jnp.einsum("bhs,bhsi,bhso->bhio", coef[:, :, -1], a, d, precision=hi))
+                       - jnp.einsum("bhs,bhsi,bhso->bhio", decay[:, :, -1] * step, a, d,
+                                    precision=hi))
     new_momentum.append(prod_eta[:, :, -1, None, None] * m
-                        - jnp.einsum("bhs,bhsi,bhso->bhio", last_eta, a, d, precision=hi))
+                        - jnp.einsum("bhs,bhsi,bhso->bhio", decay_eta[:, :, -1] * step, a, d,
+                                     precision=hi))
   return x, tuple(new_weights), tuple(new_momentum)
 
 
-def scan_chunks(weights, momentum, inputs: Chunk, chunk_size: int):
+def scan_chunks(weights, momentum, inputs: Chunk, chunk_size: int,
+                grad_clip: float | None = None):
   """The recurrence over ``T`` tokens (``T % chunk_size == 0``): chunks by ``lax.scan``.
 
   Returns ``(y [B, H, T, E], weights, momentum)``."""
@@ -329,7 +342,7 @@ def scan_chunks(weights, momentum, inputs: Chunk, chunk_size: int):
     return jnp.moveaxis(x.reshape((b, h, n, chunk_size) + x.shape[3:]), 2, 0)
 
   def body(carry, chunk):
-    y, w, m = chunk_update(*carry, chunk)
+    y, w, m = chunk_update(*carry, chunk, grad_clip)
     return (w, m), y
 
   (weights, momentum), ys = jax.lax.scan(body, (weights, momentum),
@@ -432,7 +445,8 @@ class NeuralMemory(nn.Module):
     if pad:
       chunk = Chunk(*(jnp.pad(a, [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * (a.ndim - 3))
                       for a in chunk))
-    y, weights, momentum = scan_chunks(state.weights, state.momentum, chunk, cfg.memory_chunk)
+    y, weights, momentum = scan_chunks(state.weights, state.momentum, chunk, cfg.memory_chunk,
+                                       cfg.memory_grad_clip)
     return self._output(x_BTD, y[:, :, :t]), MemoryState(weights, momentum, conv)
 
   def memory_tokens(self, state: MemoryState):
@@ -467,7 +481,8 @@ class NeuralMemory(nn.Module):
     pos = index % c
     chunk = Chunk(*(jax.lax.dynamic_update_slice_in_dim(buf, new, pos, axis=2)
                     for buf, new in zip(cache["chunk"], token)))
-    y, weights, momentum = chunk_update(state.weights, state.momentum, chunk)
+    y, weights, momentum = chunk_update(state.weights, state.momentum, chunk,
+                                        self.config.memory_grad_clip)
     y = jax.lax.dynamic_slice_in_dim(y, pos, 1, axis=2)
     full = pos == c - 1  # the chunk is complete: commit its end state
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(full, a, b), new, old)
@@ -507,8 +522,9 @@ class PrefixAttention(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(frame), (batch, frame))
       q = layers.apply_rope(q, positions, self.rope_theta)
       k = layers.apply_rope(k, positions, self.rope_theta)
-      out = kernels.block_sparse_attention(q, k, v, self.mask,
-                                           implementation=self.implementation)[:, p:]
+      sharded = layers._kernel_mesh(self.implementation, frame, self.mask)  # pylint: disable=protected-access
+      out = kernels.block_sparse_attention(q, k, v, self.mask, implementation=self.implementation,
+                                           **sharded)[:, p:]
     else:
       positions = jnp.broadcast_to(jnp.concatenate([jnp.arange(p), p + write_at[None]]),
                                    (batch, p + 1))

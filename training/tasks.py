@@ -10,6 +10,7 @@ import math
 from typing import Any, Callable, Protocol
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,7 +147,103 @@ class LMTask:
     return self.tokenizer.decode(np.asarray(out[0]))
 
 
-TASKS: dict[str, Callable[[Any], Task]] = {"lm": LMTask.from_config}
+class NeedleTask:
+  """Associative recall beyond the attention window: a long-context probe (experiments/titans).
+
+  A row is filler with ``num_pairs`` key-value pairs written as ``PAIR k v`` in its first
+  ``region`` fraction, ending in ``QUERY k v`` for every key in a random order (multi-query
+  associative recall): after each ``QUERY k`` the model must emit that key's value. Only those
+  predictions are scored (``loss``, ``accuracy``). ``config.needle`` holds
+  ``num_pairs``, ``num_keys``, ``num_values`` and ``region``; ``needle_rows`` makes rows of any
+  length, so a model trained at one length can be evaluated at others.
+  """
+
+  def __init__(self, model: nn.Module, *, seq_len: int, needle_config):
+    self.model = model
+    self.seq_len = seq_len
+    self.needle = dict(needle_config)
+    needle_rows(np.random.default_rng(0), 1, seq_len + 1, **self.needle)  # validates the config
+
+  @classmethod
+  def from_config(cls, config) -> "NeedleTask":
+    if "needle" not in config:
+      raise ValueError("config.task='needle' needs a config.needle section (num_pairs, num_keys, "
+                       "num_values, region)")
+    return cls(build_model(config), seq_len=config.seq_len, needle_config=config.needle)
+
+  def batch_spec(self, global_batch):
+    return {"tokens": jax.ShapeDtypeStruct((global_batch, self.seq_len + 1), jnp.int32)}
+
+  def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
+    def make(offset, num_batches):
+      def batch(t):
+        rng = np.random.default_rng([offset, t])  # the global batch t, whoever asks for it
+        tokens = needle_rows(rng, global_batch, self.seq_len + 1, **self.needle)
+        return {"tokens": tokens[rows[0]:rows[1]]}
+      return grain.MapDataset.range(num_batches).map(batch)
+    return make(seed, train_batches), make(2**31 - 1, eval_batches)  # eval rows never trained on
+
+  def init(self, rng, batch):
+    return self.model.init(rng, batch["tokens"][:, :-1])["params"], {}
+
+  def predictions(self, params, tokens):
+    """(nll, correct) ``[B, num_pairs]`` of the values asked for at the end of rows
+    ``[B, L + 1]``."""
+    values = tokens.shape[1] - 1 - 3 * np.arange(self.needle["num_pairs"])  # answer positions
+    logits = self.model.apply({"params": params}, tokens[:, :-1])[:, values - 1]
+    target = tokens[:, values]
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
+        logits, target[..., None], axis=-1)[..., 0]
+    return nll, (jnp.argmax(logits, axis=-1) == target).astype(jnp.float32)
+
+  def loss(self, params, frozen, batch, rng):
+    del frozen, rng
+    nll, correct = self.predictions(params, batch["tokens"])
+    return nll.mean(), {"loss": nll.mean(), "accuracy": correct.mean()}
+
+  def evaluate(self, params, frozen, batch):
+    del frozen
+    nll, correct = self.predictions(params, batch["tokens"])
+    count = jnp.asarray(nll.size, jnp.float32)
+    return {"loss": (nll.sum(), count), "accuracy": (correct.sum(), count)}
+
+  def flops_per_token(self):
+    return self.model.config.flops_per_token(self.seq_len)
+
+
+# Token ids of needle rows: below the filler range, so byte-vocabulary models can read them.
+NEEDLE_PAIR, NEEDLE_QUERY, NEEDLE_KEYS, NEEDLE_VALUES, NEEDLE_FILLER = 1, 2, 16, 64, 128
+
+
+def needle_rows(rng: np.random.Generator, batch: int, length: int, *, num_pairs: int,
+                num_keys: int, num_values: int, region: float) -> np.ndarray:
+  """``[batch, length]`` int32 needle rows (see ``NeedleTask``): pairs in the first ``region``
+  of the row before the queries, ``num_pairs`` ``QUERY k v`` triples at its end."""
+  if not 1 <= num_pairs <= num_keys <= NEEDLE_VALUES - NEEDLE_KEYS:
+    raise ValueError(f"config.needle: need 1 <= num_pairs={num_pairs} <= num_keys={num_keys} "
+                     f"<= {NEEDLE_VALUES - NEEDLE_KEYS}")
+  if not 1 <= num_values <= NEEDLE_FILLER - NEEDLE_VALUES:
+    raise ValueError(f"config.needle.num_values={num_values} must be in "
+                     f"[1, {NEEDLE_FILLER - NEEDLE_VALUES}]")
+  queries = 3 * num_pairs
+  slots = int(region * (length - queries)) // 3  # room for PAIR k v triples before the queries
+  if not 0 < region <= 1 or slots < num_pairs:
+    raise ValueError(f"config.needle.region={region}: rows of {length} tokens hold {max(slots, 0)}"
+                     f" pairs in their first {region:.0%}, fewer than num_pairs={num_pairs}")
+  rows = rng.integers(NEEDLE_FILLER, 256, size=(batch, length)).astype(np.int32)
+  for row in rows:
+    keys = NEEDLE_KEYS + rng.choice(num_keys, num_pairs, replace=False)
+    values = NEEDLE_VALUES + rng.integers(0, num_values, num_pairs)
+    for slot, k, v in zip(np.sort(rng.choice(slots, num_pairs, replace=False)), keys, values):
+      row[3 * slot:3 * slot + 3] = (NEEDLE_PAIR, k, v)
+    for i, asked in enumerate(rng.permutation(num_pairs)):
+      row[length - queries + 3 * i:length - queries + 3 * i + 3] = (
+          NEEDLE_QUERY, keys[asked], values[asked])
+  return rows
+
+
+TASKS: dict[str, Callable[[Any], Task]] = {"lm": LMTask.from_config,
+                                           "needle": NeedleTask.from_config}
 
 
 def build(config) -> Task:

@@ -19,8 +19,9 @@ TINY = dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, window=8, memory_
             num_persistent=2, num_memory_tokens=2, memory_max_lr=1.0)
 
 
-def _random_inputs(key, *, batch=2, heads=2, length=8, width=4):
-  """A ``Chunk`` of random memory inputs with gates spread over (0, 1)."""
+def _random_inputs(key, *, batch=2, heads=2, length=8, width=4, max_lr=0.2):
+  """A ``Chunk`` of random memory inputs with gates spread over (0, 1) and steps below
+  ``max_lr`` (larger steps diverge without gradient clipping)."""
   ks = jax.random.split(key, 6)
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   shape = (batch, heads, length)
@@ -30,7 +31,7 @@ def _random_inputs(key, *, batch=2, heads=2, length=8, width=4):
       q=unit(jax.random.normal(ks[2], shape + (width,))),
       log_eta=jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 1.0),
       log_keep=jax.nn.log_sigmoid(jax.random.normal(ks[4], shape) + 3.0),
-      theta=jax.nn.sigmoid(jax.random.normal(ks[5], shape)))
+      theta=max_lr * jax.nn.sigmoid(jax.random.normal(ks[5], shape)))
 
 
 def _random_state(key, widths, *, batch=2, heads=2):
@@ -42,14 +43,22 @@ def _random_state(key, widths, *, batch=2, heads=2):
 
 
 def _loss(weights, k, v):
-  return jnp.sum(jnp.mean(jnp.square(titans.memory_mlp(weights, k) - v), axis=-1))
+  return jnp.sum(jnp.square(titans.memory_mlp(weights, k) - v))
 
 
-def _plain_recurrence(weights, momentum, x: titans.Chunk):
-  """Token by token: the gradient at the current weights, then momentum, forgetting, read."""
+def _clipped(grads, clip):
+  if clip is None:
+    return grads
+  norms = [jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True)) for g in grads]
+  return [g * jnp.minimum(1.0, clip / n) for g, n in zip(grads, norms)]
+
+
+def _plain_recurrence(weights, momentum, x: titans.Chunk, clip=None):
+  """Token by token: the (clipped) gradient at the current weights, then momentum, forgetting,
+  read."""
   weights, momentum, ys = list(weights), list(momentum), []
   for t in range(x.k.shape[2]):
-    grads = jax.grad(_loss)(weights, x.k[:, :, t:t + 1], x.v[:, :, t:t + 1])
+    grads = _clipped(jax.grad(_loss)(weights, x.k[:, :, t:t + 1], x.v[:, :, t:t + 1]), clip)
     eta, keep, theta = (jnp.exp(x.log_eta[:, :, t, None, None]),
                         jnp.exp(x.log_keep[:, :, t, None, None]), x.theta[:, :, t, None, None])
     momentum = [eta * m - theta * g for m, g in zip(momentum, grads)]
@@ -58,14 +67,14 @@ def _plain_recurrence(weights, momentum, x: titans.Chunk):
   return jnp.concatenate(ys, axis=2), weights, momentum
 
 
-def _minibatch_recurrence(weights, momentum, x: titans.Chunk, chunk: int):
+def _minibatch_recurrence(weights, momentum, x: titans.Chunk, chunk: int, clip=None):
   """The sequential mini-batch form: token by token, but every gradient of a chunk is taken at
   the weights of the chunk's start."""
   weights, momentum, ys = list(weights), list(momentum), []
   for t in range(x.k.shape[2]):
     if t % chunk == 0:
       start = list(weights)
-    grads = jax.grad(_loss)(start, x.k[:, :, t:t + 1], x.v[:, :, t:t + 1])
+    grads = _clipped(jax.grad(_loss)(start, x.k[:, :, t:t + 1], x.v[:, :, t:t + 1]), clip)
     eta, keep, theta = (jnp.exp(x.log_eta[:, :, t, None, None]),
                         jnp.exp(x.log_keep[:, :, t, None, None]), x.theta[:, :, t, None, None])
     momentum = [eta * m - theta * g for m, g in zip(momentum, grads)]
@@ -74,34 +83,39 @@ def _minibatch_recurrence(weights, momentum, x: titans.Chunk, chunk: int):
   return jnp.concatenate(ys, axis=2), weights, momentum
 
 
-@pytest.mark.parametrize("widths", [(4, 4), (4, 8, 4), (4, 8, 8, 4)])
-def test_chunk_size_one_is_the_plain_per_token_recurrence(widths):
-  x = _random_inputs(jax.random.key(0))
+@pytest.mark.parametrize("widths,clip", [((4, 4), None), ((4, 8, 4), None), ((4, 8, 8, 4), None),
+                                         ((4, 8, 4), 0.5)])
+def test_chunk_size_one_is_the_plain_per_token_recurrence(widths, clip):
+  x = _random_inputs(jax.random.key(0), max_lr=0.2 if clip is None else 2.0)
   weights, momentum = _random_state(jax.random.key(1), widths)
-  expected = _plain_recurrence(weights, momentum, x)
-  got = titans.scan_chunks(weights, momentum, x, 1)
+  expected = _plain_recurrence(weights, momentum, x, clip)
+  got = titans.scan_chunks(weights, momentum, x, 1, clip)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("widths,chunk", [((4, 4), 4), ((4, 8, 4), 2), ((4, 8, 4), 4),
-                                          ((4, 8, 4), 8), ((4, 8, 8, 4), 4)])
-def test_chunked_update_is_the_sequential_minibatch_form(widths, chunk):
-  x = _random_inputs(jax.random.key(2), length=16)
+@pytest.mark.parametrize("widths,chunk,clip", [
+    ((4, 4), 4, None), ((4, 8, 4), 2, None), ((4, 8, 4), 4, None), ((4, 8, 4), 8, None),
+    ((4, 8, 8, 4), 4, None), ((4, 8, 4), 4, 0.5), ((4, 8, 8, 4), 8, 0.5)])
+def test_chunked_update_is_the_sequential_minibatch_form(widths, chunk, clip):
+  x = _random_inputs(jax.random.key(2), length=16, max_lr=0.2 if clip is None else 2.0)
   weights, momentum = _random_state(jax.random.key(3), widths)
-  expected = _minibatch_recurrence(weights, momentum, x, chunk)
-  got = titans.scan_chunks(weights, momentum, x, chunk)
+  expected = _minibatch_recurrence(weights, momentum, x, chunk, clip)
+  got = titans.scan_chunks(weights, momentum, x, chunk, clip)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   # Chunking changes the function (gradients at older weights), so C = 1 differs.
-  plain = _plain_recurrence(weights, momentum, x)[0]
+  plain = _plain_recurrence(weights, momentum, x, clip)[0]
   assert np.abs(np.asarray(got[0] - plain)).max() > 1e-3
+  if clip is not None:  # the clip is active: it changes the result
+    unclipped = titans.scan_chunks(weights, momentum, x, chunk)[0]
+    assert np.abs(np.asarray(got[0] - unclipped)).max() > 1e-3
 
 
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_linear_memory_recalls_stored_pairs(chunk):
   """Test-time learning: a linear memory from zero, no momentum or forgetting and
-  theta = E / 2 stores each (k, v) with orthonormal keys exactly; querying k_j reads v_j."""
+  theta = 1/2 stores each (k, v) with orthonormal keys exactly; querying k_j reads v_j."""
   e, pairs = 8, 4
   keys = jnp.linalg.qr(jax.random.normal(jax.random.key(4), (e, e)))[0][:pairs]
   values = jax.random.normal(jax.random.key(5), (pairs, e))
@@ -112,7 +126,7 @@ def test_linear_memory_recalls_stored_pairs(chunk):
                    q=jnp.concatenate([keys, keys])[None, None],
                    log_eta=jnp.full((1, 1, 2 * pairs), -1e4),
                    log_keep=jnp.zeros((1, 1, 2 * pairs)),
-                   theta=jnp.concatenate([jnp.full(pairs, e / 2), jnp.zeros(pairs)])[None, None])
+                   theta=jnp.concatenate([jnp.full(pairs, 0.5), jnp.zeros(pairs)])[None, None])
   weights = (jnp.zeros((1, 1, e, e)),)
   y, _, _ = titans.scan_chunks(weights, weights, x, chunk)
   np.testing.assert_allclose(y[0, 0, pairs:], values, atol=1e-5)

@@ -234,3 +234,20 @@ def test_every_preset_builds_abstractly(name):
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
   assert n > 0
+
+
+def test_default_attention_gets_the_mesh_where_it_resolves_to_a_pallas_kernel(monkeypatch):
+  """``attention_impl=None`` is a Pallas kernel on GPU/TPU, which must run under shard_map:
+  the layer hands it the ambient mesh exactly when the API's default is a Pallas kernel."""
+  from flaxseed import kernels  # pylint: disable=g-import-not-at-top
+  from flaxseed.kernels import masks  # pylint: disable=g-import-not-at-top
+  from flaxseed.models import layers  # pylint: disable=g-import-not-at-top
+  from flaxseed.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  with nn.logical_axis_rules(models.sharding.DEFAULT_RULES), jax.set_mesh(mesh):
+    assert layers._kernel_mesh(None, 128, masks.causal()) == {}  # CPU: XLA, partitioned by GSPMD
+    monkeypatch.setattr(kernels.attention.api, "default_implementation",
+                        lambda length, causal: "pallas_tpu")
+    got = layers._kernel_mesh(None, 128, masks.causal())
+    assert got["mesh"].shape == mesh.shape
+    assert got["spec"] == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)

@@ -4,7 +4,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from flaxseed import training
+from flaxseed.configs import lm
 from flaxseed.training import data
+from flaxseed.training import tasks
 from flaxseed.training import tokenizers
 
 
@@ -145,3 +148,35 @@ def test_huggingface_tokenizer_json_loads(tmp_path):
   ids = loaded.encode("hello world")
   assert loaded.decode(ids).replace(" ", "") == "helloworld"
   assert loaded.vocab_size <= 60
+
+
+def test_needle_rows_ask_for_a_pair_written_in_their_first_region():
+  rng = np.random.default_rng(0)
+  needle = dict(num_pairs=3, num_keys=8, num_values=8, region=0.5)
+  rows = tasks.needle_rows(rng, 64, 101, **needle)
+  assert rows.shape == (64, 101) and rows.dtype == np.int32
+  for row in rows:
+    queries = row[-9:].reshape(3, 3)  # QUERY k v, one per pair
+    assert np.all(queries[:, 0] == tasks.NEEDLE_QUERY)
+    starts = np.flatnonzero(row[:-9] == tasks.NEEDLE_PAIR)
+    assert len(starts) == 3 and starts.max() + 2 < (101 - 9) // 2  # pairs in the first half
+    pairs = {row[s + 1]: row[s + 2] for s in starts}
+    assert len(pairs) == 3  # distinct keys
+    assert {k: v for _, k, v in queries} == pairs  # every key asked for once, with its value
+    assert np.all(row[(101 - 9) // 2:-9] >= tasks.NEEDLE_FILLER)  # filler up to the queries
+  with pytest.raises(ValueError, match="hold 1 pairs in their first 10%, fewer than num_pairs=3"):
+    tasks.needle_rows(rng, 1, 49, **{**needle, "region": 0.1})
+  with pytest.raises(ValueError, match="num_pairs=9 <= num_keys=8"):
+    tasks.needle_rows(rng, 1, 101, **{**needle, "num_pairs": 9})
+
+
+def test_needle_task_trains_through_the_loop(tmp_path):
+  config = lm.get_config("test")
+  config.task = "needle"
+  config.needle = dict(num_pairs=2, num_keys=4, num_values=4, region=0.5)
+  config.steps, config.sample_tokens = 3, 0
+  summary = training.train(config, str(tmp_path))
+  assert np.isfinite(summary["loss"]) and 0 <= summary["eval/accuracy"] <= 1
+  config.needle.num_pairs = 5
+  with pytest.raises(ValueError, match="num_pairs=5 <= num_keys=4"):
+    training.train(config, str(tmp_path / "bad"))

@@ -1,0 +1,223 @@
+"""Titans study: needle retrieval beyond the attention window, chunk size, and LM bpb.
+
+    python experiments/titans/run.py [--quick] [--workdir=/tmp/titans_study]
+
+1. Needle (``config.task="needle"``, ``training.tasks.NeedleTask``): rows of random filler with
+   key-value pairs in their first half and a query for one key at the end. Six models of about
+   the same parameter count, trained through the shared loop at one length and evaluated at 1x,
+   2x and 4x of it: a sliding-window transformer (window much shorter than the needle distance;
+   it cannot see the pairs), a full-attention transformer (the upper bound at the training
+   length), and the Titans LMM, MAC, MAG and MAL (window = the same short window).
+2. Chunk size: the best Titans variant at 4x retrained with other memory chunk sizes C (Titans
+   Revisited reports that chunking hurts).
+3. LM: eval bits per byte on the default corpus, the transformer against the four Titans at the
+   same parameter budget and steps.
+
+Writes ``results.json`` (``results_quick.json`` with ``--quick``, a smoke run of a few steps),
+``report.md`` and ``accuracy_vs_length.svg`` next to this file.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxseed import training
+from flaxseed.configs import common
+from flaxseed.models import titans
+from flaxseed.models import transformer
+from flaxseed.training import tasks
+
+_QUICK = flags.DEFINE_bool("quick", False, "A smoke run: a few steps per model.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/titans_study", "Checkpoints and logs.")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+D_MODEL, LAYERS, HEADS, WINDOW, CHUNK = 64, 2, 2, 16, 8
+TRAIN_LEN, SCALES, EVAL_ROWS = 128, (1, 2, 4), 512
+NEEDLE = dict(num_pairs=4, num_keys=16, num_values=16, region=0.5)
+TITANS = ("lmm", "mac", "mag", "mal")
+
+
+def model_configs(mlp_dim=128):
+  """The six models; each one's MLP width is chosen to match MAC's parameter count."""
+  base = {
+      "swa": transformer.TransformerConfig(
+          d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim,
+          scan_layers=False, attention_pattern=(f"sliding_window:{WINDOW}",)),
+      "full_attention": transformer.TransformerConfig(
+          d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim, scan_layers=False),
+  }
+  for variant in TITANS:
+    base[variant] = titans.TitansConfig(
+        variant=variant, d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim,
+        window=WINDOW, memory_chunk=CHUNK)
+  target = count_params(base["mac"])
+  matched = {}
+  for name, cfg in base.items():
+    widths = range(16, 1024, 8)
+    best = min(widths, key=lambda f: abs(count_params(dataclasses.replace(cfg, mlp_dim=f))
+                                         - target))
+    matched[name] = dataclasses.replace(cfg, mlp_dim=best)
+  return matched
+
+
+def count_params(cfg) -> int:
+  module = (titans.Titans if isinstance(cfg, titans.TitansConfig) else transformer.Transformer)(cfg)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"]))))
+
+
+def run_config(cfg, *, task: str, steps: int, batch_size: int, seq_len: int, lr: float):
+  c = common.base_config()
+  c.task = task
+  c.model_family = "titans" if isinstance(cfg, titans.TitansConfig) else "transformer"
+  c.model = common.model_section(cfg)
+  c.steps, c.batch_size, c.seq_len = steps, batch_size, seq_len
+  c.log_every, c.eval_every, c.checkpoint_every = max(steps // 10, 1), 0, 0
+  c.eval_batches, c.sample_tokens = 4, 0
+  c.optim.lr, c.optim.warmup_steps = lr, max(steps // 20, 1)
+  c.mesh.data = 1
+  if task == "needle":
+    c.needle = dict(NEEDLE)
+  return c
+
+
+def train(name, config):
+  workdir = os.path.join(_WORKDIR.value, name)
+  shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resumed one
+  start = time.perf_counter()
+  summary = training.train(config, workdir)
+  return workdir, summary, time.perf_counter() - start
+
+
+def needle_accuracy(config, workdir) -> dict[str, float]:
+  """Accuracy of the restored model on fresh rows at each multiple of the training length."""
+  restored = training.restore(config, workdir)
+  task = restored.setup.task
+  predict = jax.jit(lambda p, t: task.predictions(p, t)[1])
+  out = {}
+  for scale in SCALES:
+    rng = np.random.default_rng([7, scale])
+    rows = tasks.needle_rows(rng, EVAL_ROWS, scale * TRAIN_LEN + 1, **NEEDLE)
+    correct = [predict(restored.params, rows[i:i + 64]) for i in range(0, EVAL_ROWS, 64)]
+    out[f"acc@{scale}x"] = float(np.mean(np.concatenate(correct)))
+  return out
+
+
+def svg_plot(models: dict[str, dict[str, float]], path: str):
+  """Accuracy against evaluation length, one line per model (a small hand-written SVG)."""
+  w, h, pad = 520, 320, 50
+  colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+  x = lambda i: pad + i * (w - 2 * pad) / (len(SCALES) - 1)
+  y = lambda acc: h - pad - acc * (h - 2 * pad)
+  parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w + 130}" height="{h}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+           f'<text x="{w / 2 - 60}" y="{h - 12}">eval length (x {TRAIN_LEN} tokens)</text>',
+           f'<text x="8" y="{pad - 15}">needle accuracy</text>']
+  for i, s in enumerate(SCALES):
+    parts.append(f'<text x="{x(i) - 8}" y="{h - pad + 18}">{s}x</text>')
+  for acc in (0.0, 0.25, 0.5, 0.75, 1.0):
+    parts.append(f'<text x="{pad - 34}" y="{y(acc) + 4}">{acc:.2f}</text>')
+    parts.append(f'<line x1="{pad}" y1="{y(acc)}" x2="{w - pad}" y2="{y(acc)}" stroke="#ddd"/>')
+  for j, (name, accs) in enumerate(models.items()):
+    points = " ".join(f"{x(i)},{y(accs[f'acc@{s}x'])}" for i, s in enumerate(SCALES))
+    color = colors[j % len(colors)]
+    parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+    parts.append(f'<text x="{w - pad + 15}" y="{pad + 18 * j}" fill="{color}">{name}</text>')
+  parts.append("</svg>")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(parts))
+
+
+def report(results, path):
+  n = results["needle"]
+  lines = ["# Titans study", "",
+           f"Device: {results['device']}; jax {results['jax']}. Generated by "
+           f"`experiments/titans/run.py{' --quick' if results['quick'] else ''}`.", "",
+           f"## Needle retrieval (train length {n['train_len']}, window {WINDOW}, "
+           f"{NEEDLE['num_pairs']} pairs in the first half, chance {1 / NEEDLE['num_values']:.3f})",
+           "", f"{n['steps']} steps of batch {n['batch_size']}, about "
+           f"{n['models']['mac']['params']:,} parameters each.", "",
+           "| model | params | acc@1x | acc@2x | acc@4x | train s |", "|---|---|---|---|---|---|"]
+  for name, m in n["models"].items():
+    lines.append(f"| {name} | {m['params']:,} | {m['acc@1x']:.3f} | {m['acc@2x']:.3f} | "
+                 f"{m['acc@4x']:.3f} | {m['train_s']:.0f} |")
+  lines += ["", "![accuracy against length](accuracy_vs_length.svg)", ""]
+  ab = results["chunk_ablation"]
+  lines += [f"## Memory chunk size ({ab['variant']})", "", "| C | acc@1x | acc@2x | acc@4x |",
+            "|---|---|---|---|"]
+  for chunk, m in sorted(ab["chunks"].items(), key=lambda kv: int(kv[0])):
+    lines.append(f"| {chunk} | {m['acc@1x']:.3f} | {m['acc@2x']:.3f} | {m['acc@4x']:.3f} |")
+  lm = results["lm"]
+  lines += ["", f"## Language modeling (default corpus, {lm['steps']} steps, batch "
+            f"{lm['batch_size']} x {lm['seq_len']} bytes)", "", "| model | params | eval bpb |",
+            "|---|---|---|"]
+  for name, m in lm["models"].items():
+    lines.append(f"| {name} | {m['params']:,} | {m['bpb']:.3f} |")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  quick = _QUICK.value
+  needle_steps, lm_steps = (8, 8) if quick else (800, 300)
+  configs = model_configs()
+  results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "quick": quick}
+
+  needle = {"train_len": TRAIN_LEN, "steps": needle_steps, "batch_size": 32, "models": {}}
+  for name, cfg in configs.items():
+    config = run_config(cfg, task="needle", steps=needle_steps, batch_size=32, seq_len=TRAIN_LEN,
+                        lr=3e-3)
+    workdir, _, seconds = train(f"needle_{name}", config)
+    accs = needle_accuracy(config, workdir)
+    needle["models"][name] = {**accs, "params": count_params(cfg), "train_s": seconds}
+    print(name, needle["models"][name], flush=True)
+  results["needle"] = needle
+
+  best = max(TITANS, key=lambda v: needle["models"][v]["acc@4x"])
+  ablation = {"variant": best, "chunks": {str(CHUNK): {
+      k: v for k, v in needle["models"][best].items() if k.startswith("acc")}}}
+  for chunk in (4, 16):
+    cfg = dataclasses.replace(configs[best], memory_chunk=chunk)
+    config = run_config(cfg, task="needle", steps=needle_steps, batch_size=32, seq_len=TRAIN_LEN,
+                        lr=3e-3)
+    workdir, _, _ = train(f"needle_{best}_c{chunk}", config)
+    ablation["chunks"][str(chunk)] = needle_accuracy(config, workdir)
+    print(best, chunk, ablation["chunks"][str(chunk)], flush=True)
+  results["chunk_ablation"] = ablation
+
+  lm = {"steps": lm_steps, "batch_size": 16, "seq_len": 128, "models": {}}
+  for name in ("full_attention",) + TITANS:
+    cfg = configs[name]
+    config = run_config(cfg, task="lm", steps=lm_steps, batch_size=16, seq_len=128, lr=3e-3)
+    _, summary, seconds = train(f"lm_{name}", config)
+    label = "transformer" if name == "full_attention" else name
+    lm["models"][label] = {"bpb": float(summary["eval/bpb"]), "params": count_params(cfg),
+                           "train_s": seconds}
+    print(label, lm["models"][label], flush=True)
+  results["lm"] = lm
+
+  suffix = "_quick" if quick else ""
+  with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+  if not quick:
+    svg_plot({k: v for k, v in needle["models"].items()},
+             os.path.join(HERE, "accuracy_vs_length.svg"))
+    report(results, os.path.join(HERE, "report.md"))
+
+
+if __name__ == "__main__":
+  app.run(main)
