@@ -139,10 +139,14 @@ def test_cli_rejects_bad_input_with_a_message(tmp_path, repo, child_env, main_cm
     # The Pallas TPU attention kernels (Mosaic) inside the sharded step, local/global layers.
     ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.model.attention_impl=pallas_tpu",
      "--config.model.attention_pattern=('sliding_window:16','global')"],
+    # Titans MAC: the memory's scan over segments, Pallas attention per segment, sharded heads.
+    ["--config=configs/titans.py:mac-test", "--config.mesh.data=2",
+     "--config.mesh.tensor=2", "--config.model.attention_impl=pallas_tpu"],
 ])
 def test_train_step_compiles_for_a_tpu_topology(tmp_path, repo, child_env, mesh):
   out = tmp_path / "aot.json"
-  cmd = [sys.executable, os.path.join(repo, "experiments", "aot.py"), TEST_CONFIG,
+  config = [] if any(flag.startswith("--config=") for flag in mesh) else [TEST_CONFIG]
+  cmd = [sys.executable, os.path.join(repo, "experiments", "aot.py"), *config,
          "--topology=v5e:2x2", f"--json={out}", *mesh]
   result = _run(cmd, child_env(1), repo)
   assert result.returncode == 0, result.stderr[-3000:]
