@@ -3,7 +3,7 @@
 Variants (``--config=configs/titans.py:<variant>-<size>``; variant: lmm, mac, mag, mal):
 
   <variant>-tiny   ~1M params, CPU, minutes:
-                     python experiments/main.py --config=configs/titans.py:mac-tiny --workdir=/tmp/mac
+      python experiments/main.py --config=configs/titans.py:mac-tiny --workdir=/tmp/mac
   <variant>-small  ~6M params, a GPU in minutes (CPU in hours).
   <variant>-base   ~90M params, one GPU/TPU host, bf16, FSDP over all devices.
   <variant>-test   a few seconds, for the test suite.

@@ -298,7 +298,10 @@ def chunk_update(weights, momentum, chunk: Chunk, grad_clip: float | None = None
   if grad_clip is not None:
     norms = [jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(d, axis=-1)
              for a, d in zip(inputs, deltas)]
-    steps = [chunk.theta * jnp.minimum(1.0, grad_clip / jnp.maximum(n, 1e-12)) for n in norms]
+    # The clip factor is a constant to the outer gradient: differentiating the norm would give
+    # 0 * (0 / 0) = NaN wherever a vector vanishes.
+    factors = [jnp.minimum(1.0, grad_clip / jnp.maximum(n, 1e-12)) for n in norms]
+    steps = [chunk.theta * jax.lax.stop_gradient(f) for f in factors]
   decay_eta = jnp.exp(_segment_sums(chunk.log_eta))  # [B, H, C, C]
   decay_keep = jnp.exp(_segment_sums(chunk.log_keep))
   prod_eta = jnp.exp(jnp.cumsum(chunk.log_eta, axis=-1))  # [B, H, C]
@@ -419,7 +422,8 @@ class NeuralMemory(nn.Module):
     qkv = sum(self.conv[j][None, None] * window[:, j:j + t] for j in range(cfg.memory_conv))
     qkv = jax.nn.silu(qkv).transpose(2, 0, 3, 1, 4)  # [3, B, H, T, E]
     q, k, v = _l2_normalize(qkv[0]), _l2_normalize(qkv[1]), qkv[2]
-    gates = (self.gates(x_BTD).astype(jnp.float32) + self.gate_bias[None, None]).transpose(2, 0, 3, 1)
+    gates = self.gates(x_BTD).astype(jnp.float32) + self.gate_bias[None, None]  # [B, T, 3, H]
+    gates = gates.transpose(2, 0, 3, 1)
     chunk = Chunk(k=k, v=v, q=q, log_eta=jax.nn.log_sigmoid(gates[0]),
                   log_keep=jax.nn.log_sigmoid(-gates[1]),
                   theta=cfg.memory_max_lr * jax.nn.sigmoid(gates[2]))
@@ -522,7 +526,8 @@ class PrefixAttention(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(frame), (batch, frame))
       q = layers.apply_rope(q, positions, self.rope_theta)
       k = layers.apply_rope(k, positions, self.rope_theta)
-      sharded = layers._kernel_mesh(self.implementation, frame, self.mask)  # pylint: disable=protected-access
+      sharded = layers._kernel_mesh(  # pylint: disable=protected-access
+          self.implementation, frame, self.mask)
       out = kernels.block_sparse_attention(q, k, v, self.mask, implementation=self.implementation,
                                            **sharded)[:, p:]
     else:

@@ -1,12 +1,14 @@
 """Titans memory benchmark: the chunked update against the per-token recurrence, and Titans
 against the transformer of about the same size.
 
-    python experiments/benchmarks/titans_memory.py --json=experiments/benchmarks/titans_memory_cpu.json
+    python experiments/benchmarks/titans_memory.py \
+        --json=experiments/benchmarks/titans_memory_cpu.json
 
 ``memory``: training throughput (forward + backward) of the memory recurrence alone,
 ``titans.scan_chunks`` at the tiny presets' memory shape (4 heads of width 32, a 2-layer MLP of
-hidden width 64, gradient clipping on, batch 2), for chunk sizes C in ``--chunks``; C = 1 is the per-token recurrence
-(the same function, tested equal to a plain token-by-token loop) and ``plain`` a hand-written
+hidden width 64, gradient clipping on, batch 2), for chunk sizes C in ``--chunks``; C = 1 is the
+per-token recurrence (the same function, tested equal to a plain token-by-token loop) and
+``plain`` a hand-written
 per-token ``lax.scan`` without the chunk machinery. The ratio is tokens/s over the faster of the
 two per-token forms, measured in the same process. Goal on CPU: >= 3x at C = 64.
 

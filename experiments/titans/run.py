@@ -36,9 +36,11 @@ from flaxseed.configs import common
 from flaxseed.models import titans
 from flaxseed.models import transformer
 from flaxseed.training import tasks
+from flaxseed.training import trainer
 
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: a few steps per model.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/titans_study", "Checkpoints and logs.")
+_FRESH = flags.DEFINE_bool("fresh", False, "Retrain models whose results are in the workdir.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 D_MODEL, LAYERS, HEADS, WINDOW, CHUNK = 64, 2, 2, 16, 8
@@ -92,11 +94,31 @@ def run_config(cfg, *, task: str, steps: int, batch_size: int, seq_len: int, lr:
 
 
 def train(name, config):
+  """Trains in a fresh workdir; returns (workdir, summary, seconds), the summary ``None`` if the
+  run stopped on a non-finite loss or gradient (recorded in the results, never hidden)."""
   workdir = os.path.join(_WORKDIR.value, name)
   shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resumed one
   start = time.perf_counter()
-  summary = training.train(config, workdir)
+  try:
+    summary = training.train(config, workdir)
+  except trainer.NonFiniteLossError as e:
+    print(f"{name}: {e}", flush=True)
+    summary = None
   return workdir, summary, time.perf_counter() - start
+
+
+def cached(name, fn):
+  """``fn()``'s result, kept in the workdir so an interrupted study resumes where it stopped
+  (``--fresh`` recomputes)."""
+  path = os.path.join(_WORKDIR.value, f"{name}.json")
+  if not _FRESH.value and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  result = fn()
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(result, f)
+  return result
 
 
 def needle_accuracy(config, workdir) -> dict[str, float]:
@@ -131,6 +153,8 @@ def svg_plot(models: dict[str, dict[str, float]], path: str):
     parts.append(f'<text x="{pad - 34}" y="{y(acc) + 4}">{acc:.2f}</text>')
     parts.append(f'<line x1="{pad}" y1="{y(acc)}" x2="{w - pad}" y2="{y(acc)}" stroke="#ddd"/>')
   for j, (name, accs) in enumerate(models.items()):
+    if accs["acc@1x"] is None:
+      continue
     points = " ".join(f"{x(i)},{y(accs[f'acc@{s}x'])}" for i, s in enumerate(SCALES))
     color = colors[j % len(colors)]
     parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
@@ -138,6 +162,11 @@ def svg_plot(models: dict[str, dict[str, float]], path: str):
   parts.append("</svg>")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(parts))
+
+
+def _acc(m, scale):
+  acc = m[f"acc@{scale}x"]
+  return "diverged" if acc is None else f"{acc:.3f}"
 
 
 def report(results, path):
@@ -151,20 +180,21 @@ def report(results, path):
            f"{n['models']['mac']['params']:,} parameters each.", "",
            "| model | params | acc@1x | acc@2x | acc@4x | train s |", "|---|---|---|---|---|---|"]
   for name, m in n["models"].items():
-    lines.append(f"| {name} | {m['params']:,} | {m['acc@1x']:.3f} | {m['acc@2x']:.3f} | "
-                 f"{m['acc@4x']:.3f} | {m['train_s']:.0f} |")
+    lines.append(f"| {name} | {m['params']:,} | {_acc(m, 1)} | {_acc(m, 2)} | {_acc(m, 4)} | "
+                 f"{m['train_s']:.0f} |")
   lines += ["", "![accuracy against length](accuracy_vs_length.svg)", ""]
   ab = results["chunk_ablation"]
   lines += [f"## Memory chunk size ({ab['variant']})", "", "| C | acc@1x | acc@2x | acc@4x |",
             "|---|---|---|---|"]
   for chunk, m in sorted(ab["chunks"].items(), key=lambda kv: int(kv[0])):
-    lines.append(f"| {chunk} | {m['acc@1x']:.3f} | {m['acc@2x']:.3f} | {m['acc@4x']:.3f} |")
+    lines.append(f"| {chunk} | {_acc(m, 1)} | {_acc(m, 2)} | {_acc(m, 4)} |")
   lm = results["lm"]
   lines += ["", f"## Language modeling (default corpus, {lm['steps']} steps, batch "
             f"{lm['batch_size']} x {lm['seq_len']} bytes)", "", "| model | params | eval bpb |",
             "|---|---|---|"]
   for name, m in lm["models"].items():
-    lines.append(f"| {name} | {m['params']:,} | {m['bpb']:.3f} |")
+    bpb = "diverged" if m["bpb"] is None else f"{m['bpb']:.3f}"
+    lines.append(f"| {name} | {m['params']:,} | {bpb} |")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -176,41 +206,52 @@ def main(argv):
   needle_steps, lm_steps = (8, 8) if quick else (800, 300)
   configs = model_configs()
   results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "quick": quick}
+  suffix = "_quick" if quick else ""
 
   needle = {"train_len": TRAIN_LEN, "steps": needle_steps, "batch_size": 32, "models": {}}
-  for name, cfg in configs.items():
+  def needle_run(name, cfg):
     config = run_config(cfg, task="needle", steps=needle_steps, batch_size=32, seq_len=TRAIN_LEN,
                         lr=3e-3)
-    workdir, _, seconds = train(f"needle_{name}", config)
-    accs = needle_accuracy(config, workdir)
-    needle["models"][name] = {**accs, "params": count_params(cfg), "train_s": seconds}
-    print(name, needle["models"][name], flush=True)
+    workdir, summary, seconds = train(name, config)
+    if summary is None:  # diverged: no final checkpoint to evaluate
+      out = {f"acc@{s}x": None for s in SCALES}
+      out["diverged"] = True
+    else:
+      out = needle_accuracy(config, workdir)
+    out.update(params=count_params(cfg), train_s=seconds)
+    print(name, out, flush=True)
+    return out
+
+  for name, cfg in configs.items():
+    needle["models"][name] = cached(f"needle_{name}{suffix}",
+                                    lambda name=name, cfg=cfg: needle_run(f"needle_{name}", cfg))
   results["needle"] = needle
 
-  best = max(TITANS, key=lambda v: needle["models"][v]["acc@4x"])
-  ablation = {"variant": best, "chunks": {str(CHUNK): {
-      k: v for k, v in needle["models"][best].items() if k.startswith("acc")}}}
+  at_4x = lambda v: needle["models"][v]["acc@4x"] or 0.0
+  best = max(TITANS, key=at_4x)
+  ablation = {"variant": best, "chunks": {str(CHUNK): needle["models"][best]}}
   for chunk in (4, 16):
     cfg = dataclasses.replace(configs[best], memory_chunk=chunk)
-    config = run_config(cfg, task="needle", steps=needle_steps, batch_size=32, seq_len=TRAIN_LEN,
-                        lr=3e-3)
-    workdir, _, _ = train(f"needle_{best}_c{chunk}", config)
-    ablation["chunks"][str(chunk)] = needle_accuracy(config, workdir)
-    print(best, chunk, ablation["chunks"][str(chunk)], flush=True)
+    name = f"needle_{best}_c{chunk}"
+    ablation["chunks"][str(chunk)] = cached(name + suffix,
+                                            lambda name=name, cfg=cfg: needle_run(name, cfg))
   results["chunk_ablation"] = ablation
+
+  def lm_run(name, cfg):
+    config = run_config(cfg, task="lm", steps=lm_steps, batch_size=16, seq_len=128, lr=3e-3)
+    _, summary, seconds = train(name, config)
+    out = {"bpb": None if summary is None else float(summary["eval/bpb"]),
+           "params": count_params(cfg), "train_s": seconds}
+    print(name, out, flush=True)
+    return out
 
   lm = {"steps": lm_steps, "batch_size": 16, "seq_len": 128, "models": {}}
   for name in ("full_attention",) + TITANS:
-    cfg = configs[name]
-    config = run_config(cfg, task="lm", steps=lm_steps, batch_size=16, seq_len=128, lr=3e-3)
-    _, summary, seconds = train(f"lm_{name}", config)
     label = "transformer" if name == "full_attention" else name
-    lm["models"][label] = {"bpb": float(summary["eval/bpb"]), "params": count_params(cfg),
-                           "train_s": seconds}
-    print(label, lm["models"][label], flush=True)
+    lm["models"][label] = cached(f"lm_{name}{suffix}",
+                                 lambda name=name: lm_run(f"lm_{name}", configs[name]))
   results["lm"] = lm
 
-  suffix = "_quick" if quick else ""
   with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
   if not quick:
