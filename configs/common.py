@@ -55,3 +55,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = sharding.DEFAULT_RULES
   return c
+
+
+def override(config: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:
+  """Sets dotted keys in place, as ``--config.a.b=v`` would (``override(c, **{"optim.lr": 1e-3})``)
+  and returns ``config``; for notebooks and tests. An unknown key raises, naming it."""
+  for key, value in dotted.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for i, p in enumerate(parents):
+      if p not in node:
+        raise KeyError(f"config has no key {'.'.join(parents[:i + 1])!r}")
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"config has no key {key!r}")
+    node[leaf] = value
+  return config

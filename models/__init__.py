@@ -13,6 +13,7 @@ import builtins
 import dataclasses
 from typing import Any, Callable
 
+from flaxseed.models import diffusion_lm
 from flaxseed.models import titans
 from flaxseed.models import transformer
 
@@ -73,3 +74,7 @@ for _name, _fn in transformer.PRESETS.items():
 register_family("titans", titans.Titans, titans.TitansConfig)
 for _name, _fn in titans.PRESETS.items():
   register(_name, titans.Titans, _fn)
+
+register_family("diffusion_lm", diffusion_lm.DiffusionLM, diffusion_lm.DiffusionLMConfig)
+for _name, _fn in diffusion_lm.PRESETS.items():
+  register(_name, diffusion_lm.DiffusionLM, _fn)

@@ -9,6 +9,7 @@ import pytest
 
 from flaxseed import models
 from flaxseed import training
+from flaxseed.configs import common
 from flaxseed.configs import titans as titans_configs
 from flaxseed.models import sampling
 from flaxseed.models import sharding
@@ -188,14 +189,7 @@ def test_generate_greedy_matches_argmax_of_the_full_forward():
 
 
 def _config(variant, **overrides):
-  config = titans_configs.get_config(f"{variant}-test")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return common.override(titans_configs.get_config(f"{variant}-test"), **overrides)
 
 
 @pytest.mark.parametrize("variant", titans.VARIANTS)

@@ -8,20 +8,14 @@ import numpy as np
 import pytest
 
 from flaxseed import training
+from flaxseed.configs import common
 from flaxseed.configs import lm
 from flaxseed.training import trainer
 
 
 def _config(**overrides):
   """The ``test`` variant of configs/lm.py with dotted-key overrides."""
-  config = lm.get_config("test")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return common.override(lm.get_config("test"), **overrides)
 
 
 def _tensorboard_tags(path):
