@@ -179,9 +179,9 @@ def generate(model, params, prompt_BP, *, gen_length: int = 128, steps: int = 12
   _check_sampling(temperature, remasking, cfg_scale)
   masks = np.full((prompt_BP.shape[0], gen_length), config.mask_token_id, np.int32)
   canvas = jnp.asarray(np.concatenate([prompt_BP.astype(np.int32), masks], axis=1))
-  return _denoise(model, params, canvas, _key(rng), jnp.float32(cfg_scale),
-                  start=prompt_BP.shape[1], block_length=block_length,
-                  steps_per_block=steps // num_blocks, temperature=float(temperature),
+  return _denoise(model, params, canvas, _key(rng), jnp.float32(temperature),
+                  jnp.float32(cfg_scale), start=prompt_BP.shape[1], block_length=block_length,
+                  steps_per_block=steps // num_blocks, greedy=temperature == 0,
                   remasking=remasking, guidance=cfg_scale > 0, trace=return_trace)
 
 
@@ -201,9 +201,10 @@ def infill(model, params, tokens_BL, *, steps: int, temperature: float = 0.0,
     raise ValueError(f"steps={steps} must be in [1, {fewest}] (the fewest masks in a row)")
   _check_sampling(temperature, remasking, cfg_scale)
   return _denoise(model, params, jnp.asarray(tokens_BL, jnp.int32), _key(rng),
-                  jnp.float32(cfg_scale), start=0, block_length=tokens_BL.shape[1],
-                  steps_per_block=steps, temperature=float(temperature), remasking=remasking,
-                  guidance=cfg_scale > 0, trace=return_trace)
+                  jnp.float32(temperature), jnp.float32(cfg_scale), start=0,
+                  block_length=tokens_BL.shape[1], steps_per_block=steps,
+                  greedy=temperature == 0, remasking=remasking, guidance=cfg_scale > 0,
+                  trace=return_trace)
 
 
 def _check_tokens(name, tokens, config):
@@ -232,10 +233,11 @@ def noise_dtype():
 
 
 @functools.partial(jax.jit, static_argnames=("model", "start", "block_length", "steps_per_block",
-                                             "temperature", "remasking", "guidance", "trace"))
-def _denoise(model, params, canvas_BT, rng, cfg_scale, *, start, block_length, steps_per_block,
-             temperature, remasking, guidance, trace):
-  """Unmasks ``canvas[:, start:]`` block by block; see ``generate``."""
+                                             "greedy", "remasking", "guidance", "trace"))
+def _denoise(model, params, canvas_BT, rng, temperature, cfg_scale, *, start, block_length,
+             steps_per_block, greedy, remasking, guidance, trace):
+  """Unmasks ``canvas[:, start:]`` block by block; see ``generate``. Shapes and the static
+  switches (greedy or not, remasking, guidance, trace) compile; temperature and scale do not."""
   mask_id = model.config.mask_token_id
   length = canvas_BT.shape[1]
   given_BT = canvas_BT != mask_id  # the conditioning: masked out in the unguided pass
@@ -256,7 +258,7 @@ def _denoise(model, params, canvas_BT, rng, cfg_scale, *, start, block_length, s
     open_BT = (x_BT == mask_id) & (position >= lo) & (position < lo + block_length)
     logits = predict(x_BT).astype(jnp.float32)
     key = jax.random.fold_in(rng, i)
-    if temperature == 0.0:
+    if greedy:
       x0_BT = jnp.argmax(logits, axis=-1)
     else:
       dtype = noise_dtype()

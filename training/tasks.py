@@ -272,6 +272,14 @@ class DiffusionTask:
                                    eos_id=self.model.config.eos_token_id)
     else:
       train, evaluation = self.corpus.train, self.corpus.validation
+    mask_id = self.model.config.mask_token_id
+    for split in (train, evaluation):
+      tokens = split.rows["tokens"] if self.sft else split.tokens
+      if tokens.size and (tokens.max() >= self.model.config.vocab_size or
+                          (tokens == mask_id).any()):
+        raise ValueError(f"the data has token ids equal to config.model.mask_token_id={mask_id} "
+                         f"or outside config.model.vocab_size={self.model.config.vocab_size}; "
+                         "the mask token must be an id the tokenizer never produces")
     common = dict(global_batch=global_batch, rows=rows, row_len=self.seq_len, stride=self.seq_len)
     return (data_lib.batches(train, num_batches=train_batches, seed=seed, name="train", **common),
             data_lib.batches(evaluation, num_batches=eval_batches, seed=None, name="validation",

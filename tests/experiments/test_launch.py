@@ -142,6 +142,9 @@ def test_cli_rejects_bad_input_with_a_message(tmp_path, repo, child_env, main_cm
     # Titans MAC: the memory's scan over segments, Pallas attention per segment, sharded heads.
     ["--config=configs/titans.py:mac-test", "--config.mesh.data=2",
      "--config.mesh.tensor=2", "--config.model.attention_impl=pallas_tpu"],
+    # The diffusion LM: bidirectional Pallas attention, the masking inside the step.
+    ["--config=configs/diffusion_lm.py:test", "--config.mesh.data=2",
+     "--config.mesh.tensor=2", "--config.model.attention_impl=pallas_tpu"],
 ])
 def test_train_step_compiles_for_a_tpu_topology(tmp_path, repo, child_env, mesh):
   out = tmp_path / "aot.json"

@@ -157,6 +157,10 @@ def test_sft_data_errors_name_the_file_and_line(tmp_path):
   task = tasks.build(_config(**{"diffusion.sft_data": str(path)}))
   with pytest.raises(ValueError, match=r"bad.jsonl:2.*'prompt' and 'response'"):
     task.datasets(global_batch=2, rows=(0, 2), train_batches=1, eval_batches=1, seed=0)
+  with pytest.raises(ValueError, match="mask_token_id=120"):  # 'x' is byte 120
+    path.write_text(json.dumps({"prompt": "x", "response": "y"}))
+    tasks.build(_config(**{"diffusion.sft_data": str(path), "model.mask_token_id": 120})).datasets(
+        global_batch=1, rows=(0, 1), train_batches=1, eval_batches=0, seed=0)
   path.write_text(json.dumps({"prompt": "x" * 30, "response": "y" * 5}))
   task = tasks.build(_config(**{"diffusion.sft_data": str(path)}))
   with pytest.raises(ValueError, match=r"bad.jsonl:1.*seq_len=32"):
@@ -259,7 +263,8 @@ def test_same_seed_same_output_and_no_recompiles(model_and_params):
   a = diffusion_lm.generate(model, params, prompt, rng=jax.random.key(1), **kw)
   size = diffusion_lm._denoise._cache_size()  # pylint: disable=protected-access
   b = diffusion_lm.generate(model, params, prompt, rng=jax.random.key(1), **kw)
-  c = diffusion_lm.generate(model, params, prompt + 1, rng=jax.random.key(2), **kw)
+  c = diffusion_lm.generate(model, params, prompt + 1, rng=jax.random.key(2),
+                            **{**kw, "temperature": 0.7})  # other values, same shapes
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a[:, 3:], c[:, 3:])
   assert diffusion_lm._denoise._cache_size() == size  # pylint: disable=protected-access
