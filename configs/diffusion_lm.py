@@ -37,7 +37,6 @@ def get_config(arg: str = "tiny"):
   ))
   c.sample_prompt = "def "
   c.sample_tokens = 128  # blocks of 32, one step per token
-  c.sample_temperature = 0.0
   if arg == "test":
     c.sample_tokens = 8
   return c
