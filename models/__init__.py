@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable
 
 from flaxseed.models import diffusion_lm
+from flaxseed.models import sae
 from flaxseed.models import titans
 from flaxseed.models import transformer
 
@@ -78,3 +79,7 @@ for _name, _fn in titans.PRESETS.items():
 register_family("diffusion_lm", diffusion_lm.DiffusionLM, diffusion_lm.DiffusionLMConfig)
 for _name, _fn in diffusion_lm.PRESETS.items():
   register(_name, diffusion_lm.DiffusionLM, _fn)
+
+register_family("sae", sae.SAE, sae.SAEConfig)
+for _name, _fn in sae.PRESETS.items():
+  register(_name, sae.SAE, _fn)

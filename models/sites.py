@@ -1,0 +1,67 @@
+"""Activation sites of zoo models: read (``capture``) or replace (``splice``) a submodule's output
+without changing the model's forward (a Flax method interceptor does both).
+
+A site is the path of a submodule, ``/``-separated as in the parameter tree, optionally ending in
+an alias: for the transformer, the diffusion LM and Titans, ``layers_3/resid_post`` is the output
+of block ``layers_3`` (the residual stream after it), ``layers_3/mlp_out`` the output of its MLP,
+``layers_3/attn_out`` of its attention. Any other path (``layers_3/mlp/up``) names that
+submodule's output. A tuple output (the blocks return ``(x, None)``) means its first element.
+
+    acts = sites.capture(model, {"params": params}, tokens, "layers_2/resid_post")   # [B, L, D]
+    logits = sites.splice(model, {"params": params}, tokens, "layers_2/resid_post",
+                          lambda x: sae_reconstruction(x))
+
+Models must unroll their layers (``scan_layers=False``, as the CPU presets do): a scanned stack
+runs one traced block for all layers, so a single layer's output has no site of its own.
+"""
+
+import flax.linen as nn
+
+ALIASES = {"resid_post": (), "mlp_out": ("mlp",), "attn_out": ("attn",)}
+
+
+def resolve(site: str) -> tuple[str, ...]:
+  """The submodule path of ``site`` (aliases expanded)."""
+  parts = tuple(p for p in site.split("/") if p)
+  if parts and parts[-1] in ALIASES:
+    parts = parts[:-1] + ALIASES[parts[-1]]
+  if not parts:
+    raise ValueError(f"site {site!r} names no submodule")
+  return parts
+
+
+def _run(model, variables, tokens, site, replace, **kwargs):
+  if getattr(model.config, "scan_layers", False):
+    raise ValueError(f"site {site!r}: the model scans its layers (config.scan_layers=True); "
+                     "activation sites need scan_layers=False")
+  path, seen, hits = resolve(site), [], []
+
+  def interceptor(next_fun, args, kw, context):
+    out = next_fun(*args, **kw)
+    if context.method_name != "__call__":
+      return out
+    here = tuple(context.module.path)
+    seen.append("/".join(here))
+    if here != path:
+      return out
+    first = out[0] if isinstance(out, tuple) else out
+    hits.append(first)
+    new = replace(first)
+    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+  with nn.intercept_methods(interceptor):
+    logits = model.apply(variables, tokens, **kwargs)
+  if not hits:
+    raise ValueError(f"site {site!r} (path {'/'.join(path)!r}) is not a submodule this model "
+                     f"calls; sites: {sorted(set(s for s in seen if s))}")
+  return logits, hits[0]
+
+
+def capture(model, variables, tokens, site: str, **kwargs):
+  """The activation at ``site`` for ``tokens`` (``kwargs`` go to the model's ``apply``)."""
+  return _run(model, variables, tokens, site, lambda x: x, **kwargs)[1]
+
+
+def splice(model, variables, tokens, site: str, fn, **kwargs):
+  """The model's output with ``fn(activation)`` in place of the activation at ``site``."""
+  return _run(model, variables, tokens, site, fn, **kwargs)[0]
