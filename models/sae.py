@@ -40,7 +40,8 @@ Architectures (``arch``) and their sparsity, following SAELens and Gao et al. 20
 by the SAE task): ``unit_norm_decoder`` projects the decoder rows back to unit norm after each
 step, ``remove_parallel_grads`` removes the gradient component parallel to them before it, and
 ``geometric_median`` initializes ``b_dec``. ``reconstruction_metrics`` gives L0, FVU, explained
-variance and cosine similarity.
+variance and cosine similarity; ``evaluate`` adds the dead fraction, CE loss recovered and KL with
+the reconstruction spliced into a model (``models/sites.py``).
 """
 
 import dataclasses
@@ -352,3 +353,45 @@ def reconstruction_metrics(x_ND, x_hat_ND, f_NF) -> dict[str, jax.Array]:
       jnp.linalg.norm(x_ND, axis=-1) * jnp.linalg.norm(x_hat_ND, axis=-1), 1e-12)
   return {"l0": (f_NF != 0).sum(-1).mean(), "fvu": fvu, "explained_variance": 1.0 - fvu,
           "cossim": cos.mean()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on a model
+
+
+def evaluate(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables) -> dict:
+  """The standard SAE evals on ``tokens`` of an autoregressive zoo model ``lm`` at ``site``.
+
+  ``reconstruction_metrics`` of the site's activations; ``dead_frac``: latents that never fire on
+  these tokens; next-token cross-entropy with the SAE's reconstruction spliced in at the site
+  (``ce_sae``) against the clean model (``ce_clean``) and the site zero-ablated (``ce_zero``);
+  ``ce_loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)`` (1: as good as clean);
+  ``kl``: mean KL(clean || spliced) of the next-token distributions.
+  """
+  from flaxseed.models import sites  # pylint: disable=g-import-not-at-top
+
+  acts = sites.capture(lm, lm_variables, tokens_BL, site)
+  flat = acts.reshape(-1, acts.shape[-1])
+  x_hat, f = model.apply(variables, flat, True)
+  metrics = reconstruction_metrics(flat, x_hat, f)
+  metrics["dead_frac"] = ((f != 0).sum(0) == 0).mean()
+
+  def reconstruct(x):
+    return model.apply(variables, x.reshape(-1, x.shape[-1]), True)[0].reshape(x.shape)
+
+  clean = lm.apply(lm_variables, tokens_BL)
+  spliced = sites.splice(lm, lm_variables, tokens_BL, site, reconstruct)
+  zeroed = sites.splice(lm, lm_variables, tokens_BL, site, jnp.zeros_like)
+  targets = tokens_BL[:, 1:]
+
+  def ce(logits):
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    return -jnp.take_along_axis(logp, targets[..., None], -1).mean()
+
+  ce_clean, ce_sae, ce_zero = ce(clean), ce(spliced), ce(zeroed)
+  p_clean = jax.nn.log_softmax(clean.astype(jnp.float32))
+  p_sae = jax.nn.log_softmax(spliced.astype(jnp.float32))
+  kl = (jnp.exp(p_clean) * (p_clean - p_sae)).sum(-1).mean()
+  metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, kl=kl,
+                 ce_loss_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean))
+  return metrics

@@ -188,3 +188,21 @@ def test_site_errors(lm):
   scanned = models.get("transformer-tiny", num_layers=2, scan_layers=True)
   with pytest.raises(ValueError, match="scan_layers"):
     sites.capture(scanned, {}, tokens, "layers_0/resid_post")
+
+
+class _Identity(nn.Module):
+  """An 'SAE' that reconstructs exactly (for the evals' fixed points)."""
+
+  def __call__(self, x, inference=False):
+    return x, jnp.ones_like(x)
+
+
+def test_evaluate_recovers_all_of_the_loss_with_an_exact_reconstruction(lm):
+  model, variables, tokens = lm
+  exact = sae.evaluate(model, variables, tokens, "layers_0/resid_post", _Identity(), {})
+  assert exact["ce_loss_recovered"] == pytest.approx(1.0) and exact["kl"] == pytest.approx(0.0)
+  assert exact["fvu"] == 0 and exact["dead_frac"] == 0
+  x = sites.capture(model, variables, tokens, "layers_0/resid_post").reshape(-1, 32)
+  sae_model, v = _init(sae.SAEConfig(d_in=32, num_latents=128, arch="topk", k=4), x)
+  rough = sae.evaluate(model, variables, tokens, "layers_0/resid_post", sae_model, v)
+  assert rough["ce_loss_recovered"] < 1.0 and rough["kl"] > 0 and rough["l0"] == 4
