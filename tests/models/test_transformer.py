@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flaxseed import models
+from flaxseed.models import sae
 from flaxseed.models import sampling
 from flaxseed.models import transformer
 
@@ -231,7 +232,11 @@ def test_zoo_registry():
 @pytest.mark.parametrize("name", models.list())
 def test_every_preset_builds_abstractly(name):
   model = models.get(name)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  if isinstance(model, sae.SAE):  # reads activations, not tokens
+    example = jnp.zeros((4, model.config.d_in), jnp.float32)
+  else:
+    example = jnp.zeros((1, 4), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), example)
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
   assert n > 0
 
