@@ -68,18 +68,13 @@ def build(family: str, fields: dict[str, Any]):
   return module_cls(config_cls(**fields))
 
 
-register_family("transformer", transformer.Transformer, transformer.TransformerConfig)
-for _name, _fn in transformer.PRESETS.items():
-  register(_name, transformer.Transformer, _fn)
-
-register_family("titans", titans.Titans, titans.TitansConfig)
-for _name, _fn in titans.PRESETS.items():
-  register(_name, titans.Titans, _fn)
-
-register_family("diffusion_lm", diffusion_lm.DiffusionLM, diffusion_lm.DiffusionLMConfig)
-for _name, _fn in diffusion_lm.PRESETS.items():
-  register(_name, diffusion_lm.DiffusionLM, _fn)
-
-register_family("sae", sae.SAE, sae.SAEConfig)
-for _name, _fn in sae.PRESETS.items():
-  register(_name, sae.SAE, _fn)
+for _family, _module_cls, _config_cls, _presets in (
+    ("transformer", transformer.Transformer, transformer.TransformerConfig, transformer.PRESETS),
+    ("titans", titans.Titans, titans.TitansConfig, titans.PRESETS),
+    ("diffusion_lm", diffusion_lm.DiffusionLM, diffusion_lm.DiffusionLMConfig,
+     diffusion_lm.PRESETS),
+    ("sae", sae.SAE, sae.SAEConfig, sae.PRESETS),
+):
+  register_family(_family, _module_cls, _config_cls)
+  for _name, _fn in _presets.items():
+    register(_name, _module_cls, _fn)
