@@ -50,6 +50,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from flaxseed.models import sharding as sh
 
@@ -263,6 +264,11 @@ def loss(model: SAE, variables, x_ND, *, dead_F=None):
   """``(loss, metrics)`` of the architecture (module docstring) for ``variables`` as ``init``
   returns them (differentiate w.r.t. ``variables["params"]``). ``dead_F``: bool mask of dead
   latents for AuxK (topk, batch_topk); ``None``: no auxiliary term."""
+  return loss_and_code(model, variables, x_ND, dead_F=dead_F)[:2]
+
+
+def loss_and_code(model: SAE, variables, x_ND, *, dead_F=None):
+  """``(loss, metrics, f)``: ``loss`` and the training-mode code ``f [N, num_latents]`` it used."""
   cfg = model.config
   bound = model.bind(variables)
   pre = bound.pre_activations(x_ND)
@@ -293,7 +299,7 @@ def loss(model: SAE, variables, x_ND, *, dead_F=None):
     total = total + cfg.l1_coefficient * sparsity + aux
     metrics.update(l1=sparsity, gate_recon=aux)
   metrics["loss"] = total
-  return total, metrics
+  return total, metrics, f
 
 
 def auxk_loss(pre_NF, dead_F, residual_ND, w_dec_FD, aux_k: int):
@@ -313,11 +319,17 @@ def batch_topk_threshold(model: SAE, variables, x_ND, *, rate: float | None = No
   """``variables`` with the inference ``threshold`` moved toward this batch's smallest kept
   activation (a moving average with rate ``config.threshold_lr``)."""
   f = model.apply(variables, x_ND, method=model.encode)
-  old = variables["batch_stats"]["threshold"]
-  smallest = jnp.min(jnp.where(f > 0, f, jnp.inf))
-  smallest = jnp.where(jnp.isfinite(smallest), smallest, old)
   rate = model.config.threshold_lr if rate is None else rate
-  return {**variables, "batch_stats": {"threshold": (1 - rate) * old + rate * smallest}}
+  threshold = update_threshold(variables["batch_stats"]["threshold"], f, rate)
+  return {**variables, "batch_stats": {"threshold": threshold}}
+
+
+def update_threshold(threshold, f_NF, rate: float):
+  """One moving-average step of the BatchTopK inference threshold toward the smallest positive
+  activation of the training code ``f`` (unchanged if nothing fired)."""
+  smallest = jnp.min(jnp.where(f_NF > 0, f_NF, jnp.inf))
+  smallest = jnp.where(jnp.isfinite(smallest), smallest, threshold)
+  return (1 - rate) * threshold + rate * smallest
 
 
 def unit_norm_decoder(params):
@@ -333,6 +345,18 @@ def remove_parallel_grads(params, grads):
   w = params["w_dec"] / jnp.linalg.norm(params["w_dec"], axis=-1, keepdims=True)
   g = grads["w_dec"]
   return {**grads, "w_dec": g - (g * w).sum(-1, keepdims=True) * w}
+
+
+def decoder_constraint(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``optimizer`` with the decoder kept on the unit sphere: the gradient's component parallel to
+  each decoder row is removed before the update (``remove_parallel_grads``) and the rows are
+  projected back to unit norm after it (``unit_norm_decoder``). The optimizer state is
+  ``optimizer``'s own, so its shardings and checkpoints do not change."""
+  def update(grads, state, params):
+    updates, state = optimizer.update(remove_parallel_grads(params, grads), state, params)
+    new_w = unit_norm_decoder(optax.apply_updates(params, updates))["w_dec"]
+    return {**updates, "w_dec": new_w - params["w_dec"]}, state
+  return optax.GradientTransformation(optimizer.init, update)
 
 
 def geometric_median(x_ND, *, iters: int = 100, eps: float = 1e-6):
@@ -359,39 +383,71 @@ def reconstruction_metrics(x_ND, x_hat_ND, f_NF) -> dict[str, jax.Array]:
 # Evaluation on a model
 
 
-def evaluate(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables) -> dict:
-  """The standard SAE evals on ``tokens`` of an autoregressive zoo model ``lm`` at ``site``.
+def eval_sums(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *,
+              norm_scale=1.0, **lm_kwargs) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """The SAE evals on one batch as ``name -> (sum, count)``, so batches add up (the training
+  loop's form; ``evaluate`` divides). ``lm_kwargs`` (``segment_ids``, ``positions``) go to the
+  model; a next-token target counts only within its document. ``norm_scale`` multiplies the
+  activations before the SAE (``constant_norm_rescale``) and divides its reconstruction.
 
-  ``reconstruction_metrics`` of the site's activations; ``dead_frac``: latents that never fire on
-  these tokens; next-token cross-entropy with the SAE's reconstruction spliced in at the site
-  (``ce_sae``) against the clean model (``ce_clean``) and the site zero-ablated (``ce_zero``);
-  ``ce_loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)`` (1: as good as clean);
-  ``kl``: mean KL(clean || spliced) of the next-token distributions.
+  ``fvu`` sums squared errors over squared deviations from the batch mean; ``ce_*`` are the
+  model's next-token cross-entropies clean, with the SAE's reconstruction spliced in at ``site``
+  and with the site zero-ablated; ``ce_loss_recovered`` is ``sum(ce_zero - ce_sae) /
+  sum(ce_zero - ce_clean)`` (1: as good as clean); ``kl`` is KL(clean || spliced) per token.
   """
   from flaxseed.models import sites  # pylint: disable=g-import-not-at-top
 
-  acts = sites.capture(lm, lm_variables, tokens_BL, site)
-  flat = acts.reshape(-1, acts.shape[-1])
-  x_hat, f = model.apply(variables, flat, True)
-  metrics = reconstruction_metrics(flat, x_hat, f)
-  metrics["dead_frac"] = ((f != 0).sum(0) == 0).mean()
-
   def reconstruct(x):
-    return model.apply(variables, x.reshape(-1, x.shape[-1]), True)[0].reshape(x.shape)
+    flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * norm_scale
+    return (model.apply(variables, flat, True)[0] / norm_scale).reshape(x.shape).astype(x.dtype)
 
-  clean = lm.apply(lm_variables, tokens_BL)
-  spliced = sites.splice(lm, lm_variables, tokens_BL, site, reconstruct)
-  zeroed = sites.splice(lm, lm_variables, tokens_BL, site, jnp.zeros_like)
+  clean, acts = sites.run(lm, lm_variables, tokens_BL, site, **lm_kwargs)
+  x = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32) * norm_scale
+  x_hat, f = model.apply(variables, x, True)
+  num = jnp.asarray(x.shape[0], jnp.float32)
+  cos = (x * x_hat).sum(-1) / jnp.maximum(
+      jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(x_hat, axis=-1), 1e-12)
+  sums = {"l0": ((f != 0).sum(), num),
+          "fvu": (jnp.square(x - x_hat).sum(), jnp.square(x - x.mean(0)[None]).sum()),
+          "cossim": (cos.sum(), num)}
+
+  spliced = sites.splice(lm, lm_variables, tokens_BL, site, reconstruct, **lm_kwargs)
+  zeroed = sites.splice(lm, lm_variables, tokens_BL, site, jnp.zeros_like, **lm_kwargs)
   targets = tokens_BL[:, 1:]
+  segments = lm_kwargs.get("segment_ids")
+  weights = (jnp.ones(targets.shape, jnp.float32) if segments is None else
+             ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32))
 
-  def ce(logits):
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    return -jnp.take_along_axis(logp, targets[..., None], -1).mean()
+  def logp(logits):
+    return jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
 
-  ce_clean, ce_sae, ce_zero = ce(clean), ce(spliced), ce(zeroed)
-  p_clean = jax.nn.log_softmax(clean.astype(jnp.float32))
-  p_sae = jax.nn.log_softmax(spliced.astype(jnp.float32))
-  kl = (jnp.exp(p_clean) * (p_clean - p_sae)).sum(-1).mean()
-  metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, kl=kl,
-                 ce_loss_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean))
+  def nll(logp_BLV):
+    return -jnp.take_along_axis(logp_BLV, targets[..., None], -1)[..., 0] * weights
+
+  clean_lp, sae_lp, zero_lp = logp(clean), logp(spliced), logp(zeroed)
+  count = weights.sum()
+  nll_clean, nll_sae, nll_zero = nll(clean_lp), nll(sae_lp), nll(zero_lp)
+  kl = ((jnp.exp(clean_lp) * (clean_lp - sae_lp)).sum(-1) * weights).sum()
+  sums.update(ce_clean=(nll_clean.sum(), count), ce_sae=(nll_sae.sum(), count),
+              ce_zero=(nll_zero.sum(), count), kl=(kl, count),
+              ce_loss_recovered=((nll_zero - nll_sae).sum(), (nll_zero - nll_clean).sum()))
+  return sums
+
+
+def evaluate(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *,
+             norm_scale=1.0, **lm_kwargs) -> dict[str, jax.Array]:
+  """The standard SAE evals on ``tokens`` of an autoregressive zoo model ``lm`` at ``site``:
+  ``eval_sums`` divided out (``l0``, ``fvu``, ``cossim``, ``ce_clean``, ``ce_sae``, ``ce_zero``,
+  ``ce_loss_recovered``, ``kl``) plus ``explained_variance = 1 - fvu`` and ``dead_frac``, the
+  fraction of latents that never fire on these tokens."""
+  from flaxseed.models import sites  # pylint: disable=g-import-not-at-top
+
+  metrics = {k: s / c for k, (s, c) in eval_sums(lm, lm_variables, tokens_BL, site, model,
+                                                  variables, norm_scale=norm_scale,
+                                                  **lm_kwargs).items()}
+  metrics["explained_variance"] = 1.0 - metrics["fvu"]
+  acts = sites.capture(lm, lm_variables, tokens_BL, site, **lm_kwargs)
+  f = model.apply(variables, acts.reshape(-1, acts.shape[-1]).astype(jnp.float32) * norm_scale,
+                  True)[1]
+  metrics["dead_frac"] = ((f != 0).sum(0) == 0).mean()
   return metrics

@@ -30,7 +30,9 @@ def resolve(site: str) -> tuple[str, ...]:
   return parts
 
 
-def _run(model, variables, tokens, site, replace, **kwargs):
+def run(model, variables, tokens, site: str, replace=lambda x: x, **kwargs):
+  """``(output, activation)``: the model's output with ``replace(activation)`` in place of the
+  activation at ``site``, and the activation itself (one forward for both)."""
   if getattr(model.config, "scan_layers", False):
     raise ValueError(f"site {site!r}: the model scans its layers (config.scan_layers=True); "
                      "activation sites need scan_layers=False")
@@ -59,9 +61,9 @@ def _run(model, variables, tokens, site, replace, **kwargs):
 
 def capture(model, variables, tokens, site: str, **kwargs):
   """The activation at ``site`` for ``tokens`` (``kwargs`` go to the model's ``apply``)."""
-  return _run(model, variables, tokens, site, lambda x: x, **kwargs)[1]
+  return run(model, variables, tokens, site, lambda x: x, **kwargs)[1]
 
 
 def splice(model, variables, tokens, site: str, fn, **kwargs):
   """The model's output with ``fn(activation)`` in place of the activation at ``site``."""
-  return _run(model, variables, tokens, site, fn, **kwargs)[0]
+  return run(model, variables, tokens, site, fn, **kwargs)[0]

@@ -7,7 +7,11 @@ directory and renames it when complete, so a crash or ``kill -9`` mid-save leave
 checkpoint as the latest complete one, which is what ``restore_latest`` picks up.
 """
 
+import json
+import os
+
 import grain
+import ml_collections
 import orbax.checkpoint as ocp
 
 
@@ -50,3 +54,34 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was trained with (its ``config.json``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{path} does not exist: {workdir!r} is not a flaxseed run's workdir")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, abstract_params):
+  """(params, step) of the latest checkpoint of the run in ``workdir``: only the trained
+  parameters, restored straight into the shardings of ``abstract_params`` (a tree of
+  ``jax.ShapeDtypeStruct``); the optimizer state is never read."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"no checkpoint in {directory}")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise ValueError(f"no checkpoint in {directory}")
+    item = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return restored["state"]["params"], step

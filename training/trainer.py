@@ -76,14 +76,22 @@ class Setup:
   batch_spec: dict  # global batch: ShapeDtypeStruct with shardings
   abstract_state: TrainState  # ShapeDtypeStruct leaves with shardings
   abstract_frozen: Any
-  init: Any  # jitted () -> (state, frozen), born sharded
-  init_frozen: Any  # jitted () -> frozen (when the state comes from a checkpoint)
+  init: Any  # jitted () -> state, born sharded
+  init_frozen: Any  # jitted () -> frozen, freshly initialized
+  prepare: Any  # jitted (state, frozen, batch) -> state: the task's data-dependent init, or None
   train_step: Any  # jitted (state, frozen, batch) -> (state, metrics), state donated
-  eval_step: Any  # jitted (params, frozen, batch) -> {name: (sum, count)}
+  eval_step: Any  # jitted (params, frozen, batch, task_state) -> {name: (sum, count)}
 
   def context(self):
     """Mesh + logical-axis rules for tracing model code (activation constraints)."""
     return _context(self.mesh, self.rules)
+
+  def frozen(self):
+    """The frozen parameters: loaded by the task (``task.load_frozen(abstract_frozen)``, e.g. a
+    trained model from another run; ``None`` from it means none to load) or freshly initialized."""
+    loaded = (self.task.load_frozen(self.abstract_frozen) if hasattr(self.task, "load_frozen")
+              else None)
+    return self.init_frozen() if loaded is None else loaded
 
 
 @contextlib.contextmanager
@@ -98,7 +106,13 @@ def _with_shardings(abstract, shardings):
 
 
 def setup(config, task, mesh: Mesh) -> Setup:
-  """Builds shardings and jitted functions; compiles nothing yet."""
+  """Builds shardings and jitted functions; compiles nothing yet.
+
+  Optional task hooks: ``wrap_optimizer(optimizer)`` (e.g. projections after each update),
+  ``init_state()`` (the initial ``task_state``, replicated), ``prepare(params, task_state, frozen,
+  batch) -> (params, task_state)`` (a data-dependent init from the first training batch, run
+  once on a fresh start) and ``load_frozen(abstract_frozen)`` (see ``Setup.frozen``).
+  """
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -106,6 +120,9 @@ def setup(config, task, mesh: Mesh) -> Setup:
                 for k, v in task.batch_spec(config.batch_size).items()}
   schedule = optim.schedule(config.optim, config.steps)
   optimizer = optim.make_optimizer(config.optim, config.steps)
+  if hasattr(task, "wrap_optimizer"):
+    optimizer = task.wrap_optimizer(optimizer)
+  init_task_state = getattr(task, "init_state", dict)
   base_rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(base_rng)
 
@@ -124,15 +141,20 @@ def setup(config, task, mesh: Mesh) -> Setup:
   state_shardings = TrainState(
       step=replicated, params=param_shardings,
       opt_state=optim.state_shardings(optimizer, abstract_opt_state, param_shardings, mesh),
-      rng=replicated)
+      rng=replicated,
+      task_state=jax.tree.map(lambda _: replicated, jax.eval_shape(init_task_state)))
 
   def init():
-    params, frozen = nn.unbox(init_boxed())
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=optimizer.init(params), rng=train_rng)
-    return state, frozen
+    params = nn.unbox(init_boxed()[0])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=train_rng,
+                      task_state=init_task_state())
 
-  abstract_state = _with_shardings(jax.eval_shape(lambda: init()[0]), state_shardings)
+  def prepare(state, frozen, batch):
+    params, task_state = task.prepare(state.params, state.task_state, frozen, batch)
+    return state.replace(params=params, opt_state=optimizer.init(params), task_state=task_state)
+
+  abstract_state = _with_shardings(jax.eval_shape(init), state_shardings)
   abstract_frozen = _with_shardings(nn.unbox(boxed_frozen), frozen_shardings)
 
   train_step = step_lib.make_train_step(task, optimizer, schedule,
@@ -141,13 +163,18 @@ def setup(config, task, mesh: Mesh) -> Setup:
   return Setup(
       mesh=mesh, task=task, rules=rules, schedule=schedule, batch_spec=batch_spec,
       abstract_state=abstract_state, abstract_frozen=abstract_frozen,
-      init=jax.jit(init, out_shardings=(state_shardings, frozen_shardings)),
+      init=jax.jit(init, out_shardings=state_shardings),
       init_frozen=jax.jit(lambda: nn.unbox(init_boxed()[1]), out_shardings=frozen_shardings),
+      prepare=(jax.jit(prepare, in_shardings=(state_shardings, frozen_shardings,
+                                              batch_shardings),
+                       out_shardings=state_shardings, donate_argnums=(0,))
+               if hasattr(task, "prepare") else None),
       train_step=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings,
                                                    batch_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
       eval_step=jax.jit(step_lib.make_eval_step(task),
-                        in_shardings=(param_shardings, frozen_shardings, batch_shardings),
+                        in_shardings=(param_shardings, frozen_shardings, batch_shardings,
+                                      state_shardings.task_state),
                         out_shardings=replicated))
 
 
@@ -209,12 +236,14 @@ def _check_finite(step: int, metrics: dict[str, float], last_checkpoint: int | N
     raise NonFiniteLossError(f"non-finite values at step {step}: {bad}; stopping; {where}")
 
 
-def evaluate(s: Setup, params, frozen, eval_batches: list, eval_step=None) -> dict[str, float]:
+def evaluate(s: Setup, params, frozen, eval_batches: list, task_state, eval_step=None
+             ) -> dict[str, float]:
   """Mean eval metrics over ``eval_batches`` (``eval_step``: default the setup's, compiled for
   the training parameters' shardings)."""
   totals = {}
   for batch in eval_batches:
-    for name, (total, count) in (eval_step or s.eval_step)(params, frozen, batch).items():
+    for name, (total, count) in (eval_step or s.eval_step)(params, frozen, batch,
+                                                           task_state).items():
       prev = totals.get(name, (0.0, 0.0))
       totals[name] = (prev[0] + total, prev[1] + count)
   totals = jax.device_get(totals)
@@ -228,16 +257,18 @@ class Restored:
   setup: Setup
   params: Any
   frozen: Any
+  task_state: Any
   step: int
   eval_batches: list
 
   def evaluate(self, params=None) -> dict[str, float]:
     """Eval metrics of ``params`` (default: the restored ones; any pytree the task's model
     accepts, e.g. quantized) over the run's eval batches."""
-    eval_step = jax.jit(self.setup.task.evaluate)  # any parameter pytree, shardings inferred
+    # Any parameter pytree: shardings are inferred.
+    eval_step = jax.jit(step_lib.make_eval_step(self.setup.task))
     with self.setup.context():
       return evaluate(self.setup, self.params if params is None else params, self.frozen,
-                      self.eval_batches, eval_step=eval_step)
+                      self.eval_batches, self.task_state, eval_step=eval_step)
 
 
 def _prepare(config):
@@ -265,7 +296,8 @@ def restore(config, workdir: str) -> Restored:
     ckpt.close()
   if state is None:
     raise ValueError(f"no checkpoint in {workdir}")
-  return Restored(setup=s, params=state.params, frozen=s.init_frozen(), step=step,
+  return Restored(setup=s, params=state.params, frozen=s.frozen(), task_state=state.task_state,
+                  step=step,
                   eval_batches=[_global_batch(b, s.batch_spec) for b in eval_data])
 
 
@@ -306,18 +338,19 @@ class _Loop:
         f"{report['argument'] / 2**20:.1f}, temporaries {report['temp'] / 2**20:.1f})"
         if report else ""))
     self.state, self.step = self.ckpt.restore_latest(s.abstract_state, self.train_iter)
+    self.frozen = s.frozen()
     if self.state is None:
-      self.state, self.frozen = s.init()
-      self.step = 0
+      self.state, self.step = s.init(), 0
+      if s.prepare is not None:  # data-dependent init from the first batch it will train on
+        self.state = s.prepare(self.state, self.frozen, _global_batch(train_data[0], s.batch_spec))
     else:
-      self.frozen = s.init_frozen()
       logging.info("resumed from %s at step %d", workdir, self.step)
       self._print(f"resumed from checkpoint at step {self.step}")
     self.eval_batches = [_global_batch(b, s.batch_spec) for b in eval_data]
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.lead)
     self.flops_per_token = self.task.flops_per_token()
-    self.peak, source = metrics_lib.peak_flops(s.mesh.devices.flat,
-                                               self.task.model.config.compute_dtype)
+    self.peak, source = metrics_lib.peak_flops(
+        s.mesh.devices.flat, getattr(self.task.model.config, "compute_dtype", jnp.float32))
     self._print(f"MFU denominator: {self.peak:.3g} FLOP/s ({source})")
     self.last_checkpoint = self.ckpt.latest_step()
     self.summary: dict[str, float] = {}
@@ -386,7 +419,8 @@ class _Loop:
   def evaluate(self):
     self.finish_pending()
     t = time.perf_counter()
-    metrics = evaluate(self.s, self.state.params, self.frozen, self.eval_batches)
+    metrics = evaluate(self.s, self.state.params, self.frozen, self.eval_batches,
+                       self.state.task_state)
     self.writer.write(self.step, metrics)
     self.summary.update(metrics)
     self._print(f"eval at step {self.step} | " + " | ".join(

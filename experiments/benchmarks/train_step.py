@@ -59,7 +59,7 @@ def time_flaxseed(config) -> dict:
   s = trainer.setup(config, task, mesh)
   compiled = trainer.compile_train_step(s)
   with s.context():
-    state, frozen = s.init()
+    state, frozen = s.init(), s.frozen()
   batch = jax.device_put(_random_batch(config, np.random.default_rng(0)),
                          s.batch_spec["tokens"].sharding)
   holder = {"state": state}
