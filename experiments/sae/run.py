@@ -8,7 +8,7 @@
    the stack), cached once for 8192 training rows of 128 tokens (1M tokens, evenly spaced over
    the split) and the validation rows the evals read (``training/activations.py``).
 3. **SAEs.** 8x expansion (1024 latents), activations rescaled to mean squared norm d_in
-   (``constant_norm_rescale``), Adam at 1e-3, 2000 steps of 16 x 128 tokens (4M tokens) each:
+   (``constant_norm_rescale``), Adam at 1e-3, 1000 steps of 16 x 128 tokens (2M tokens) each:
    TopK k in {8, 16, 32, 64}, BatchTopK k in {16, 32}, ReLU-L1, JumpReLU and Gated at two
    sparsity coefficients each.
 4. **Evals** (the loop's final eval on 8 x 16 validation rows, 16k tokens): L0, FVU, CE loss
@@ -41,7 +41,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/sae_study", "Checkpoints, caches
 _LM_WORKDIR = flags.DEFINE_string("lm_workdir", None, "A trained model to read instead.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SITE, LM_STEPS, SAE_STEPS, CACHE_ROWS = "layers_1/resid_post", 2000, 2000, 8192
+SITE, LM_STEPS, SAE_STEPS, CACHE_ROWS = "layers_1/resid_post", 2000, 1000, 8192
 
 SWEEP = [("topk", "k", k) for k in (8, 16, 32, 64)] + [
     ("batch_topk", "k", k) for k in (16, 32)] + [
