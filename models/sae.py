@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import optax
 
 from flaxseed.models import sharding as sh
+from flaxseed.models import sites
 
 ARCHS = ("relu_l1", "topk", "batch_topk", "jumprelu", "gated")
 NORMALIZATIONS = ("none", "constant_norm_rescale")
@@ -395,8 +396,6 @@ def eval_sums(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *
   and with the site zero-ablated; ``ce_loss_recovered`` is ``sum(ce_zero - ce_sae) /
   sum(ce_zero - ce_clean)`` (1: as good as clean); ``kl`` is KL(clean || spliced) per token.
   """
-  from flaxseed.models import sites  # pylint: disable=g-import-not-at-top
-
   def reconstruct(x):
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * norm_scale
     return (model.apply(variables, flat, True)[0] / norm_scale).reshape(x.shape).astype(x.dtype)
@@ -440,8 +439,6 @@ def evaluate(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *,
   ``eval_sums`` divided out (``l0``, ``fvu``, ``cossim``, ``ce_clean``, ``ce_sae``, ``ce_zero``,
   ``ce_loss_recovered``, ``kl``) plus ``explained_variance = 1 - fvu`` and ``dead_frac``, the
   fraction of latents that never fire on these tokens."""
-  from flaxseed.models import sites  # pylint: disable=g-import-not-at-top
-
   metrics = {k: s / c for k, (s, c) in eval_sums(lm, lm_variables, tokens_BL, site, model,
                                                   variables, norm_scale=norm_scale,
                                                   **lm_kwargs).items()}

@@ -22,6 +22,8 @@ from flaxseed import models
 from flaxseed.models import diffusion_lm
 from flaxseed.models import sae as sae_lib
 from flaxseed.models import sampling
+from flaxseed.models import sites
+from flaxseed.training import checkpoint
 from flaxseed.training import data as data_lib
 from flaxseed.training import tokenizers
 
@@ -379,7 +381,6 @@ class SAETask:
   DEAD_CAP = 2**30
 
   def __init__(self, model: nn.Module, lm: nn.Module, *, seq_len: int, data_config, sae_config):
-    from flaxseed.models import sites  # pylint: disable=g-import-not-at-top
     if not isinstance(model.config, sae_lib.SAEConfig):
       raise ValueError("config.task='sae' needs config.model_family='sae'")
     self.model, self.lm = model, lm
@@ -395,6 +396,7 @@ class SAETask:
       raise ValueError(f"config.sae.dead_window={self.options['dead_window']} must be positive")
     self.cache = None
     if self.options["activations"]:
+      # Imported here: training/activations.py builds tasks itself.
       from flaxseed.training import activations  # pylint: disable=g-import-not-at-top
       self.cache = activations.Cache(self.options["activations"], site=self.site,
                                      seq_len=seq_len, d_in=model.config.d_in)
@@ -406,7 +408,6 @@ class SAETask:
                        "lm_family, lm_model, dead_window, activations)")
     options = config.sae
     if options.lm_workdir:
-      from flaxseed.training import checkpoint  # pylint: disable=g-import-not-at-top
       lm_config = checkpoint.run_config(options.lm_workdir)
       family, fields, where = lm_config.model_family, lm_config.model.to_dict(), (
           f"{options.lm_workdir}/config.json")
@@ -444,7 +445,6 @@ class SAETask:
                              **common))
 
   def init(self, rng, batch):
-    from flaxseed.models import sites  # pylint: disable=g-import-not-at-top
     lm_rng, sae_rng = jax.random.split(rng)
     lm_params = self.lm.init(lm_rng, batch["tokens"])["params"]
     # Traced abstractly by the loop's setup: a bad site or width fails here, before compiling.
@@ -459,7 +459,6 @@ class SAETask:
     """The model's trained parameters from ``lm_workdir`` (fresh random ones without it)."""
     if not self.options["lm_workdir"]:
       return None
-    from flaxseed.training import checkpoint  # pylint: disable=g-import-not-at-top
     params, _ = checkpoint.restore_params(self.options["lm_workdir"], abstract_frozen["lm"])
     return {"lm": params}
 
@@ -475,7 +474,6 @@ class SAETask:
 
   def activations(self, frozen, batch):
     """``[B * L, d_in]`` float32 activations of the batch's rows (cached or computed)."""
-    from flaxseed.models import sites  # pylint: disable=g-import-not-at-top
     if "acts" in batch:
       acts = batch["acts"]
     else:
