@@ -43,11 +43,14 @@ _LM_WORKDIR = flags.DEFINE_string("lm_workdir", None, "A trained model to read i
 HERE = os.path.dirname(os.path.abspath(__file__))
 SITE, LM_STEPS, SAE_STEPS, CACHE_ROWS = "layers_1/resid_post", 2000, 1000, 8192
 
-SWEEP = [("topk", "k", k) for k in (8, 16, 32, 64)] + [
-    ("batch_topk", "k", k) for k in (16, 32)] + [
-    ("relu_l1", "l1_coefficient", c) for c in (0.5, 2.0)] + [
-    ("jumprelu", "l0_coefficient", c) for c in (0.03, 0.1)] + [
-    ("gated", "l1_coefficient", c) for c in (0.5, 2.0)]
+# (arch, sparsity knob, value, other SAEConfig fields). JumpReLU's threshold starts at 0.5, not
+# SAELens' 0.01: after constant_norm_rescale pre-activations are O(1), and Adam moves
+# log(theta) by about lr per step, so from 0.01 it cannot reach a useful threshold in 1000 steps.
+SWEEP = [("topk", "k", k, {}) for k in (8, 16, 32, 64)] + [
+    ("batch_topk", "k", k, {}) for k in (16, 32)] + [
+    ("relu_l1", "l1_coefficient", c, {}) for c in (0.5, 2.0)] + [
+    ("jumprelu", "l0_coefficient", c, {"jumprelu_init_threshold": 0.5}) for c in (0.1, 1.0)] + [
+    ("gated", "l1_coefficient", c, {}) for c in (0.5, 2.0)]
 
 
 def _steps(full: int) -> int:
@@ -76,13 +79,14 @@ def train_lm() -> str:
   return workdir
 
 
-def sae_config(lm_workdir: str, cache: str, arch: str, knob: str, value) -> object:
+def sae_config(lm_workdir: str, cache: str, arch: str, knob: str, value, extra=None) -> object:
   config = sae_configs.get_config("tiny")
   return common.override(config, **{
       "steps": _steps(SAE_STEPS), "eval_every": 0, "checkpoint_every": 1000,
       "sae.lm_workdir": lm_workdir, "sae.site": SITE, "sae.activations": cache,
       "model.arch": arch, f"model.{knob}": value,
-      "model.normalize_activations": "constant_norm_rescale"})
+      "model.normalize_activations": "constant_norm_rescale",
+      **{f"model.{k}": v for k, v in (extra or {}).items()}})
 
 
 def frontier_png(saes: list[dict], path: str) -> None:
@@ -113,12 +117,12 @@ def main(argv):
     activations.write(sae_config(lm_workdir, "", "topk", "k", 32), cache,
                       max_rows=256 if _QUICK.value else CACHE_ROWS)
   saes = []
-  for arch, knob, value in SWEEP:
-    name = f"{arch}_{knob}_{value}"
+  for arch, knob, value, extra in SWEEP:
+    name = "_".join([arch, knob, str(value)] + [f"{k}_{v}" for k, v in extra.items()])
     workdir = os.path.join(_WORKDIR.value, "saes", name)
-    training.train(sae_config(lm_workdir, cache, arch, knob, value), workdir)
+    training.train(sae_config(lm_workdir, cache, arch, knob, value, extra), workdir)
     train_row, eval_row = _last_rows(workdir)
-    saes.append({"arch": arch, knob: value, "l0": eval_row["eval/l0"],
+    saes.append({"arch": arch, knob: value, **extra, "l0": eval_row["eval/l0"],
                  "fvu": eval_row["eval/fvu"], "dead_frac": train_row["dead_frac"],
                  "ce_loss_recovered": eval_row["eval/ce_loss_recovered"],
                  "kl": eval_row["eval/kl"], "cossim": eval_row["eval/cossim"],
@@ -143,7 +147,7 @@ def main(argv):
                   "--rows=256", "--contexts=8"], check=True)
 
   rows = "\n".join(
-      f"| {s['arch']} | {', '.join(f'{k}={s[k]}' for k in ('k', 'l1_coefficient', 'l0_coefficient') if k in s)} "
+      f"| {s['arch']} | {', '.join(f'{k}={s[k]}' for k in ('k', 'l1_coefficient', 'l0_coefficient', 'jumprelu_init_threshold') if k in s)} "
       f"| {s['l0']:.1f} | {s['fvu']:.3f} | {s['dead_frac']:.3f} | {s['ce_loss_recovered']:.3f} "
       f"| {s['kl']:.4f} |" for s in saes)
   report = f"""# SAE study: {SITE} of transformer-tiny
