@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flaxseed import kernels
 from flaxseed.kernels import masks
 from flaxseed.kernels.attention import reference as attention_reference
+from flaxseed.models import lora
 from flaxseed.models import sharding as sh
 
 Dtype = Any
@@ -58,6 +59,8 @@ class Dense(nn.Module):
       stored = self.get_variable("params", "kernel")
       if isinstance(stored, kernels.QuantizedWeight):  # models.quantize put it there
         return self._quantized(x2, stored, lead)
+      if isinstance(stored, lora.LoraWeight):  # models.lora.apply put it there
+        return self._lora(x2, stored, lead)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
                         jnp.float32)
     if self.quant == "ternary":
@@ -67,14 +70,28 @@ class Dense(nn.Module):
     return y.reshape(lead + y.shape[1:])
 
   def _quantized(self, x2, kernel, lead):
+    return self._quantized_2d(x2.reshape(x2.shape[0], -1), kernel).reshape(
+        lead + self.shape[self.num_in:])
+
+  def _quantized_2d(self, x_MK, kernel):
     n = self.num_in
     k, out = math.prod(self.shape[:n]), math.prod(self.shape[n:])
     if kernel.shape != (k, out):
       raise ValueError(f"{self.name}: quantized kernel is {kernel.shape} but this layer "
                        f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})")
-    y = kernels.quantized_matmul(x2.reshape(-1, k), kernel,
-                                 **_quantized_mesh(self.axes[n:]))
-    return y.reshape(lead + self.shape[n:])
+    return kernels.quantized_matmul(x_MK, kernel, **_quantized_mesh(self.axes[n:]))
+
+  def _lora(self, x2, weight, lead):
+    """The base kernel (float or quantized) plus the adapter's low-rank path (``models.lora``)."""
+    x_MK = x2.reshape(x2.shape[0], -1)
+    base = weight.base
+    if isinstance(base, kernels.QuantizedWeight):
+      matmul = functools.partial(self._quantized_2d, kernel=base)
+      kernel_2d = functools.partial(kernels.dequantize_weight, base)
+    else:
+      kernel_2d = lambda: base.reshape(x_MK.shape[1], -1)  # noqa: E731
+      matmul = lambda x: x @ kernel_2d().astype(self.dtype)  # noqa: E731
+    return weight.lora_matmul(x_MK, matmul, kernel_2d).reshape(lead + self.shape[self.num_in:])
 
 
 def ternary_ste(w):
