@@ -47,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1, grad_clip=1.0, decay_steps=0, accum_steps=1))
 
   c.data = ml_collections.ConfigDict(dict(
-      corpus="default",  # "default" (pydoc topics + stdlib sources) or a glob of text files
+      # "default" (pydoc topics + stdlib sources), "default:prose" / "default:code" (one of the
+      # two), or a glob of text files
+      corpus="default",
       tokenizer="byte",  # "byte", a tokenizer.json or a SentencePiece .model path
   ))
 

@@ -30,6 +30,11 @@ import numpy as np
 from flaxseed.training import tokenizers
 
 VAL_EVERY = 20  # one block in VAL_EVERY is validation
+# config.data.corpus names for the embedded corpus and its two halves (e.g. pre-train on the prose,
+# fine-tune on the code).
+DEFAULT_PARTS = {"default": lambda name: True,
+                 "default:prose": lambda name: name.startswith("pydoc_topics/"),
+                 "default:code": lambda name: not name.startswith("pydoc_topics/")}
 VAL_OFFSET = 10
 MAX_BLOCK = 1 << 16
 
@@ -101,8 +106,9 @@ def build_corpus(data_config, vocab_size: int) -> Corpus:
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f"config.model.vocab_size={vocab_size} is smaller than the vocabulary of "
                      f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size})")
-  if data_config.corpus == "default":
-    docs = default_documents()
+  if data_config.corpus in DEFAULT_PARTS:
+    docs = [(name, text) for name, text in default_documents()
+            if DEFAULT_PARTS[data_config.corpus](name)]
   else:
     docs = glob_documents(data_config.corpus)
   pieces = [tokenizer.encode(text) for _, text in docs]

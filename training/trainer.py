@@ -434,7 +434,7 @@ class _Loop:
     text = self.task.sample(self.state.params, config.sample_prompt,
                             max_new_tokens=config.sample_tokens,
                             temperature=config.sample_temperature,
-                            rng=jax.random.PRNGKey(config.seed))
+                            rng=jax.random.PRNGKey(config.seed), frozen=self.frozen)
     self.writer.text("sample", self.step, text)
     self._print(f"--- sample at step {self.step} ---\n{text}\n---")
 
