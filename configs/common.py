@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_tokens = 200  # 0: no sample at the end
   c.sample_prompt = "def "
   c.sample_temperature = 0.8
+  # A run's workdir whose latest parameters start this run (fine-tuning, continued training);
+  # the optimizer starts fresh. Used only when this run has no checkpoint of its own yet.
+  c.init_from = ""
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,

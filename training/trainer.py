@@ -57,6 +57,8 @@ def validate(config, mesh: Mesh) -> None:
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be >= 0")
   optim.validate(config.optim)
+  if config.get("init_from") and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
+    raise ValueError(f"config.init_from={config.init_from!r} has no checkpoints/ directory")
   divisor = mesh_lib.batch_divisor(mesh) * config.optim.accum_steps
   if config.batch_size % divisor:
     raise ValueError(
@@ -79,6 +81,7 @@ class Setup:
   init: Any  # jitted () -> state, born sharded
   init_frozen: Any  # jitted () -> frozen, freshly initialized
   prepare: Any  # jitted (state, frozen, batch) -> state: the task's data-dependent init, or None
+  with_params: Any  # jitted (state, params) -> state with those params and a fresh optimizer
   train_step: Any  # jitted (state, frozen, batch) -> (state, metrics), state donated
   eval_step: Any  # jitted (params, frozen, batch, task_state) -> {name: (sum, count)}
 
@@ -154,6 +157,9 @@ def setup(config, task, mesh: Mesh) -> Setup:
     params, task_state = task.prepare(state.params, state.task_state, frozen, batch)
     return state.replace(params=params, opt_state=optimizer.init(params), task_state=task_state)
 
+  def with_params(state, params):
+    return state.replace(params=params, opt_state=optimizer.init(params))
+
   abstract_state = _with_shardings(jax.eval_shape(init), state_shardings)
   abstract_frozen = _with_shardings(nn.unbox(boxed_frozen), frozen_shardings)
 
@@ -169,6 +175,8 @@ def setup(config, task, mesh: Mesh) -> Setup:
                                               batch_shardings),
                        out_shardings=state_shardings, donate_argnums=(0,))
                if hasattr(task, "prepare") else None),
+      with_params=jax.jit(with_params, in_shardings=(state_shardings, param_shardings),
+                          out_shardings=state_shardings, donate_argnums=(0,)),
       train_step=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings,
                                                    batch_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
@@ -341,6 +349,14 @@ class _Loop:
     self.frozen = s.frozen()
     if self.state is None:
       self.state, self.step = s.init(), 0
+      if config.get("init_from"):
+        try:
+          params, from_step = checkpoint_lib.restore_params(config.init_from,
+                                                            s.abstract_state.params)
+        except ValueError as e:
+          raise ValueError(f"config.init_from={config.init_from!r}: {e}") from e
+        self.state = s.with_params(self.state, params)
+        self._print(f"initialized from {config.init_from} (step {from_step})")
       if s.prepare is not None:  # data-dependent init from the first batch it will train on
         self.state = s.prepare(self.state, self.frozen, _global_batch(train_data[0], s.batch_spec))
     else:

@@ -166,3 +166,18 @@ def test_restore_evaluates_like_the_end_of_training(tmp_path):
   assert int8["eval/loss"] != metrics["eval/loss"]
   with pytest.raises(ValueError, match="no checkpoint in"):
     training.restore(config, str(tmp_path / "empty"))
+
+
+def test_init_from_another_run_starts_from_its_parameters(tmp_path, losses):
+  base_config = _config(steps=4, **{"mesh.data": 1})
+  training.train(base_config, str(tmp_path / "base"))
+  training.train(_config(steps=2, init_from=str(tmp_path / "base"), **{"mesh.data": 1}),
+                 str(tmp_path / "tuned"))
+  # The tuned run's first loss is the base's final parameters' loss on that run's first batch.
+  restored = trainer.restore(base_config, str(tmp_path / "base"))
+  task = restored.setup.task
+  train, _ = task.datasets(global_batch=8, rows=(0, 8), train_batches=1, eval_batches=1, seed=0)
+  want, _ = task.loss(restored.params, {}, train[0], None)
+  assert losses(tmp_path / "tuned")[1] == pytest.approx(float(want), rel=1e-5)
+  with pytest.raises(ValueError, match="config.init_from='/nowhere'"):
+    training.train(_config(steps=2, init_from="/nowhere"), str(tmp_path / "bad"))
