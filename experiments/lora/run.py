@@ -10,7 +10,8 @@
      is the reference;
    * LoRA on the attention projections (q, k, v, o) at r = 4, 8, 16; rsLoRA, DoRA and PiSSA at
      r = 8; QLoRA (r = 8 on an int4 base, groups of 64); and LoRA r = 8 on every attention and
-     MLP kernel; adapters with Adam at 3e-3, alpha = 2r.
+     MLP kernel; adapters with Adam at 3e-3, alpha = 2r; r = 8 also at 1e-2 (the goal takes the
+     better of the two, as full fine-tuning's reference does).
 3. **Measures.** ``val_loss``: next-token loss on the code validation split (8 x 16 rows);
    ``recovered``: the share of full fine-tuning's improvement over the base that a run gets;
    ``trainable_params``; ``opt_state_bytes`` (the optimizer state of the trained parameters);
@@ -49,12 +50,14 @@ RUNS = {  # name -> config.lora overrides (LoRA task) or None (full fine-tuning)
     "full_lr3e-3": {"optim.lr": 3e-3},
     "lora_r4": {"lora.rank": 4, "lora.alpha": 8.0},
     "lora_r8": {},
+    "lora_r8_lr1e-2": {"optim.lr": 1e-2},
     "lora_r16": {"lora.rank": 16, "lora.alpha": 32.0},
     "rslora_r8": {"lora.variant": "rslora"},
     "dora_r8": {"lora.variant": "dora"},
     "pissa_r8": {"lora.init": "pissa"},
     "qlora_int4_r8": {"lora.quantize": "int4", "lora.quantize_group_size": 64},
     "lora_r8_all_kernels": {"lora.targets": r".*(attn|mlp)/\w+/kernel"},
+    "lora_r8_all_kernels_lr1e-2": {"lora.targets": r".*(attn|mlp)/\w+/kernel", "optim.lr": 1e-2},
 }
 
 
@@ -122,8 +125,9 @@ def main(argv):
     r["recovered"] = (base_val - r["val_loss"]) / gain
     r["params_fraction"] = r["trainable_params"] / full["trainable_params"]
     r["opt_state_fraction"] = r["opt_state_bytes"] / full["opt_state_bytes"]
-  r8 = results["lora_r8"]
-  results["goal"] = {"lora_r8_recovered": r8["recovered"],
+  r8_name = min(("lora_r8", "lora_r8_lr1e-2"), key=lambda n: results[n]["val_loss"])
+  r8 = results[r8_name]
+  results["goal"] = {"lora_r8_run": r8_name, "lora_r8_recovered": r8["recovered"],
                      "lora_r8_params_fraction": r8["params_fraction"],
                      "lora_r8_opt_state_fraction": r8["opt_state_fraction"],
                      "met": r8["recovered"] >= 0.9 and r8["params_fraction"] < 0.05
@@ -151,7 +155,7 @@ byte; the reference full fine-tuning is `{full_name}`.
 
 Goal (LoRA r=8 recovers >= 90% of full fine-tuning's improvement with < 5% of its trainable
 parameters and optimizer memory): {"met" if results["goal"]["met"] else "NOT met"}
-(recovered {r8['recovered']:.3f}, parameters {100 * r8['params_fraction']:.1f}%, optimizer state
+(`{r8_name}`: recovered {r8['recovered']:.3f}, parameters {100 * r8['params_fraction']:.1f}%, optimizer state
 {100 * r8['opt_state_fraction']:.1f}%).
 
 READING

@@ -38,9 +38,16 @@ CONFIGS = [lora.LoraConfig(rank=4, alpha=8, targets=ALL, variant=v, init=i)
                         ("lora", "pissa"))]
 
 
-@pytest.mark.parametrize("name,kw", MODELS)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.variant}-{c.init}")
-def test_fresh_adapter_is_the_identity_and_merge_equals_apply(name, kw, cfg):
+# Every variant on the transformer, unrolled and scanned; Titans and the diffusion LM with two.
+CASES = ([(m, c) for m in MODELS[:2] for c in CONFIGS]
+         + [(MODELS[2], CONFIGS[0]), (MODELS[2], CONFIGS[2]), (MODELS[3], CONFIGS[3])])
+
+
+@pytest.mark.parametrize("model_kw,cfg", CASES,
+                         ids=lambda x: x[0] + str(x[1]) if isinstance(x, tuple) else
+                         f"{x.variant}-{x.init}")
+def test_fresh_adapter_is_the_identity_and_merge_equals_apply(model_kw, cfg):
+  name, kw = model_kw
   model, params = _model(name, **kw)
   want = model.apply({"params": params}, TOKENS)
   adapters = lora.init(jax.random.key(2), params, cfg)
