@@ -6,7 +6,9 @@ Order of work (everything that can reject the config runs before anything compil
 2. ``setup``: abstract init -> shardings -> jitted init with ``out_shardings`` (params are born
    sharded); the train step is jitted with in/out shardings, donates the old state, and is
    compiled ahead of time once (its per-device memory is printed);
-3. restore the latest checkpoint of ``workdir`` (state and data position) or initialize;
+3. load the frozen parameters (``Setup.frozen``); restore the latest checkpoint of ``workdir``
+   (state and data position) or initialize: from ``config.init_from``'s parameters if set, then
+   the task's ``prepare`` on the first batch;
 4. loop: dispatch step t+1, then fetch the metrics of step t (host and device overlap); every
    step's loss, gradient norm and parameter norm must be finite, else the run stops without
    saving; eval, checkpoint and log on their schedules; SIGTERM saves and returns;
