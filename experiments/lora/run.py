@@ -18,8 +18,11 @@
    ``frozen_bytes`` (the base as stored: int4 for QLoRA); ``step_s``: the median logged step time.
 
 Goal: LoRA r = 8 recovers >= 90% of full fine-tuning's improvement with under 5% of its trainable
-parameters and optimizer memory. Writes ``results.json`` and ``report.md`` next to this file
-(``*_quick.*`` with ``--quick``, a smoke run of a few steps).
+parameters and optimizer memory (the best r = 8 run within that budget counts). Writes
+``results.json`` and ``report.md`` next to this file (``*_quick.*`` with ``--quick``, a smoke run
+of a few steps). ``--base=small`` repeats the reference and two r = 8 runs (``SMALL_RUNS``) on
+``configs/lm.py:small`` (width 256, 6 layers), where r = 8 on every kernel is 4.6% of the
+parameters (``*_small.*``).
 """
 
 import json
@@ -40,6 +43,9 @@ from flaxseed.training import tasks
 from flaxseed.training import trainer
 
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: a few steps per model.")
+_BASE = flags.DEFINE_enum("base", "tiny", ["tiny", "small"],
+                          "The configs/lm.py variant to pre-train (small: width 256, 6 layers, "
+                          "and only the full and r=8 runs; writes *_small.*).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/lora_study", "Checkpoints and logs.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,8 +71,18 @@ def _steps(full: int) -> int:
   return 10 if _QUICK.value else full
 
 
+# The runs of the small base (CPU time): the reference at tiny's better rate, and r = 8 at its
+# better rate on the attention projections and on every kernel (4.6% of the parameters here).
+SMALL_RUNS = ("full_lr3e-3", "lora_r8_lr1e-2", "lora_r8_all_kernels_lr1e-2")
+
+
+def _runs() -> list[str]:
+  return list(SMALL_RUNS) if _BASE.value == "small" else list(RUNS)
+
+
 def _schedule(config):
   return common.override(config, **{
+      "batch_size": 16, "seq_len": 128,
       "steps": _steps(TUNE_STEPS), "eval_every": 0, "checkpoint_every": 0, "sample_tokens": 0,
       "log_every": 20, "optim.warmup_steps": min(50, _steps(TUNE_STEPS)),
       "data.corpus": "default:code"})
@@ -75,7 +91,7 @@ def _schedule(config):
 def run_config(name: str, base_dir: str):
   overrides = RUNS[name]
   if name.startswith("full"):
-    config = _schedule(lm_configs.get_config("tiny"))
+    config = _schedule(lm_configs.get_config(_BASE.value))
     return common.override(config, init_from=base_dir, **{"optim.weight_decay": 0.0},
                            **overrides)
   config = _schedule(lora_configs.get_config("tiny"))
@@ -102,30 +118,33 @@ def measure(name: str, config, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  suffix = "_quick" if _QUICK.value else ""
-  base_dir = os.path.join(_WORKDIR.value, "base")
-  base_config = common.override(lm_configs.get_config("tiny"), **{
+  suffix = ("_small" if _BASE.value == "small" else "") + ("_quick" if _QUICK.value else "")
+  workdir = _WORKDIR.value + ("_small" if _BASE.value == "small" else "")
+  base_dir = os.path.join(workdir, "base")
+  base_config = common.override(lm_configs.get_config(_BASE.value), **{
       "steps": _steps(BASE_STEPS), "data.corpus": "default:prose", "sample_tokens": 0,
-      "eval_every": 0, "checkpoint_every": 500})
+      "eval_every": 0, "checkpoint_every": 500, "batch_size": 16, "seq_len": 128})
   training.train(base_config, base_dir)
   # The base, evaluated on the code validation split.
   on_code = common.override(base_config, **{"data.corpus": "default:code"})
   base_val = trainer.restore(on_code, base_dir).evaluate()["eval/loss"]
 
   results = {"base": {"val_loss": base_val, "prose_steps": _steps(BASE_STEPS)}}
-  for name in RUNS:
-    results[name] = measure(name, run_config(name, base_dir),
-                            os.path.join(_WORKDIR.value, name))
+  for name in _runs():
+    results[name] = measure(name, run_config(name, base_dir), os.path.join(workdir, name))
     print(json.dumps(results[name]), flush=True)
-  full_name = min((n for n in RUNS if n.startswith("full")), key=lambda n: results[n]["val_loss"])
+  full_name = min((n for n in _runs() if n.startswith("full")),
+                  key=lambda n: results[n]["val_loss"])
   full = results["full"] = {**results[full_name]}
   gain = base_val - full["val_loss"]
-  for name in RUNS:
+  for name in _runs():
     r = results[name]
     r["recovered"] = (base_val - r["val_loss"]) / gain
     r["params_fraction"] = r["trainable_params"] / full["trainable_params"]
     r["opt_state_fraction"] = r["opt_state_bytes"] / full["opt_state_bytes"]
-  r8_name = min(("lora_r8", "lora_r8_lr1e-2"), key=lambda n: results[n]["val_loss"])
+  # The best r=8 run within the budget (under 5% of the parameters), any targets or rate.
+  r8_name = min((n for n in _runs() if n.startswith("lora_r8")
+                 and results[n]["params_fraction"] < 0.05), key=lambda n: results[n]["val_loss"])
   r8 = results[r8_name]
   results["goal"] = {"lora_r8_run": r8_name, "lora_r8_recovered": r8["recovered"],
                      "lora_r8_params_fraction": r8["params_fraction"],
@@ -140,11 +159,11 @@ def main(argv):
       f"{results[n]['trainable_params']:,} ({100 * results[n]['params_fraction']:.1f}%) | "
       f"{results[n]['opt_state_bytes'] / 2**10:.0f} KiB | "
       f"{results[n]['frozen_bytes'] / 2**10:.0f} KiB | "
-      f"{1e3 * results[n]['step_s']:.0f} ms |" for n in RUNS)
+      f"{1e3 * results[n]['step_s']:.0f} ms |" for n in _runs())
   report = f"""# LoRA study: prose -> code
 
-Generated by `experiments/lora/run.py{' --quick' if _QUICK.value else ''}`; numbers in
-`results{suffix}.json`. Base: `configs/lm.py:tiny` pre-trained {_steps(BASE_STEPS)} steps on
+Generated by `experiments/lora/run.py{' --base=small' if _BASE.value == 'small' else ''}{' --quick' if _QUICK.value else ''}`; numbers in
+`results{suffix}.json`. Base: `configs/lm.py:{_BASE.value}` pre-trained {_steps(BASE_STEPS)} steps on
 `default:prose`. Every row fine-tunes it {_steps(TUNE_STEPS)} steps on `default:code` (batch 16 x 128,
 2-core CPU, jax {jax.__version__}). The base's code validation loss is {base_val:.4f} nats per
 byte; the reference full fine-tuning is `{full_name}`.
