@@ -67,6 +67,15 @@ def build_model(config) -> nn.Module:
     raise ValueError(f"config.model: {e}") from e
 
 
+def model_from_run(workdir: str) -> nn.Module:
+  """The model a flaxseed run in ``workdir`` trained (its ``config.json``'s model section)."""
+  run = checkpoint.run_config(workdir)
+  try:
+    return models.build(run.model_family, run.model.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{workdir}/config.json: {e}") from e
+
+
 class LMTask:
   """Next-token prediction on packed rows of a text corpus.
 
@@ -196,12 +205,7 @@ class LoRATask(LMTask):
                        "targets, variant, init, quantize, quantize_group_size)")
     options = config.lora
     if options.base_workdir:
-      base_config = checkpoint.run_config(options.base_workdir)
-      where = f"{options.base_workdir}/config.json"
-      try:
-        model = models.build(base_config.model_family, base_config.model.to_dict())
-      except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from e
+      model = model_from_run(options.base_workdir)
     else:
       logging.warning("config.lora.base_workdir is empty: fine-tuning a randomly initialized %s",
                       config.model_family)
@@ -527,17 +531,14 @@ class SAETask:
                        "lm_family, lm_model, dead_window, activations)")
     options = config.sae
     if options.lm_workdir:
-      lm_config = checkpoint.run_config(options.lm_workdir)
-      family, fields, where = lm_config.model_family, lm_config.model.to_dict(), (
-          f"{options.lm_workdir}/config.json")
+      lm = model_from_run(options.lm_workdir)
     else:
       logging.warning("config.sae.lm_workdir is empty: the SAE reads a randomly initialized %s",
                       options.lm_family)
-      family, fields, where = options.lm_family, options.lm_model.to_dict(), "config.sae.lm_model"
-    try:
-      lm = models.build(family, fields)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"{where}: {e}") from e
+      try:
+        lm = models.build(options.lm_family, options.lm_model.to_dict())
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"config.sae.lm_model: {e}") from e
     return cls(build_model(config), lm, seq_len=config.seq_len, data_config=config.data,
                sae_config=options)
 
