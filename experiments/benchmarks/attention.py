@@ -13,12 +13,17 @@ CPU sections
   interpret   the Pallas kernels in interpret mode against ``xla``: max abs error of the output and
               of dq, dk, dv (causal, sliding window, random blocks with segment ids).
 
-Accelerator sections (bf16)
-  dense       TFLOP/s forward and forward+backward for L in 1k..32k, E in {64, 128}, causal and
+Accelerator sections
+  check       the compiled kernels (the backend's Pallas kernel, ``cudnn`` on GPU) against ``xla``
+              in float32 on the same inputs, with float32 and bf16 inputs: max abs error of the
+              output and of dq, dk, dv relative to the reference's max abs value, with GQA
+              (no mask, causal, sliding window, random blocks, with and without segment ids; E = 64
+              and 96).
+  dense       bf16 TFLOP/s forward and forward+backward for L in 1k..32k, E in {64, 128}, causal and
               not: the backend's Pallas kernel, ``cudnn`` (GPU) and ``xla``; ratio to cudnn.
               FLOPs: forward ``4 B H L^2 E`` (half when causal), forward+backward 3.5x that (the
               backward's five matmuls to the forward's two), the FlashAttention convention.
-  sparse      fwd+bwd time of block-sparse masks (sliding windows, random blocks) against the
+  sparse      bf16 fwd+bwd time of block-sparse masks (sliding windows, random blocks) against the
               same kernel with no mask: ``ratio = time / (density x dense time)``; the goal is
               at most 1.2 plus a small mask overhead.
 """
@@ -52,6 +57,7 @@ _IMPLEMENTATIONS = flags.DEFINE_list("implementations", None,
                                      "Accelerator sections: override the implementations.")
 _SECTIONS = flags.DEFINE_list("sections", None,
                               "Run only these sections (default: all of the mode's).")
+_CHECK_HEAD_DIMS = flags.DEFINE_list("check_head_dims", ["64", "96"], "Check section: E.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "Accelerator sections: B = tokens / L.")
 
 
@@ -174,6 +180,57 @@ def cpu_interpret():
 
 # ----------------------------------------------------------------------------- accelerator
 
+def _errors(impl, mask, segments, args, want, want_grads, **kw):
+  """Max abs error of ``impl``'s output and dq, dk, dv against ``xla``'s (float32), each divided
+  by the reference's max abs value."""
+  got = kernels.block_sparse_attention(*args, mask, segment_ids=segments, implementation=impl,
+                                       **kw)
+  grads = _grad_fn(impl, mask, segment_ids=segments, **kw)(*args)
+  rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+  return {"out": rel(got, want), **{name: rel(a, b) for name, a, b in
+                                    zip(("dq", "dk", "dv"), grads, want_grads)}}
+
+
+def _check_cases(length):
+  seg = jnp.asarray(np.repeat(np.arange(1, 5), length // 4)[None].repeat(2, 0), jnp.int32)
+  random = masks.random_blocks(length, 64, 0.5, seed=1)  # full, partial and empty 128-blocks
+  return {"none": (None, None), "causal": (masks.causal(), None),
+          "sliding_window_256": (masks.sliding_window(256), None),
+          "causal+segments": (masks.causal(), seg), "random_blocks_0.5": (random, None),
+          "random_blocks_0.5+segments": (random, seg)}
+
+
+def accelerator_check(impls):
+  """Compiled kernels against ``xla`` (float32 on the same inputs), fwd and all gradients."""
+  rows = []
+  length = 1024
+  print(f"\n[check] compiled kernels against xla, B=2 L={length} H=8 K=2; max abs error "
+        "relative to the reference's max abs")
+  for e in map(int, _CHECK_HEAD_DIMS.value):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      args = _qkv((2, length, 8, e), dtype, kv_heads=2)
+      ref_args = [a.astype(jnp.float32) for a in args]
+      for case, (mask, segments) in _check_cases(length).items():
+        want = kernels.block_sparse_attention(*ref_args, mask, segment_ids=segments,
+                                              implementation="xla")
+        want_grads = _grad_fn("xla", mask, segment_ids=segments)(*ref_args)
+        for impl in impls:
+          if impl == "xla" or (impl == "cudnn" and case not in ("none", "causal")):
+            continue  # cudnn takes only no mask or causal
+          row = {"e": e, "dtype": jnp.dtype(dtype).name, "case": case, "implementation": impl}
+          try:
+            row.update(_errors(impl, mask, segments, args, want, want_grads))
+          except Exception as err:  # pylint: disable=broad-except
+            row["error"] = str(err).splitlines()[0][:300]
+            print(f"E={e} {row['dtype']:8s} {case:28s} {impl:11s} ERROR {row['error']}")
+            rows.append(row)
+            continue
+          rows.append(row)
+          print(f"E={e} {row['dtype']:8s} {case:28s} {impl:11s} out {row['out']:.1e}  "
+                f"dq {row['dq']:.1e}  dk {row['dk']:.1e}  dv {row['dv']:.1e}")
+  return rows
+
+
 def _attention_flops(b, h, length, e, density):
   return 4 * b * h * length * length * e * density
 
@@ -242,7 +299,8 @@ def main(argv):
                                      "tpu": ["pallas_tpu", "xla"]}.get(backend, ["xla"])
   sections = {"cpu": {"time": lambda: cpu_time(_REPEATS.value), "memory": cpu_memory,
                       "interpret": cpu_interpret},
-              "accelerator": {"dense": lambda: accelerator_dense(impls, _REPEATS.value),
+              "accelerator": {"check": lambda: accelerator_check(impls),
+                              "dense": lambda: accelerator_dense(impls, _REPEATS.value),
                               "sparse": lambda: accelerator_sparse(impls[0], _REPEATS.value)}}[mode]
   for name in _SECTIONS.value or sections:
     if name not in sections:

@@ -27,7 +27,8 @@ from flaxseed.kernels.attention import masks
 class BlockSizes:
   """Query and key block lengths of a blockwise implementation (``None``: its default).
 
-  Defaults: 128 x 128 for the Pallas kernels (the MXU tile of TPUs; a common Triton tile), see
+  Defaults: 128 x 128 for the Pallas kernels (the MXU tile of TPUs; a common Triton tile; 64 for
+  float32 on GPU with heads wider than 64, see ``api._default_block``), see
   ``xla_chunked.default_block`` for the chunked XLA path. Blocks longer than the sequence shrink
   to it (rounded up to a power of two), so short inputs are not over-padded.
   """
@@ -85,12 +86,16 @@ def scores(q, k, static: Static):
   return static.logit_soft_cap * t, t
 
 
-def visible(static: Static, q_start, kv_start, shape, *, stored_block=None, seg_q=None,
+def visible(static: Static, q_start, kv_start, shape, *, code, stored_block=None, seg_q=None,
             seg_kv=None):
-  """Boolean ``[block_q, block_kv]`` visibility inside one partial block."""
+  """Boolean ``[block_q, block_kv]`` visibility inside one block of layout code ``code``.
+
+  With segment ids every block goes through here, full ones (code 0) too: for a stored mask
+  ``stored_block`` is then some other block's table, so code 0 must mean "all visible".
+  """
   vis = None
   if static.stores_blocks:
-    vis = stored_block != 0
+    vis = (stored_block != 0) | (code == 0)
   else:
     q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     kv_idx = kv_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)

@@ -45,8 +45,14 @@ def _table(a) -> jax.Array:
   return jnp.asarray(np.pad(a, [(0, _pow2(n) - n) for n in a.shape]))
 
 
-def _params(e):
-  return pltr.CompilerParams(num_warps=4 if e <= 64 else 8, num_stages=2)
+def _params(e, dtype, static):
+  """Warps by head size. Unpipelined (``num_stages=1``) where double-buffered tiles overflow an
+  H100's 227 KiB of shared memory (measured, ``experiments/benchmarks/attention.py
+  --sections=check``): float32 tiles, and bf16 tiles wider than 64 with segment ids and a stored
+  mask table."""
+  heavy = static.has_segments and static.stores_blocks and e > 64
+  return pltr.CompilerParams(num_warps=4 if e <= 64 else 8,
+                             num_stages=1 if jnp.dtype(dtype).itemsize >= 4 or heavy else 2)
 
 
 def _block(static, code, full_step, partial_step, carry):
@@ -58,7 +64,7 @@ def _block(static, code, full_step, partial_step, carry):
 
 def _visible(static, q_start, kv_start, shape, stored, code, seg_q, seg_kv):
   return block_common.visible(
-      static, q_start, kv_start, shape,
+      static, q_start, kv_start, shape, code=code,
       stored_block=None if stored is None else stored[jnp.maximum(code - 1, 0)],
       seg_q=None if seg_q is None else seg_q[:, None],
       seg_kv=None if seg_kv is None else seg_kv[None, :])
@@ -146,7 +152,7 @@ def _optional(static, seg_q, seg_kv, walk_q: bool):
       specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)), whole]
     arrays += [seg_q, seg_kv]
   if static.stores_blocks:
-    stored = static.layout.partial_blocks.astype(np.int32)
+    stored = static.layout.partial_blocks.astype(np.int8)  # 1/4 of int32's shared memory
     specs.append(pl.BlockSpec(stored.shape, lambda i, b, h: (0, 0, 0)))
     arrays.append(jnp.asarray(stored))
   return specs, arrays
@@ -173,7 +179,8 @@ def _forward(q, k, v, seg_q, seg_kv, static):
                  pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, heads, length), _F32)],
-      compiler_params=_params(e), interpret=static.interpret, name="flaxseed_flash_fwd",
+      compiler_params=_params(e, q.dtype, static), interpret=static.interpret,
+      name="flaxseed_flash_fwd",
   )(q, k, v, *tables, *opt_arrays)
 
 
@@ -272,7 +279,8 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
          pl.BlockSpec((None, None, bq), own_row), pl.BlockSpec((None, None, bq), own_row)],
       out_specs=pl.BlockSpec((None, bq, None, e), lambda i, b_, h: (b_, i, h, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(e), interpret=static.interpret, name="flaxseed_flash_dq",
+      compiler_params=_params(e, q.dtype, static), interpret=static.interpret,
+      name="flaxseed_flash_dq",
   )(q, k, v, *q_tables, *opt_arrays, d_out, lse, delta)
 
   kv_tables = [_table(layout.q_blocks), _table(layout.q_counts), _table(layout.q_codes)]
@@ -289,7 +297,8 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
          pl.BlockSpec((None, None, length), whole_row)],
       out_specs=[per_head, per_head],
       out_shape=[jax.ShapeDtypeStruct(q.shape, k.dtype if groups == 1 else _F32)] * 2,
-      compiler_params=_params(e), interpret=static.interpret, name="flaxseed_flash_dkv",
+      compiler_params=_params(e, q.dtype, static), interpret=static.interpret,
+      name="flaxseed_flash_dkv",
   )(q, k, v, *kv_tables, *opt_arrays, d_out, lse, delta)
   if groups > 1:  # per-query-head partials -> per-kv-head sums
     dk, dv = (x.reshape(b, length, k.shape[2], groups, e).sum(3).astype(k.dtype)

@@ -58,29 +58,30 @@ def _unpack(refs, static):
   return (q, k, v, seg_q, seg_kv, block), rest
 
 
-def _visible_or_none(static, partial, q_start, kv_start, shape, block, seg_q, seg_kv):
-  """The in-block mask of a partial block (``None`` for a full one)."""
-  if not partial:
+def _visible_or_none(static, code, q_start, kv_start, shape, block, seg_q, seg_kv):
+  """The in-block mask of a block with layout code ``code`` (``None``: a full block)."""
+  if code is None:
     return None
   return block_common.visible(
-      static, q_start, kv_start, shape,
+      static, q_start, kv_start, shape, code=code,
       stored_block=None if block is None else block[...],
       seg_q=None if seg_q is None else seg_q[...], seg_kv=None if seg_kv is None else seg_kv[...])
 
 
 def _for_full_and_partial(static, code, body):
-  """Runs ``body(partial)`` with the in-block mask only where the block needs one (code != 0)."""
+  """Runs ``body(code)`` with the in-block mask only where the block needs one (code != 0),
+  ``body(None)`` elsewhere."""
   if static.has_segments:  # segment ids: every block may need masking
-    body(True)
+    body(code)
     return
 
   @pl.when(code == 0)
   def _():
-    body(False)
+    body(None)
 
   @pl.when(code != 0)
   def _():
-    body(True)
+    body(code)
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -96,9 +97,9 @@ def _fwd_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
     l_scr[...] = jnp.zeros(l_scr.shape, _F32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, _F32)
 
-  def step(partial):
+  def step(code):
     s, _ = block_common.scores(q_ref[...], k_ref[...], static)
-    vis = _visible_or_none(static, partial, i * static.block_q,
+    vis = _visible_or_none(static, code, i * static.block_q,
                            kv_blocks[i, j] * static.block_kv, s.shape, block, seg_q, seg_kv)
     if vis is not None:
       s = jnp.where(vis, s, MASK_VALUE)
@@ -196,10 +197,10 @@ def _dq_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
   def _():
     dq_scr[...] = jnp.zeros(dq_scr.shape, _F32)
 
-  def step(partial):
+  def step(code):
     k = k_ref[...]
     ds, _ = _ds_and_p(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-                      static, partial, i * static.block_q, kv_blocks[i, j] * static.block_kv,
+                      static, code, i * static.block_q, kv_blocks[i, j] * static.block_kv,
                       block, seg_q, seg_kv)
     dq_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                        preferred_element_type=_F32)
@@ -213,11 +214,11 @@ def _dq_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
     dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
 
-def _ds_and_p(q, k, v, do, lse, delta, static, partial, q_start, kv_start, block, seg_q, seg_kv):
+def _ds_and_p(q, k, v, do, lse, delta, static, code, q_start, kv_start, block, seg_q, seg_kv):
   """Recomputed probabilities ``p`` and score gradients ``ds`` of one block (float32)."""
   s, tanh = block_common.scores(q, k, static)
   p = jnp.exp(s - lse)
-  vis = _visible_or_none(static, partial, q_start, kv_start, s.shape, block, seg_q, seg_kv)
+  vis = _visible_or_none(static, code, q_start, kv_start, s.shape, block, seg_q, seg_kv)
   if vis is not None:
     p = jnp.where(vis, p, 0.0)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
@@ -237,10 +238,10 @@ def _dkv_kernel(q_blocks, q_counts, q_codes, *refs, static):
     dk_scr[...] = jnp.zeros(dk_scr.shape, _F32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, _F32)
 
-  def step(partial):
+  def step(code):
     q, do = q_ref[...], do_ref[...]
     ds, p = _ds_and_p(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], static,
-                      partial, q_blocks[jk, t] * static.block_q, jk * static.block_kv, block,
+                      code, q_blocks[jk, t] * static.block_q, jk * static.block_kv, block,
                       seg_q, seg_kv)
     transpose_lhs = (((0,), (0,)), ((), ()))
     dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, transpose_lhs,

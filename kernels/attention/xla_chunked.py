@@ -95,7 +95,7 @@ def _visible(static, groups, seg_q, seg_kv, qb, kb, code):
   if static.has_segments:
     sq = jax.lax.dynamic_slice_in_dim(seg_q, qb * bq, bq, axis=1)[:, :, None]
     skv = jax.lax.dynamic_slice_in_dim(seg_kv, kb * bk, bk, axis=1)[:, None, :]
-  vis = block_common.visible(static, qb * bq, kb * bk, (bq, bk), stored_block=stored,
+  vis = block_common.visible(static, qb * bq, kb * bk, (bq, bk), code=code, stored_block=stored,
                              seg_q=sq, seg_kv=skv)
   if vis.ndim == 2:  # no segment ids: the same for every batch row
     vis = vis[None]

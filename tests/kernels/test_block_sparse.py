@@ -149,7 +149,8 @@ CASES = {
     "chunked_causal_segments": (masks.chunked_causal(40), (2, 2), "packed", None),
     "prefix_lm": (masks.prefix_lm(30), (4, 2), None, None),
     "bidirectional_window": (masks.sliding_window(20, causal=False), (2, 1), None, 30.0),
-    "random_blocks_segments": (masks.random_blocks(100, 8, 0.3, seed=1), (4, 2), "packed", None),
+    # Full, partial and empty blocks: with segment ids full blocks take the masked path too.
+    "random_blocks_segments": (masks.random_blocks(100, 16, 0.6, seed=1), (4, 2), "packed", None),
     "fully_masked_rows": (masks.causal(), (4, 2), "absent", None),
     "global_tokens_causal": (masks.global_tokens(5) & masks.causal(), (2, 1), None, None),
 }

@@ -80,6 +80,20 @@ def test_kernel_matches_dequantized_reference(implementation, fmt, group, m):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 32), ("ternary", None)])
+def test_pallas_gpu_split_k_equals_one_pass(fmt, group):
+  """The GPU kernel's K splits (float32 partials summed afterwards) give the same product."""
+  from flaxseed.kernels.quant import pallas_gpu  # pylint: disable=g-import-not-at-top
+  qw = kernels.quantize_weight(_weight(k=512, n=96), fmt, group)
+  x = jax.random.normal(jax.random.key(1), (3, 512), jnp.float32)
+  want = np.asarray(x, np.float64) @ np.asarray(kernels.dequantize_weight(qw), np.float64)
+  assert pallas_gpu.plan(qw.layout, 3, bkp=32, splits=4).splits == 4
+  got = pallas_gpu.matmul(x, qw, interpret=True, bkp=32, splits=4, bn=32)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+  with pytest.raises(ValueError, match="splits=3 must divide"):
+    pallas_gpu.plan(qw.layout, 3, bkp=32, splits=3)
+
+
 @pytest.mark.parametrize("implementation", ["xla", "pallas_tpu", "pallas_gpu"])
 def test_gradient_flows_to_x_and_not_to_the_weight(implementation):
   w = _weight(k=128, n=64)
