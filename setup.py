@@ -30,15 +30,19 @@ setuptools.setup(
         # libtpu lets the suite compile the train step for a TPU topology; tokenizers and
         # sentencepiece let it load real tokenizer files.
         "test": ["pytest>=8", "jax[tpu]>=0.10.2", "tokenizers>=0.20", "sentencepiece>=0.2",
-                 "matplotlib>=3.8"],
+                 "matplotlib>=3.8", "safetensors>=0.4"],
         # libtpu: compiles for any TPU topology on a machine without a TPU (experiments/aot.py).
         "tpu": ["jax[tpu]>=0.10.2"],
         # Local tokenizers: tokenizer.json (Hugging Face tokenizers) and SentencePiece models.
         "tokenizers": ["tokenizers>=0.20", "sentencepiece>=0.2"],
+        # Hugging Face checkpoints and peft adapters (models/hf.py, lora.to_peft): the
+        # safetensors file format.
+        "hf": ["safetensors>=0.4"],
         # Plots of the studies and the SAE feature browser (experiments/sae/browse.py).
         "plots": ["matplotlib>=3.8"],
         # Parity tests and benchmarks against PyTorch only; never a runtime dependency. On
         # Python 3.11 `pip install torch==2.13.0` takes a CPU wheel (see README).
-        "torch": ["torch>=2.5"],
+        # transformers and peft: the parity tests of models/hf.py and lora.to_peft.
+        "torch": ["torch>=2.5", "transformers>=4.45", "peft>=0.13", "safetensors>=0.4"],
     },
 )

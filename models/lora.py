@@ -272,3 +272,43 @@ def _map_targets(params, adapters, fn):
 
 def num_params(adapters) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(adapters))))
+
+
+def to_peft(adapters, cfg: LoraConfig, directory: str, *,
+            base_model_name_or_path: str | None = None) -> None:
+  """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` in peft's layout, for a
+  transformer in the Hugging Face Llama layout (``models/hf.py``: ``hf.to_pretrained`` writes the
+  base; with ``init="pissa"`` the base to pair is the residual the adapters were trained on).
+
+  peft stores ``lora_A.weight = a^T [r, I]``, ``lora_B.weight = b^T [O, r]`` and DoRA's
+  ``lora_magnitude_vector [O]`` per module, under ``base_model.model.<module>``; scanned layers
+  are split into one module per layer.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from flaxseed.models import hf  # pylint: disable=g-import-not-at-top  (hf -> layers -> lora)
+
+  tensors, modules = {}, set()
+  for path, entry in _entries(adapters).items():
+    entry = {k: np.asarray(v, np.float32) for k, v in entry.items()}
+    layers = range(entry["a"].shape[0]) if quantize.zoo_stacked(path) else [None]
+    for i in layers:
+      pick = (lambda x: x) if i is None else (lambda x, i=i: x[i])  # noqa: E731
+      name = "base_model.model." + hf.module_name(path, i)
+      modules.add(name.rsplit(".", 1)[-1])
+      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(pick(entry["a"]).T)
+      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(pick(entry["b"]).T)
+      if "magnitude" in entry:
+        tensors[f"{name}.lora_magnitude_vector"] = pick(entry["magnitude"]).reshape(-1)
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank,
+            "lora_alpha": cfg.alpha, "target_modules": sorted(modules),
+            "use_rslora": cfg.variant == "rslora", "use_dora": cfg.variant == "dora",
+            "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path}
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
+            metadata={"format": "pt"})
+  with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)

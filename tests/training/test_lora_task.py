@@ -3,6 +3,8 @@ fresh adapters leave the model's loss unchanged, resume and sharding invariance,
 
 import functools
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -121,3 +123,36 @@ def test_errors(tmp_path):
   bad = _config(**{"lora.targets": r".*nothing.*"})
   with pytest.raises(ValueError, match=r"(?s)matches no parameter.*layers/attn/q/kernel"):
     trainer.setup(bad, tasks.build(bad), mesh_lib.make_mesh(bad.mesh))
+
+
+def test_export_for_hugging_face(base_run, tmp_path, repo, child_env):
+  """A trained run exports as a Llama base plus a peft adapter; where transformers and peft are
+  installed, peft's model gives the run's logits."""
+  pytest.importorskip("safetensors")
+  from flaxseed.models import hf  # pylint: disable=g-import-not-at-top
+  from flaxseed.models import lora  # pylint: disable=g-import-not-at-top
+  base_config, base_dir = base_run
+  config = _config(**{"lora.base_workdir": base_dir, "lora.variant": "dora", "steps": 2,
+                      "mesh.data": 1, "optim.lr": 1e-2})
+  training.train(config, str(tmp_path / "run"))
+  out = subprocess.run(
+      [sys.executable, f"{repo}/experiments/lora/export.py", f"--workdir={tmp_path / 'run'}",
+       f"--out={tmp_path / 'hf'}"], env=child_env(1), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  model, base = hf.from_pretrained(str(tmp_path / "hf" / "base"))
+  want_base = trainer.restore(base_config, base_dir).params
+  for a, b in zip(jax.tree.leaves(want_base), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  run = trainer.restore(config, str(tmp_path / "run"))
+  tokens = np.arange(24, dtype=np.int32).reshape(2, 12) * 7 % 256
+  want = np.asarray(lora.apply(model, base, run.params, run.setup.task.cfg, tokens))
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  theirs = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf" / "base")),
+      str(tmp_path / "hf" / "adapter")).eval()
+  with torch.no_grad():
+    got = theirs(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  assert np.max(np.abs(got - want)) <= 1e-4

@@ -1,0 +1,149 @@
+"""Hugging Face checkpoints in and out (Llama layout) and peft adapter export.
+
+Round trips run everywhere; the parity tests against ``transformers`` and ``peft`` run where
+they are installed (the ``torch`` extra) and skip otherwise.
+"""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxseed.models import hf
+from flaxseed.models import lora
+from flaxseed.models import transformer
+
+pytest.importorskip("safetensors")
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 12)), jnp.int32)
+
+
+def _model(**kw):
+  cfg = transformer.TransformerConfig(**{
+      "vocab_size": 97, "d_model": 48, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+      "mlp_dim": 80, "tie_embeddings": False, "norm_eps": 1e-5, "rope_theta": 500.0, **kw})
+  model = transformer.Transformer(cfg)
+  params = model.init(jax.random.key(0), TOKENS)["params"]
+  # Norm scales away from 1, so a wrong mapping of them shows.
+  params = jax.tree_util.tree_map_with_path(
+      lambda kp, x: x + 0.1 * jax.random.normal(jax.random.key(len(kp)), x.shape)
+      if "scale" in jax.tree_util.keystr(kp) else x, nn.unbox(params))
+  return model, params
+
+
+def _adapters(params, cfg, seed=3):
+  adapters = lora.init(jax.random.key(2), params, cfg)
+  leaves, tree = jax.tree.flatten(adapters)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                   for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("kw", [dict(scan_layers=True),
+                                dict(scan_layers=False, tie_embeddings=True)])
+def test_round_trip_gives_the_same_parameters(tmp_path, kw):
+  model, params = _model(**kw)
+  hf.to_pretrained(model, params, str(tmp_path))
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
+  loaded_model, loaded = hf.from_pretrained(str(tmp_path), scan_layers=kw["scan_layers"])
+  assert loaded_model.config == model.config
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # bf16 files (most published checkpoints) load upcast to float32.
+  from safetensors import flax as st_flax  # pylint: disable=g-import-not-at-top
+  bf16 = {k: v.astype(jnp.bfloat16) for k, v in st_flax.load_file(
+      str(tmp_path / "model.safetensors")).items()}
+  st_flax.save_file(bf16, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  _, loaded = hf.from_pretrained(str(tmp_path), scan_layers=kw["scan_layers"])
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    assert b.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32)), b)
+  # Scanned <-> unrolled through the checkpoint: the same function.
+  other_model, other = hf.from_pretrained(str(tmp_path), scan_layers=not kw["scan_layers"])
+  np.testing.assert_allclose(other_model.apply({"params": other}, TOKENS),
+                             model.apply({"params": loaded}, TOKENS), atol=1e-5)
+
+
+def test_peft_export_layout(tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  model, params = _model()
+  cfg = lora.LoraConfig(rank=4, alpha=8, targets=r".*(attn/(q|o)|mlp/down)/kernel",
+                        variant="dora")
+  adapters = _adapters(params, cfg)
+  lora.to_peft(adapters, cfg, str(tmp_path), base_model_name_or_path="base")
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert config["target_modules"] == ["down_proj", "o_proj", "q_proj"]
+  assert config["use_dora"] and config["r"] == 4 and config["lora_alpha"] == 8
+  tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+  assert len(tensors) == 2 * 3 * 3  # layers x modules x (A, B, magnitude)
+  prefix = "base_model.model.model.layers.1."
+  assert tensors[prefix + "self_attn.q_proj.lora_A.weight"].shape == (4, 48)
+  assert tensors[prefix + "self_attn.q_proj.lora_B.weight"].shape == (48, 4)  # H * E outputs
+  assert tensors[prefix + "self_attn.o_proj.lora_A.weight"].shape == (4, 48)
+  assert tensors[prefix + "mlp.down_proj.lora_A.weight"].shape == (4, 80)
+  assert tensors[prefix + "mlp.down_proj.lora_magnitude_vector"].shape == (48,)
+  np.testing.assert_array_equal(tensors[prefix + "self_attn.q_proj.lora_A.weight"],
+                                np.asarray(adapters["layers"]["attn"]["q"]["kernel"]["a"][1]).T)
+
+
+def test_unsupported_configs_are_refused(tmp_path):
+  with pytest.raises(ValueError, match="mlp_activation"):
+    hf.to_hf_config(transformer.TransformerConfig(mlp_activation="gelu"))
+  base = hf.to_hf_config(transformer.TransformerConfig())
+  for key, value, match in (("model_type", "gpt2", "model_type='gpt2'"),
+                            ("attention_bias", True, "attention_bias"),
+                            ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope")):
+    with pytest.raises(ValueError, match=match):
+      hf.from_hf_config({**base, key: value})
+  with pytest.raises(ValueError, match="no config.json"):
+    hf.from_pretrained(str(tmp_path))
+
+
+# ------------------------------------------------------------------ parity with transformers
+
+def _torch_logits(model, tokens):
+  torch = pytest.importorskip("torch")
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def test_transformers_llama_gives_the_same_logits_both_ways(tmp_path):
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  # transformers' own random model -> flaxseed.
+  hf_config = transformers.LlamaConfig(
+      vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500.0,
+      tie_word_embeddings=False)
+  theirs = transformers.LlamaForCausalLM(hf_config).eval()
+  theirs.save_pretrained(str(tmp_path / "theirs"))
+  model, params = hf.from_pretrained(str(tmp_path / "theirs"))
+  want = _torch_logits(theirs, TOKENS)
+  assert np.max(np.abs(np.asarray(model.apply({"params": params}, TOKENS)) - want)) <= 1e-4
+  # flaxseed -> transformers.
+  model, params = _model()
+  hf.to_pretrained(model, params, str(tmp_path / "ours"))
+  loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+  got = _torch_logits(loaded, TOKENS)
+  assert np.max(np.abs(got - np.asarray(model.apply({"params": params}, TOKENS)))) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_peft_loads_the_adapter_with_the_same_logits(tmp_path, variant):
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  model, params = _model()
+  cfg = lora.LoraConfig(rank=4, alpha=8, targets=r".*(attn|mlp)/.*/kernel", variant=variant)
+  adapters = _adapters(params, cfg)
+  hf.to_pretrained(model, params, str(tmp_path / "base"))
+  lora.to_peft(adapters, cfg, str(tmp_path / "adapter"))
+  base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
+  theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+  want = np.asarray(lora.apply(model, params, adapters, cfg, TOKENS))
+  assert np.max(np.abs(want - np.asarray(model.apply({"params": params}, TOKENS)))) > 1e-2
+  assert np.max(np.abs(_torch_logits(theirs, TOKENS) - want)) <= 1e-4
