@@ -15,11 +15,11 @@ Llama checkpoint maps onto it name by name:
     mlp/{gate,up,down}/kernel     mlp.{gate,up,down}_proj.weight (transposed)
     embed/embedding, final_norm/scale, unembed/kernel: model.embed_tokens, model.norm, lm_head
 
-A kernel ``[in..., out...]`` is the matrix ``W [I, O]`` (``quantize.zoo_num_in`` says which axes are
-inputs) and Hugging Face stores ``W^T [O, I]``; no permutation of q/k is needed because both use the
-rotate-half RoPE layout. Layers may be scanned (``layers/...`` with a leading layer axis) or unrolled
-(``layers_{i}/...``). ``module_name`` is the one place that maps a parameter path to a Hugging Face
-module; ``lora.to_peft`` uses it for adapters.
+A kernel ``[in..., out...]`` is the matrix ``W [I, O]`` (``quantize.zoo_num_in`` says which axes
+are inputs) and Hugging Face stores ``W^T [O, I]``; no permutation of q/k is needed because both
+use the rotate-half RoPE layout. Layers may be scanned (``layers/...`` with a leading layer axis)
+or unrolled (``layers_{i}/...``). ``module_name`` is the one place that maps a parameter path to a
+Hugging Face module; ``lora.to_peft`` uses it for adapters.
 
 Supported ``model_type``: ``llama`` and ``mistral`` (without a sliding window), no rope scaling,
 no biases. Anything else raises a ``ValueError`` naming the field; Qwen2, Gemma and GPT-2 (biases,
