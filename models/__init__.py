@@ -4,6 +4,7 @@
     models.list()                          # names of every registered preset
     model = models.get("transformer-tiny")  # the Linen module, its config bound as ``.config``
     params = model.init(rng, tokens)["params"]
+    out = models.generate(model, params, prompts, max_new_tokens=32)  # models/sampling.py
 
 Each model family registers its presets here (``register``) and its module/config classes
 (``register_family``), which is how the trainer turns ``config.model`` into a module.
@@ -17,6 +18,7 @@ from flaxseed.models import diffusion_lm
 from flaxseed.models import sae
 from flaxseed.models import titans
 from flaxseed.models import transformer
+from flaxseed.models.sampling import generate  # noqa: F401  (the zoo's generation entry point)
 
 _PRESETS: dict[str, tuple[type, Callable[..., Any]]] = {}
 _FAMILIES: dict[str, tuple[type, type]] = {}

@@ -1,9 +1,17 @@
-"""Autoregressive sampling with a KV cache: one jitted function, prefill then a scan of steps.
+"""Autoregressive sampling with a KV cache: one jitted function, a prefill then a loop of steps.
 
-Works for any zoo model that keeps a ``cache`` collection under ``decode=True`` (the transformer).
+    out = sampling.generate(model, params, prompts, max_new_tokens=64, temperature=0.8,
+                            top_k=40, top_p=0.95, stop_tokens=(eos,), rng=jax.random.key(0))
+
+Works for any zoo model that keeps a ``cache`` collection under ``decode=True``. Prompts of
+different lengths (the transformer) are left-padded into one batch: pads get segment id 0, which
+no real token attends to, and positions count from each row's first real token, so every row
+continues exactly as it would alone. The decode step is one compiled ``lax.while_loop`` body (no
+recompilation per token) that stops early once every row has emitted a stop token.
 """
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,56 +25,126 @@ def init_cache(model, batch_size: int, max_len: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def sample_logits(logits_BV, rng, *, temperature: float, top_k: int | None):
-  """Greedy when ``temperature == 0``; otherwise softmax(logits / T), restricted to the top k."""
+def sample_logits(logits_BV, rng, *, temperature: float, top_k: int | None,
+                  top_p: float | None = None):
+  """Greedy when ``temperature == 0``; otherwise softmax(logits / T), restricted to the top k
+  and then to the smallest set of tokens whose probability reaches ``top_p`` (nucleus)."""
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = logits_BV / temperature
   if top_k is not None:
     kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+  if top_p is not None:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep a token while the mass before it is under top_p (so the first is always kept).
+    keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def generate(model, params, prompt_BP, *, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, rng=None):
-  """Continues every row of ``prompt_BP`` (int ``[B, P]``) by ``max_new_tokens`` tokens.
+def _left_pad(prompts, pad_token: int):
+  """``(tokens [B, P], pads [B])``: rows right-aligned, ``pad_token`` on the left."""
+  if isinstance(prompts, (jax.Array, np.ndarray)):
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or prompts.shape[1] == 0:
+      raise ValueError(f"prompt_tokens must be a non-empty [B, P] array or a list of token "
+                       f"sequences, got shape {prompts.shape}")
+    return prompts.astype(np.int64), np.zeros(prompts.shape[0], np.int32)
+  rows = [np.asarray(p).reshape(-1) for p in prompts]
+  if not rows or min(r.size for r in rows) == 0:
+    raise ValueError("prompt_tokens: every prompt needs at least one token")
+  width = max(r.size for r in rows)
+  tokens = np.full((len(rows), width), pad_token, np.int64)
+  for b, r in enumerate(rows):
+    tokens[b, width - r.size:] = r
+  return tokens, np.asarray([width - r.size for r in rows], np.int32)
 
-  Returns ``[B, P + max_new_tokens]`` int32: the prompt followed by the samples. Token ids outside
-  the model's vocabulary raise a ``ValueError`` (never clamped).
+
+def generate(model, params, prompt_tokens, *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             stop_tokens: Sequence[int] = (), pad_token: int = 0, rng=None):
+  """Continues every prompt by up to ``max_new_tokens`` tokens.
+
+  Args:
+    prompt_tokens: an int ``[B, P]`` array, or a list of token sequences of any lengths (left-
+      padded with ``pad_token``; the transformer only).
+    temperature: 0 for greedy decoding.
+    top_k, top_p: restrict sampling to the k most likely tokens, then to the nucleus of mass p.
+    stop_tokens: a row that emits one of these keeps it and is then filled with ``pad_token``.
+
+  Returns ``[B, P + max_new_tokens]`` int32: the (left-padded) prompts followed by the samples.
+  Token ids outside the model's vocabulary raise a ``ValueError`` (never clamped).
   """
-  prompt_BP = np.asarray(prompt_BP)
   vocab = model.config.vocab_size
-  if prompt_BP.ndim != 2 or prompt_BP.shape[1] == 0:
-    raise ValueError(f"prompt_BP must be a non-empty [B, P] array, got shape {prompt_BP.shape}")
-  if prompt_BP.min() < 0 or prompt_BP.max() >= vocab:
-    raise ValueError(f"prompt_BP has token ids outside [0, {vocab}) (vocab_size={vocab})")
+  if not 0 <= pad_token < vocab:
+    raise ValueError(f"pad_token={pad_token} is outside [0, {vocab})")
+  tokens, pads = _left_pad(prompt_tokens, pad_token)
+  if tokens.min() < 0 or tokens.max() >= vocab:
+    raise ValueError(f"prompt_tokens has token ids outside [0, {vocab}) (vocab_size={vocab})")
+  if pads.any():
+    from flaxseed.models import transformer  # pylint: disable=g-import-not-at-top
+    if not isinstance(model, transformer.Transformer):
+      raise ValueError(f"prompts of different lengths need segment ids in the cache, which "
+                       f"{type(model).__name__} does not use; give equal-length prompts")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if top_k is not None and not 0 < top_k <= vocab:
     raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  stop = tuple(int(t) for t in stop_tokens)
+  if any(not 0 <= t < vocab for t in stop):
+    raise ValueError(f"stop_tokens {stop} has ids outside [0, {vocab})")
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(model, params, jnp.asarray(prompt_BP, jnp.int32), rng, float(temperature),
-                   max_new_tokens=max_new_tokens, top_k=top_k)
+  return _generate(model, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(pads), rng,
+                   float(temperature), max_new_tokens=max_new_tokens, top_k=top_k,
+                   top_p=None if top_p is None else float(top_p), stop=stop,
+                   pad_token=int(pad_token), padded=bool(pads.any()))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "max_new_tokens", "top_k"))
-def _generate(model, params, prompt_BP, rng, temperature, *, max_new_tokens, top_k):
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "max_new_tokens", "top_k",
+                                             "top_p", "stop", "pad_token", "padded"))
+def _generate(model, params, prompt_BP, pads_B, rng, temperature, *, max_new_tokens, top_k,
+              top_p, stop, pad_token, padded):
   batch, prompt_len = prompt_BP.shape
   cache = init_cache(model, batch, prompt_len + max_new_tokens)
-  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  lengths_B = prompt_len - pads_B  # real prompt tokens per row
+  extra = {}
+  if padded:  # pads are segment 0; positions count from each row's first real token
+    idx_BP = jnp.arange(prompt_len)[None, :]
+    extra = {"segment_ids": (idx_BP >= pads_B[:, None]).astype(jnp.int32),
+             "positions": jnp.maximum(idx_BP - pads_B[:, None], 0)}
   logits, variables = model.apply({"params": params, "cache": cache}, prompt_BP, decode=True,
-                                  mutable=["cache"])
-  first = sample(logits[:, -1], jax.random.fold_in(rng, 0))
+                                  mutable=["cache"], **extra)
+  stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)
 
-  def step(carry, i):
-    token_B, cache = carry
+  def finish(token_B, done_B):
+    token_B = jnp.where(done_B, pad_token, token_B)
+    return token_B, done_B | jnp.isin(token_B, stop_arr)
+
+  first, done = finish(sample(logits[:, -1], jax.random.fold_in(rng, 0)),
+                       jnp.zeros((batch,), bool))
+  out_BN = jnp.full((batch, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(first)
+
+  def cond(carry):
+    i, _, done_B, _, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, token_B, done_B, out_BN, cache = carry
+    step_extra = {"positions": (lengths_B + i - 1)[:, None]} if padded else {}
     logits, variables = model.apply({"params": params, "cache": cache}, token_B[:, None],
-                                    decode=True, mutable=["cache"])
-    next_B = sample(logits[:, -1], jax.random.fold_in(rng, i))
-    return (next_B, variables["cache"]), next_B
+                                    decode=True, mutable=["cache"], **step_extra)
+    next_B, done_B = finish(sample(logits[:, -1], jax.random.fold_in(rng, i)), done_B)
+    out_BN = jax.lax.dynamic_update_slice(out_BN, next_B[:, None], (0, i))
+    return i + 1, next_B, done_B, out_BN, variables["cache"]
 
-  _, rest = jax.lax.scan(step, (first, variables["cache"]), jnp.arange(1, max_new_tokens))
-  return jnp.concatenate([prompt_BP, first[:, None], rest.T], axis=1)
+  _, _, _, out_BN, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), first, done, out_BN, variables["cache"]))
+  return jnp.concatenate([prompt_BP, out_BN], axis=1)

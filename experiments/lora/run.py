@@ -20,9 +20,9 @@
 Goal: LoRA r = 8 recovers >= 90% of full fine-tuning's improvement with under 5% of its trainable
 parameters and optimizer memory (the best r = 8 run within that budget counts). Writes
 ``results.json`` and ``report.md`` next to this file (``*_quick.*`` with ``--quick``, a smoke run
-of a few steps). ``--base=small`` repeats the reference and two r = 8 runs (``SMALL_RUNS``) on
-``configs/lm.py:small`` (width 256, 6 layers), where r = 8 on every kernel is 4.6% of the
-parameters (``*_small.*``).
+of a few steps). ``--base=small`` repeats the reference (at three rates) and two r = 8 runs
+(``SMALL_RUNS``) on ``configs/lm.py:small`` (width 256, 6 layers), where r = 8 on every kernel is
+4.6% of the parameters (``*_small.*``).
 """
 
 import json
@@ -54,6 +54,7 @@ ATTENTION = r".*attn/(q|k|v|o)/kernel"
 RUNS = {  # name -> config.lora overrides (LoRA task) or None (full fine-tuning)
     "full_lr1e-3": {"optim.lr": 1e-3},
     "full_lr3e-3": {"optim.lr": 3e-3},
+    "full_lr1e-2": {"optim.lr": 1e-2},
     "lora_r4": {"lora.rank": 4, "lora.alpha": 8.0},
     "lora_r8": {},
     "lora_r8_lr1e-2": {"optim.lr": 1e-2},
@@ -71,9 +72,11 @@ def _steps(full: int) -> int:
   return 10 if _QUICK.value else full
 
 
-# The runs of the small base (CPU time): the reference at tiny's better rate, and r = 8 at its
-# better rate on the attention projections and on every kernel (4.6% of the parameters here).
-SMALL_RUNS = ("full_lr3e-3", "lora_r8_lr1e-2", "lora_r8_all_kernels_lr1e-2")
+# The runs of the small base (CPU time): the reference swept over three rates (the best one is
+# the reference), and r = 8 at its better rate on the attention projections and on every kernel
+# (4.6% of the parameters here).
+SMALL_RUNS = ("full_lr1e-3", "full_lr3e-3", "full_lr1e-2", "lora_r8_lr1e-2",
+              "lora_r8_all_kernels_lr1e-2")
 
 
 def _runs() -> list[str]:

@@ -87,6 +87,56 @@ def test_generate_greedy_matches_argmax_of_full_forward():
   np.testing.assert_array_equal(out[:, 3:], jnp.argmax(logits[:, 2:-1], -1))
 
 
+def test_generate_left_padded_prompts_continue_as_they_would_alone():
+  model = _model()
+  params = _init(model)
+  prompts = [[5, 9, 33, 2, 8, 61], [7, 7], [250]]
+  out = sampling.generate(model, params, prompts, max_new_tokens=5, temperature=0.0,
+                          pad_token=3)
+  assert out.shape == (3, 11)
+  np.testing.assert_array_equal(out[1, :4], [3, 3, 3, 3])  # left padding
+  for row, prompt in zip(out, prompts):
+    alone = sampling.generate(model, params, np.array([prompt]), max_new_tokens=5,
+                              temperature=0.0)
+    np.testing.assert_array_equal(row[6:], alone[0, len(prompt):])
+
+
+def test_generate_stops_rows_at_their_stop_token():
+  model = _model()
+  params = _init(model)
+  prompt = jnp.array([[5, 9, 33], [7, 7, 7]], jnp.int32)
+  free = np.asarray(sampling.generate(model, params, prompt, max_new_tokens=8,
+                                      temperature=0.0))[:, 3:]
+  stop = int(free[0, 2])
+  first = int(np.argmax(free[0] == stop))
+  out = np.asarray(sampling.generate(model, params, prompt, max_new_tokens=8, temperature=0.0,
+                                     stop_tokens=(stop,), pad_token=0))[:, 3:]
+  np.testing.assert_array_equal(out[0, :first + 1], free[0, :first + 1])
+  assert np.all(out[0, first + 1:] == 0)
+  hits = np.nonzero(free[1] == stop)[0]  # the other row runs on until its own stop, if any
+  end = hits[0] + 1 if hits.size else 8
+  np.testing.assert_array_equal(out[1, :end], free[1, :end])
+  assert np.all(out[1, end:] == 0)
+
+
+def test_generate_top_p_limits_the_nucleus():
+  model = _model()
+  params = _init(model)
+  prompt = jnp.array([[5, 9, 33], [7, 7, 7]], jnp.int32)
+  greedy = sampling.generate(model, params, prompt, max_new_tokens=6, temperature=0.0)
+  rng = jax.random.key(4)
+  tiny_nucleus = sampling.generate(model, params, prompt, max_new_tokens=6, temperature=1.0,
+                                   top_p=1e-6, rng=rng)
+  np.testing.assert_array_equal(tiny_nucleus, greedy)  # only the most likely token is left
+  np.testing.assert_array_equal(
+      sampling.generate(model, params, prompt, max_new_tokens=6, top_p=1.0, rng=rng),
+      sampling.generate(model, params, prompt, max_new_tokens=6, rng=rng))
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.generate(model, params, prompt, max_new_tokens=2, top_p=0.0)
+  with pytest.raises(ValueError, match="stop_tokens"):
+    sampling.generate(model, params, prompt, max_new_tokens=2, stop_tokens=(999,))
+
+
 def test_generate_rejects_out_of_vocabulary_prompt():
   model = _model()
   with pytest.raises(ValueError, match="outside"):
