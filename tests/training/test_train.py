@@ -131,33 +131,50 @@ def test_bad_config_is_rejected_before_compiling(tmp_path, no_compile, overrides
     training.train(_config(**overrides), str(tmp_path))
 
 
+_PATTERN_RUN = {"steps": 3, "sample_tokens": 0, "seq_len": 48,
+                "model.attention_pattern": ("sliding_window:16", "global"),
+                "model.attention_interpret": True}
+
+
+@pytest.fixture(scope="module")
+def xla_pattern_run(tmp_path_factory):
+  """The XLA-attention run the Pallas runs below follow (trained once for all of them)."""
+  workdir = tmp_path_factory.mktemp("xla")
+  training.train(_config(**_PATTERN_RUN, **{"model.attention_impl": "xla"}), str(workdir))
+  return workdir
+
+
 @pytest.mark.parametrize("implementation,mesh", [
     ("pallas_tpu", (1, 1, 1)), ("pallas_gpu", (1, 1, 1)),
     ("pallas_tpu", (2, 2, 2)),  # batch and heads sharded: the kernel runs under shard_map
 ])
-def test_pallas_attention_trains_like_xla(tmp_path, losses, implementation, mesh):
+def test_pallas_attention_trains_like_xla(tmp_path, losses, xla_pattern_run, implementation,
+                                          mesh):
   """The transformer with Pallas attention (interpret mode) follows the XLA run step for step;
   the layers alternate a sliding window and global attention (one scanned period of two)."""
-  common = {"steps": 3, "sample_tokens": 0, "seq_len": 48,
-            "model.attention_pattern": ("sliding_window:16", "global"),
-            "model.attention_interpret": True}
-  training.train(_config(**common, **{"model.attention_impl": "xla"}), str(tmp_path / "xla"))
   sharded = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh))
-  training.train(_config(**common, **sharded, **{"model.attention_impl": implementation}),
+  training.train(_config(**_PATTERN_RUN, **sharded, **{"model.attention_impl": implementation}),
                  str(tmp_path / implementation))
-  want, got = losses(tmp_path / "xla"), losses(tmp_path / implementation)
+  want, got = losses(xla_pattern_run), losses(tmp_path / implementation)
   assert sorted(got) == sorted(want) == [1, 2, 3]
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-5)
 
 
-def test_restore_evaluates_like_the_end_of_training(tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """``(config, workdir, summary)`` of a finished 3-step run on one device."""
+  workdir = tmp_path_factory.mktemp("finished")
+  config = _config(steps=3, **{"mesh.data": 1})
+  return config, str(workdir), training.train(config, str(workdir))
+
+
+def test_restore_evaluates_like_the_end_of_training(tmp_path, finished_run):
   """``training.restore`` loads the last checkpoint; its eval equals the run's final eval, and it
   evaluates other parameter pytrees (here: the params quantized to int8) with the same batches."""
   from flaxseed.models import quantize  # pylint: disable=g-import-not-at-top
-  config = _config(steps=3, **{"mesh.data": 1})
-  summary = training.train(config, str(tmp_path))
-  restored = training.restore(config, str(tmp_path))
+  config, workdir, summary = finished_run
+  restored = training.restore(config, workdir)
   assert restored.step == 3
   metrics = restored.evaluate()
   assert metrics["eval/loss"] == pytest.approx(summary["eval/loss"], abs=1e-5)
@@ -168,13 +185,12 @@ def test_restore_evaluates_like_the_end_of_training(tmp_path):
     training.restore(config, str(tmp_path / "empty"))
 
 
-def test_init_from_another_run_starts_from_its_parameters(tmp_path, losses):
-  base_config = _config(steps=4, **{"mesh.data": 1})
-  training.train(base_config, str(tmp_path / "base"))
-  training.train(_config(steps=2, init_from=str(tmp_path / "base"), **{"mesh.data": 1}),
+def test_init_from_another_run_starts_from_its_parameters(tmp_path, losses, finished_run):
+  base_config, base_dir, _ = finished_run
+  training.train(_config(steps=2, init_from=base_dir, **{"mesh.data": 1}),
                  str(tmp_path / "tuned"))
   # The tuned run's first loss is the base's final parameters' loss on that run's first batch.
-  restored = trainer.restore(base_config, str(tmp_path / "base"))
+  restored = trainer.restore(base_config, base_dir)
   task = restored.setup.task
   train, _ = task.datasets(global_batch=8, rows=(0, 8), train_batches=1, eval_batches=1, seed=0)
   want, _ = task.loss(restored.params, {}, train[0], None)
