@@ -154,9 +154,9 @@ def from_hf_config(hf: dict, **overrides) -> transformer.TransformerConfig:
 
 def to_state_dict(params) -> dict[str, np.ndarray]:
   """Hugging Face tensor name -> float32 array of a transformer's ``params``."""
-  out = {}
+  out, params = {}, nn.unbox(params)
   for path in quantize.param_paths(params):
-    leaf = np.asarray(_get(nn.unbox(params), path), np.float32)
+    leaf = np.asarray(_get(params, path), np.float32)
     stacked, _, _ = _layer_path(path)
     for i, x in enumerate(leaf) if stacked else [(None, leaf)]:
       out[module_name(path, i) + ".weight"] = _to_hf(path, x)
