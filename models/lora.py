@@ -11,6 +11,7 @@ leaf type and adds the low-rank path to its matmul, quantized or not:
     logits   = lora.apply(model, params, adapters, cfg, tokens)
     merged   = lora.merge(params, adapters, cfg)      # a plain param tree, same structure as params
     params2  = lora.unmerge(merged, adapters, cfg)    # back to the base (lora/rslora; pissa residual)
+    lora.to_peft(adapters, cfg, "/out/adapter")       # peft's safetensors layout (models/hf.py)
 
 A Dense kernel ``[in..., out...]`` multiplies as the matrix ``W [I, O]`` (``I = prod(in)``; which
 axes are inputs follows ``models/quantize.py``: the zoo's kernels contract their leading axis, the
