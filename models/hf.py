@@ -154,9 +154,9 @@ def from_hf_config(hf: dict, **overrides) -> transformer.TransformerConfig:
 
 def to_state_dict(params) -> dict[str, np.ndarray]:
   """Hugging Face tensor name -> float32 array of a transformer's ``params``."""
-  out, params = {}, nn.unbox(params)
-  for path in quantize.param_paths(params):
-    leaf = np.asarray(_get(params, path), np.float32)
+  out = {}
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
+    path, leaf = quantize.path_string(key_path), np.asarray(leaf, np.float32)
     stacked, _, _ = _layer_path(path)
     for i, x in enumerate(leaf) if stacked else [(None, leaf)]:
       out[module_name(path, i) + ".weight"] = _to_hf(path, x)
@@ -180,7 +180,7 @@ def from_state_dict(model: transformer.Transformer, tensors) -> dict:
     return _from_hf(path, w, shape)
 
   def leaf(key_path, x):
-    path = "/".join(k.key for k in key_path)
+    path = quantize.path_string(key_path)
     stacked, _, _ = _layer_path(path)
     if not stacked:
       return jnp.asarray(read(module_name(path) + ".weight", path, x.shape))
@@ -188,12 +188,6 @@ def from_state_dict(model: transformer.Transformer, tensors) -> dict:
                                  for i in range(x.shape[0])]))
 
   return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
-def _get(tree, path: str):
-  for key in path.split("/"):
-    tree = tree[key]
-  return tree
 
 
 # ---------------------------------------------------------------------------------- folders

@@ -119,7 +119,7 @@ def _targets(params, cfg: LoraConfig, num_in, stacked) -> dict[str, tuple[int, i
   found = {}
   for key_path, leaf in jax.tree_util.tree_leaves_with_path(
       nn.unbox(params), is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight)):
-    path = quantize._path(key_path)  # pylint: disable=protected-access
+    path = quantize.path_string(key_path)
     if pattern.fullmatch(path):
       found[path] = (stacked(path), num_in(path))
   if not found:

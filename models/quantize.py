@@ -35,13 +35,14 @@ def zoo_stacked(path: str) -> int:
   return 1 if path.startswith("layers/") else 0
 
 
-def _path(key_path) -> str:
+def path_string(key_path) -> str:
+  """The ``/``-joined form of a jax key path (what ``targets`` and ``param_paths`` use)."""
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
 
 
 def param_paths(params) -> list[str]:
   """``/``-joined paths of every leaf (what ``targets`` is matched against)."""
-  return [_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(params))]
+  return [path_string(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(params))]
 
 
 def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
@@ -59,7 +60,7 @@ def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
   matched = []
 
   def convert(key_path, leaf):
-    path = _path(key_path)
+    path = path_string(key_path)
     if not pattern.fullmatch(path):
       return leaf
     matched.append(path)

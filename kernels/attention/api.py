@@ -24,7 +24,6 @@ runs under ``shard_map``: batch and heads may be sharded, the sequence may not.
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from flaxseed.kernels.attention import block_common
@@ -67,18 +66,6 @@ def _xla_chunked(q, k, v, *, mask, segment_ids, sm_scale, logit_soft_cap, block_
                                logit_soft_cap=logit_soft_cap, block_sizes=block_sizes)
 
 
-PALLAS_DEFAULT_BLOCK = 128
-
-
-def _default_block(module_name: str, dtype, head_dim: int) -> int:
-  """128, except 64 for float32 on GPU with heads over 64 wide: 128-row float32 tiles of width
-  128 (E padded to a power of two) overflow an H100's shared memory with segment ids (measured,
-  ``experiments/benchmarks/attention.py --sections=check``)."""
-  if module_name == "pallas_gpu" and jnp.dtype(dtype).itemsize >= 4 and head_dim > 64:
-    return 64
-  return PALLAS_DEFAULT_BLOCK
-
-
 def _pallas(module_name: str):
   """A Pallas implementation: static description of the call, then the module's kernels."""
 
@@ -88,7 +75,7 @@ def _pallas(module_name: str):
     length, e = q.shape[1], q.shape[3]
     blocks = block_sizes or block_common.BlockSizes()
     _check_block_sizes(blocks)
-    block_q, block_kv = blocks.resolve(length, _default_block(module_name, q.dtype, e))
+    block_q, block_kv = blocks.resolve(length, module.default_block(q.dtype, e))
     static = block_common.Static(
         pattern=masks.full() if mask is None else mask, length=length,
         block_q=block_q, block_kv=block_kv,

@@ -23,12 +23,15 @@ import jax.numpy as jnp
 from flaxseed.kernels.attention import masks
 
 
+DEFAULT_BLOCK = 128
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Query and key block lengths of a blockwise implementation (``None``: its default).
 
-  Defaults: 128 x 128 for the Pallas kernels (the MXU tile of TPUs; a common Triton tile; 64 for
-  float32 on GPU with heads wider than 64, see ``api._default_block``), see
+  Defaults: each Pallas module's ``default_block(dtype, head_dim)``, ``DEFAULT_BLOCK`` (128: the
+  MXU tile of TPUs, a common Triton tile) except 64 for float32 heads wider than 64 on GPU;
   ``xla_chunked.default_block`` for the chunked XLA path. Blocks longer than the sequence shrink
   to it (rounded up to a power of two), so short inputs are not over-padded.
   """

@@ -45,6 +45,15 @@ def _table(a) -> jax.Array:
   return jnp.asarray(np.pad(a, [(0, _pow2(n) - n) for n in a.shape]))
 
 
+def default_block(dtype, head_dim: int) -> int:
+  """128, except 64 for float32 with heads over 64 wide: 128-row float32 tiles of width 128 (E
+  padded to a power of two) overflow an H100's shared memory with segment ids (measured,
+  ``experiments/benchmarks/attention.py --sections=check``)."""
+  if jnp.dtype(dtype).itemsize >= 4 and head_dim > 64:
+    return 64
+  return block_common.DEFAULT_BLOCK
+
+
 def _params(e, dtype, static):
   """Warps by head size. Unpipelined (``num_stages=1``) where double-buffered tiles overflow an
   H100's 227 KiB of shared memory (measured, ``experiments/benchmarks/attention.py

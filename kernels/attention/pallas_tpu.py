@@ -38,6 +38,12 @@ from flaxseed.kernels.attention.reference import MASK_VALUE
 _F32 = jnp.float32
 
 
+def default_block(dtype, head_dim: int) -> int:
+  """128 x 128 blocks (the MXU tile) whatever the dtype and head size."""
+  del dtype, head_dim
+  return block_common.DEFAULT_BLOCK
+
+
 def _interpret(static):
   if static.interpret == "generic":
     return True

@@ -57,7 +57,7 @@ def test_logit_error_shrinks_with_bits_and_group_size(model_and_params):
 
 
 def _leaves(params):
-  return [(quantize._path(kp), leaf) for kp, leaf in jax.tree_util.tree_leaves_with_path(
+  return [(quantize.path_string(kp), leaf) for kp, leaf in jax.tree_util.tree_leaves_with_path(
       params, is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight))]
 
 
