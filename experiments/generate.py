@@ -5,12 +5,11 @@
 
 ``--workdir``: a flaxseed run of a language-model task (``lm``, ``lora``): its model, latest
 weights (a LoRA run's adapters on their base) and tokenizer. ``--hf_dir``: ``hf.from_pretrained``
-and the folder's ``tokenizer.json`` (or ``--tokenizer``). Prompts of different lengths are
-left-padded into one batch (``models/sampling.py``); ``--stop`` ends a row at that text's last
-token.
+and ``hf.tokenizer`` (the folder's ``tokenizer.json`` or ``tokenizer.model``; or ``--tokenizer``).
+Prompts of different lengths are left-padded into one batch (``models/sampling.py``); ``--stop``
+ends a row at that text's last token.
 """
 
-import os
 import sys
 
 from absl import app
@@ -27,7 +26,7 @@ from flaxseed.training import trainer
 _WORKDIR = flags.DEFINE_string("workdir", None, "A flaxseed run (task lm or lora).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A local Hugging Face folder.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "'byte' or a tokenizer file; default: the "
-                                 "run's, or the folder's tokenizer.json.")
+                                 "run's, or the folder's tokenizer.json / tokenizer.model.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for a batch).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0: greedy.")
@@ -43,8 +42,8 @@ def load(workdir: str | None, hf_dir: str | None, tokenizer: str | None):
     raise ValueError("give exactly one of --workdir and --hf_dir")
   if hf_dir is not None:
     model, params = hf.from_pretrained(hf_dir)
-    default = os.path.join(hf_dir, "tokenizer.json")
-    return model, params, tokenizers.load(tokenizer or default, key="--tokenizer")
+    tok = tokenizers.load(tokenizer, key="--tokenizer") if tokenizer else hf.tokenizer(hf_dir)
+    return model, params, tok
   config = checkpoint.run_config(workdir)
   restored = trainer.restore(config, workdir)
   task = restored.setup.task

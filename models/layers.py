@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxseed import kernels
 from flaxseed.kernels import masks
@@ -46,32 +47,38 @@ class Dense(nn.Module):
   num_in: int = 1
   dtype: Dtype = jnp.float32
   quant: str | None = None  # "ternary": BitNet b1.58 training (see ternary_ste)
+  use_bias: bool = False  # a float32 ``bias`` of the output shape, zero-initialized
 
   @nn.compact
   def __call__(self, x):
     n = self.num_in
-    init = fan_in_init(range(n), range(n, len(self.shape)))
     lead = x.shape[:x.ndim - n]
     x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)  # [M, in...]
     if self.quant == "ternary":
       x2 = int8_absmax_ste(x2)
+    y = self._matmul(x2).reshape(lead + self.shape[n:])
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n:]),
+                        self.shape[n:], jnp.float32)
+      y = y + bias.reshape((1,) * len(lead) + bias.shape).astype(self.dtype)
+    return y
+
+  def _matmul(self, x2):
+    """``x2 [M, in...] -> [M, out...]`` with the float, quantized or LoRA kernel."""
+    n = self.num_in
     if self.has_variable("params", "kernel"):
       stored = self.get_variable("params", "kernel")
       if isinstance(stored, kernels.QuantizedWeight):  # models.quantize put it there
-        return self._quantized(x2, stored, lead)
+        return self._quantized_2d(x2.reshape(x2.shape[0], -1), stored)
       if isinstance(stored, lora.LoraWeight):  # models.lora.apply put it there
-        return self._lora(x2, stored, lead)
+        return self._lora(x2, stored)
+    init = fan_in_init(range(n), range(n, len(self.shape)))
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
                         jnp.float32)
     if self.quant == "ternary":
       kernel = ternary_ste(kernel)
-    y = jax.lax.dot_general(x2, kernel.astype(self.dtype),
-                            ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
-    return y.reshape(lead + y.shape[1:])
-
-  def _quantized(self, x2, kernel, lead):
-    return self._quantized_2d(x2.reshape(x2.shape[0], -1), kernel).reshape(
-        lead + self.shape[self.num_in:])
+    return jax.lax.dot_general(x2, kernel.astype(self.dtype),
+                               ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
 
   def _quantized_2d(self, x_MK, kernel):
     n = self.num_in
@@ -81,7 +88,7 @@ class Dense(nn.Module):
                        f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})")
     return kernels.quantized_matmul(x_MK, kernel, **_quantized_mesh(self.axes[n:]))
 
-  def _lora(self, x2, weight, lead):
+  def _lora(self, x2, weight):
     """The base kernel (float or quantized) plus the adapter's low-rank path (``models.lora``)."""
     x_MK = x2.reshape(x2.shape[0], -1)
     base = weight.base
@@ -91,7 +98,7 @@ class Dense(nn.Module):
     else:
       kernel_2d = lambda: base.reshape(x_MK.shape[1], -1)  # noqa: E731
       matmul = lambda x: x @ kernel_2d().astype(self.dtype)  # noqa: E731
-    return weight.lora_matmul(x_MK, matmul, kernel_2d).reshape(lead + self.shape[self.num_in:])
+    return weight.lora_matmul(x_MK, matmul, kernel_2d)
 
 
 def ternary_ste(w):
@@ -114,31 +121,56 @@ def int8_absmax_ste(x):
 
 
 class RMSNorm(nn.Module):
-  """``x / rms(x) * scale``, computed in float32."""
+  """``x / rms(x) * (offset + scale)``, computed in float32. ``offset=1`` is Gemma's norm: the
+  stored ``scale`` starts at 0 and the layer multiplies by ``1 + scale``."""
 
   eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  offset: float = 0.0
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.constant(1.0 - self.offset)
+    scale = self.param("scale", nn.with_logical_partitioning(init, (sh.NORM,)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    scale = scale.reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * (self.offset + scale)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """``(x - mean) / std * scale + bias`` over the last axis, in float32 (GPT-2's norm)."""
+
+  eps: float = 1e-5
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (sh.NORM,)),
                        (x.shape[-1],), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (sh.NORM,)),
+                      (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
+    x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
+    row = (1,) * (x.ndim - 1) + (-1,)
+    return (x32 * scale.reshape(row) + bias.reshape(row)).astype(self.dtype)
 
 
 class Embed(nn.Module):
-  """Token embedding ``[V, D]``; ``attend`` gives logits with the same (tied) matrix."""
+  """Token embedding ``[V, D]``; ``attend`` gives logits with the same (tied) matrix. Also the
+  learned position table (``axes=(LENGTH, EMBED)``)."""
 
   vocab_size: int
   features: int
   dtype: Dtype = jnp.float32
+  axes: tuple[str, str] = (sh.VOCAB, sh.EMBED)
 
   def setup(self):
     self.embedding = self.param(
         "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (sh.VOCAB, sh.EMBED)),
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), self.axes),
         (self.vocab_size, self.features), jnp.float32)
 
   def __call__(self, tokens_BL):
@@ -150,10 +182,73 @@ class Embed(nn.Module):
     return logits_NV.reshape(x_BLD.shape[:-1] + (self.vocab_size,))
 
 
-def apply_rope(x_BLHE, positions_BL, theta: float):
-  """Rotary position embedding, "rotate half" layout (the layout of Hugging Face Llama)."""
-  half = x_BLHE.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+ROPE_SCALINGS = {  # kind -> its fields and their defaults (Hugging Face's names)
+    "linear": {"factor": None},
+    "llama3": {"factor": None, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192},
+}
+
+
+def parse_rope_scaling(spec: str | None) -> dict | None:
+  """``"llama3:factor=8,high_freq_factor=4"`` -> ``{"rope_type": "llama3", "factor": 8.0, ...}``
+  with the kind's defaults filled in; ``None`` -> ``None``. Raises a ``ValueError`` naming a bad
+  kind, field or value."""
+  if spec is None:
+    return None
+  kind, _, rest = spec.partition(":")
+  if kind not in ROPE_SCALINGS:
+    raise ValueError(f"rope_scaling={spec!r}: kind {kind!r} is not one of "
+                     f"{tuple(ROPE_SCALINGS)}")
+  fields = dict(ROPE_SCALINGS[kind])
+  for item in filter(None, rest.split(",")):
+    name, _, value = item.partition("=")
+    if name not in fields:
+      raise ValueError(f"rope_scaling={spec!r}: {kind} has no field {name!r} (it has "
+                       f"{sorted(fields)})")
+    try:
+      fields[name] = float(value)
+    except ValueError:
+      raise ValueError(f"rope_scaling={spec!r}: {name}={value!r} is not a number") from None
+  for name, value in fields.items():
+    if value is None or value <= 0:
+      raise ValueError(f"rope_scaling={spec!r}: {name} must be a positive number")
+  if kind == "llama3" and fields["high_freq_factor"] <= fields["low_freq_factor"]:
+    raise ValueError(f"rope_scaling={spec!r}: high_freq_factor must exceed low_freq_factor")
+  return {"rope_type": kind, **fields}
+
+
+def canonical_rope_scaling(spec: str | None) -> str | None:
+  """``spec`` with every field spelled out in one order, so equal scalings compare equal."""
+  fields = parse_rope_scaling(spec)
+  if fields is None:
+    return None
+  kind = fields.pop("rope_type")
+  return kind + ":" + ",".join(f"{k}={v:g}" for k, v in fields.items())
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str | None = None) -> np.ndarray:
+  """The ``head_dim // 2`` rotary frequencies ``theta^(-2i/E)``, rescaled for long context:
+  ``linear`` divides them all by ``factor`` (position interpolation); ``llama3`` divides the
+  low ones (wavelengths beyond ``original / low_freq_factor``) by ``factor``, keeps the high ones
+  (wavelengths below ``original / high_freq_factor``) and interpolates smoothly in between."""
+  half = head_dim // 2
+  inv_freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+  s = parse_rope_scaling(scaling)
+  if s is None:
+    return inv_freq
+  if s["rope_type"] == "linear":
+    return inv_freq / s["factor"]
+  factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  original = s["original_max_position_embeddings"]
+  wavelen = 2 * np.pi / inv_freq
+  smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)  # 0: low, 1: high freq
+  return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def apply_rope(x_BLHE, positions_BL, theta: float, scaling: str | None = None):
+  """Rotary position embedding, "rotate half" layout (the layout of Hugging Face Llama);
+  ``scaling``: a ``parse_rope_scaling`` spec (long-context frequency rescaling)."""
+  inv_freq = jnp.asarray(rope_frequencies(x_BLHE.shape[-1], theta, scaling), jnp.float32)
   angles = positions_BL.astype(jnp.float32)[:, :, None, None] * inv_freq[None, None, None, :]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x_BLHE.astype(jnp.float32), 2, axis=-1)
@@ -162,24 +257,28 @@ def apply_rope(x_BLHE, positions_BL, theta: float):
 
 
 class Mlp(nn.Module):
-  """SwiGLU (``down(silu(gate x) * up x)``) or GELU (``down(gelu(up x))``) feed-forward."""
+  """Gated (``down(act(gate x) * up x)``: SwiGLU with SiLU, GeGLU with tanh-GELU) or plain
+  (``down(gelu(up x))``, tanh-GELU as GPT-2) feed-forward; ``use_bias`` on every projection."""
 
   features: int
   hidden: int
-  activation: str = "swiglu"
+  activation: str = "swiglu"  # swiglu | geglu | gelu
   dtype: Dtype = jnp.float32
   quant: str | None = None
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x_BLD):
     d, f = self.features, self.hidden
-    dense = functools.partial(Dense, dtype=self.dtype, quant=self.quant)
+    dense = functools.partial(Dense, dtype=self.dtype, quant=self.quant, use_bias=self.use_bias)
     up_BLF = dense((d, f), (sh.EMBED, sh.MLP), name="up")(x_BLD)
-    if self.activation == "swiglu":
+    if self.activation in ("swiglu", "geglu"):
       gate_BLF = dense((d, f), (sh.EMBED, sh.MLP), name="gate")(x_BLD)
-      h_BLF = nn.silu(gate_BLF) * up_BLF
+      act = nn.silu if self.activation == "swiglu" else functools.partial(nn.gelu,
+                                                                         approximate=True)
+      h_BLF = act(gate_BLF) * up_BLF
     else:
-      h_BLF = nn.gelu(up_BLF)
+      h_BLF = nn.gelu(up_BLF, approximate=True)
     return dense((f, d), (sh.MLP, sh.EMBED), name="down")(h_BLF)
 
 
@@ -227,38 +326,47 @@ class Attention(nn.Module):
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  rope_theta: float = 10_000.0
+  rope_theta: float | None = 10_000.0  # None: no rotary embedding (learned positions)
+  rope_scaling: str | None = None  # a parse_rope_scaling spec
   mask: masks.Mask | None = None  # kernels.masks pattern (masks.causal() for a causal LM)
+  sm_scale: float | None = None  # score scale; None: head_dim ** -0.5
   logit_soft_cap: float | None = None
   implementation: str | None = None
   interpret: bool = False
   decode: bool = False
   dtype: Dtype = jnp.float32
   quant: str | None = None
+  qkv_bias: bool = False
+  out_bias: bool = False
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
     d, h, k, e = x_BLD.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
-    q = Dense((d, h, e), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), dtype=self.dtype, quant=self.quant,
-              name="q")(x_BLD)
-    key = Dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), dtype=self.dtype,
-                quant=self.quant, name="k")(x_BLD)
-    value = Dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), dtype=self.dtype,
-                  quant=self.quant, name="v")(x_BLD)
+    dense = functools.partial(Dense, dtype=self.dtype, quant=self.quant)
+    q = dense((d, h, e), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias, name="q")(
+        x_BLD)
+    key = dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias,
+                name="k")(x_BLD)
+    value = dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias,
+                  name="v")(x_BLD)
     if self.decode:
       out = self._attend_with_cache(q, key, value, segment_ids_BL, positions_BL)
     else:
-      q = apply_rope(q, positions_BL, self.rope_theta)
-      key = apply_rope(key, positions_BL, self.rope_theta)
+      q, key = self._rope(q, positions_BL), self._rope(key, positions_BL)
       # Interpreted kernels use the plain Pallas interpreter: the TPU interpreter has side
       # effects, which nn.scan's loop-invariance check rejects (jax >= 0.11).
       out = kernels.block_sparse_attention(
-          q, key, value, self.mask, segment_ids=segment_ids_BL,
+          q, key, value, self.mask, segment_ids=segment_ids_BL, sm_scale=self.sm_scale,
           logit_soft_cap=self.logit_soft_cap, implementation=self.implementation,
           interpret="generic" if self.interpret else None,
           **_kernel_mesh(self.implementation, q.shape[1], self.mask))
-    return Dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, dtype=self.dtype,
-                 quant=self.quant, name="o")(out)
+    return dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, use_bias=self.out_bias,
+                 name="o")(out)
+
+  def _rope(self, x_BLHE, positions_BL):
+    if self.rope_theta is None:
+      return x_BLHE
+    return apply_rope(x_BLHE, positions_BL, self.rope_theta, self.rope_scaling)
 
   def _attend_with_cache(self, q, key, value, segment_ids_BL, positions_BL):
     """Writes this call's keys/values at ``index`` and attends to the whole cache."""
@@ -271,8 +379,7 @@ class Attention(nn.Module):
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(index.value + jnp.arange(length), (batch, length))
-    q = apply_rope(q, positions_BL, self.rope_theta)
-    key = apply_rope(key, positions_BL, self.rope_theta)
+    q, key = self._rope(q, positions_BL), self._rope(key, positions_BL)
     if not initialized:
       return jnp.zeros_like(q)
     start = index.value
@@ -286,4 +393,5 @@ class Attention(nn.Module):
     segments = attention_reference.SegmentIds(segment_ids_BL, cached_segments.value)
     return attention_reference.attention(q, cached_key.value, cached_value.value,
                                          mask=self.mask, segment_ids=segments, q_offset=start,
+                                         sm_scale=self.sm_scale,
                                          logit_soft_cap=self.logit_soft_cap)

@@ -31,7 +31,10 @@ from flaxseed.kernels import masks
 from flaxseed.models import layers
 from flaxseed.models import sharding as sh
 
-MLP_ACTIVATIONS = ("swiglu", "gelu")
+MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")  # gated SiLU, gated tanh-GELU, plain tanh-GELU
+NORMS = ("rms", "layer")
+BIASES = ("none", "qkv", "all")
+POSITION_EMBEDDINGS = ("rope", "learned")
 QUANT_MODES = (None, "ternary")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = {
@@ -53,8 +56,9 @@ class TransformerConfig:
   num_kv_heads: int | None = None  # None: num_heads (MHA); 1: MQA; in between: GQA
   head_dim: int | None = None  # None: d_model // num_heads
   mlp_dim: int = 512
-  mlp_activation: str = "swiglu"  # swiglu | gelu
+  mlp_activation: str = "swiglu"  # see MLP_ACTIVATIONS
   rope_theta: float = 10_000.0
+  rope_scaling: str | None = None  # layers.parse_rope_scaling spec, e.g. "llama3:factor=8"
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   causal: bool = True
@@ -74,6 +78,15 @@ class TransformerConfig:
   # (absmean ternary weights, 8-bit absmax activations, straight-through gradients); export with
   # models.quantize.quantize_params(params, fmt="ternary"). Embeddings stay in float.
   quant: str | None = None
+  # What the open model families differ in (models/hf.py maps their checkpoints onto these):
+  norm: str = "rms"  # rms | layer (LayerNorm with a bias: GPT-2)
+  norm_offset: float = 0.0  # RMSNorm multiplies by (offset + scale); Gemma stores scale - 1: 1.0
+  post_norms: bool = False  # also normalize each sublayer's output before the residual (Gemma 2)
+  biases: str = "none"  # none | qkv (q, k, v projections: Qwen2) | all (every projection: GPT-2)
+  position_embedding: str = "rope"  # rope | learned (a [max_positions, D] table added: GPT-2)
+  max_positions: int | None = None  # the learned table's length; longer inputs raise
+  embed_scale: bool = False  # multiply the embeddings by sqrt(d_model) (Gemma)
+  attn_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
@@ -88,8 +101,27 @@ class TransformerConfig:
     if self.num_heads % self.kv_heads:
       raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
                        f"num_heads={self.num_heads}")
-    if self.head_size % 2:
-      raise ValueError(f"the head dim ({self.head_size}) must be even for RoPE")
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      raise ValueError(f"position_embedding={self.position_embedding!r} is not one of "
+                       f"{POSITION_EMBEDDINGS}")
+    if self.position_embedding == "rope":
+      if self.head_size % 2:
+        raise ValueError(f"the head dim ({self.head_size}) must be even for RoPE")
+      # raises, naming the bad field; equal scalings compare (and hash) equal
+      object.__setattr__(self, "rope_scaling", layers.canonical_rope_scaling(self.rope_scaling))
+    elif self.rope_scaling is not None:
+      raise ValueError("rope_scaling needs position_embedding='rope'")
+    if self.position_embedding == "learned" and (self.max_positions or 0) <= 0:
+      raise ValueError(f"position_embedding='learned' needs max_positions > 0, got "
+                       f"{self.max_positions}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm={self.norm!r} is not one of {NORMS}")
+    if self.norm == "layer" and self.norm_offset:
+      raise ValueError("norm_offset applies to norm='rms' only")
+    if self.biases not in BIASES:
+      raise ValueError(f"biases={self.biases!r} is not one of {BIASES}")
+    if self.attn_scale is not None and self.attn_scale <= 0:
+      raise ValueError(f"attn_scale must be positive or None, got {self.attn_scale}")
     if self.mlp_activation not in MLP_ACTIVATIONS:
       raise ValueError(f"mlp_activation={self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}")
     if self.dtype not in DTYPES:
@@ -144,7 +176,7 @@ class TransformerConfig:
     causal query sees ``(L + 1) / 2`` keys on average (the work a causal kernel must do).
     """
     d, h, k, e, f = self.d_model, self.num_heads, self.kv_heads, self.head_size, self.mlp_dim
-    mlp_mats = 3 if self.mlp_activation == "swiglu" else 2
+    mlp_mats = 2 if self.mlp_activation == "gelu" else 3
     per_layer = d * h * e * 2 + d * k * e * 2 + mlp_mats * d * f
     matmul_params = self.num_layers * per_layer + d * self.vocab_size
     keys = sum(_visible_keys(self.layer_mask(i), seq_len) for i in range(self.num_layers))
@@ -200,23 +232,44 @@ class TransformerConfig:
                          tie_embeddings=False, norm_eps=1e-5, remat_policy="full"), **kw})
 
   @classmethod
+  def qwen2_0_5b(cls, **kw):
+    """Qwen2.5 0.5B sizes: q/k/v biases, tied embeddings."""
+    return cls(**{**dict(vocab_size=151_936, d_model=896, num_layers=24, num_heads=14,
+                         num_kv_heads=2, mlp_dim=4864, rope_theta=1_000_000.0, biases="qkv",
+                         remat_policy="dots_no_batch"), **kw})
+
+  @classmethod
+  def gemma2_2b(cls, **kw):
+    """Gemma 2 2B sizes: norms around 1 + scale before and after each sublayer, sqrt(d)
+    embedding scale, GeGLU, soft-capped logits, local (4096) and global layers alternating."""
+    return cls(**{**dict(vocab_size=256_000, d_model=2304, num_layers=26, num_heads=8,
+                         num_kv_heads=4, head_dim=256, mlp_dim=9216, mlp_activation="geglu",
+                         norm_offset=1.0, post_norms=True, embed_scale=True, attn_scale=1 / 16,
+                         logit_soft_cap=30.0, attn_logit_soft_cap=50.0,
+                         attention_pattern=("sliding_window:4096", "global"),
+                         remat_policy="dots_no_batch"), **kw})
+
+  @classmethod
   def gpt2_124m(cls, **kw):
-    """GPT-2 (small) sizes: GELU MLP, tied embeddings, 50257-token vocabulary."""
-    return cls(**{**dict(vocab_size=50_257, d_model=768, num_layers=12, num_heads=12,
-                         mlp_dim=3072, mlp_activation="gelu", norm_eps=1e-5), **kw})
+    """GPT-2 (small): LayerNorm, learned positions (1024), biases, tanh-GELU MLP, tied
+    embeddings, 50257-token vocabulary."""
+    return cls(**{**_GPT2, **dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072), **kw})
 
   @classmethod
   def gpt2_355m(cls, **kw):
-    """GPT-2 medium sizes."""
-    return cls(**{**dict(vocab_size=50_257, d_model=1024, num_layers=24, num_heads=16,
-                         mlp_dim=4096, mlp_activation="gelu", norm_eps=1e-5), **kw})
+    """GPT-2 medium."""
+    return cls(**{**_GPT2, **dict(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+                  **kw})
 
   @classmethod
   def gpt2_1_5b(cls, **kw):
-    """GPT-2 XL sizes."""
-    return cls(**{**dict(vocab_size=50_257, d_model=1600, num_layers=48, num_heads=25,
-                         mlp_dim=6400, mlp_activation="gelu", norm_eps=1e-5,
-                         remat_policy="dots_no_batch"), **kw})
+    """GPT-2 XL."""
+    return cls(**{**_GPT2, **dict(d_model=1600, num_layers=48, num_heads=25, mlp_dim=6400,
+                                  remat_policy="dots_no_batch"), **kw})
+
+
+_GPT2 = dict(vocab_size=50_257, norm="layer", position_embedding="learned", max_positions=1024,
+             biases="all", mlp_activation="gelu", norm_eps=1e-5)
 
 
 PRESETS = {
@@ -227,6 +280,8 @@ PRESETS = {
     "transformer-1b": TransformerConfig.one_b,
     "llama-style-1b": TransformerConfig.llama_1b,
     "llama-style-8b": TransformerConfig.llama_8b,
+    "qwen2-style-0.5b": TransformerConfig.qwen2_0_5b,
+    "gemma2-style-2b": TransformerConfig.gemma2_2b,
     "gpt2-style-124m": TransformerConfig.gpt2_124m,
     "gpt2-style-355m": TransformerConfig.gpt2_355m,
     "gpt2-style-1.5b": TransformerConfig.gpt2_1_5b,
@@ -257,18 +312,32 @@ class Block(nn.Module):
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
     cfg, dtype = self.config, self.config.compute_dtype
     x_BLD = sh.constrain(x_BLD, (sh.BATCH, sh.LENGTH, sh.EMBED))
-    h = layers.RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BLD)
-    h = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.head_size, rope_theta=cfg.rope_theta,
-                         mask=self.mask, logit_soft_cap=cfg.attn_logit_soft_cap,
+    h = norm(cfg, "attn_norm")(x_BLD)
+    h = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.head_size,
+                         rope_theta=cfg.rope_theta if cfg.position_embedding == "rope" else None,
+                         rope_scaling=cfg.rope_scaling, mask=self.mask, sm_scale=cfg.attn_scale,
+                         logit_soft_cap=cfg.attn_logit_soft_cap,
                          implementation=cfg.attention_impl, interpret=cfg.attention_interpret,
-                         decode=self.decode, dtype=dtype, quant=cfg.quant, name="attn")(
-                             h, segment_ids_BL, positions_BL)
+                         decode=self.decode, dtype=dtype, quant=cfg.quant,
+                         qkv_bias=cfg.biases != "none", out_bias=cfg.biases == "all",
+                         name="attn")(h, segment_ids_BL, positions_BL)
+    if cfg.post_norms:
+      h = norm(cfg, "attn_post_norm")(h)
     x_BLD = x_BLD + h
-    h = layers.RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BLD)
+    h = norm(cfg, "mlp_norm")(x_BLD)
     h = layers.Mlp(cfg.d_model, cfg.mlp_dim, cfg.mlp_activation, dtype, quant=cfg.quant,
-                   name="mlp")(h)
+                   use_bias=cfg.biases == "all", name="mlp")(h)
+    if cfg.post_norms:
+      h = norm(cfg, "mlp_post_norm")(h)
     x_BLD = sh.constrain(x_BLD + h, (sh.BATCH, sh.LENGTH, sh.EMBED))
     return x_BLD, None
+
+
+def norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  """The config's normalization layer (RMSNorm, with Gemma's offset, or LayerNorm)."""
+  if cfg.norm == "layer":
+    return layers.LayerNorm(cfg.norm_eps, cfg.compute_dtype, name=name)
+  return layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_offset, name=name)
 
 
 class BlockGroup(nn.Module):
@@ -311,10 +380,17 @@ class Transformer(nn.Module):
     cfg = self.config
     if decode and not cfg.causal:
       raise ValueError("decode=True needs a causal model (config.causal=False)")
+    if cfg.max_positions is not None and tokens_BL.shape[1] > cfg.max_positions:
+      raise ValueError(f"{tokens_BL.shape[1]} tokens exceed max_positions={cfg.max_positions} "
+                       "(the learned position table)")
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, name="embed")
     x_BLD = embed(tokens_BL)
+    if cfg.embed_scale:  # Gemma: the scale rounded to the compute dtype, as its reference does
+      x_BLD = x_BLD * jnp.asarray(np.sqrt(cfg.d_model), x_BLD.dtype)
+    if cfg.position_embedding == "learned":
+      x_BLD = x_BLD + self._learned_positions(tokens_BL, positions, decode)
 
     if cfg.scan_layers:
       # The scanned unit: one block, or one period of blocks when layers' masks differ.
@@ -333,7 +409,7 @@ class Transformer(nn.Module):
         x_BLD, _ = _block_class(cfg)(cfg, decode, cfg.layer_mask(i), name=f"layers_{i}")(
             x_BLD, segment_ids, positions)
 
-    x_BLD = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BLD)
+    x_BLD = norm(cfg, "final_norm")(x_BLD)
     if cfg.tie_embeddings:
       logits = embed.attend(x_BLD)
     else:
@@ -344,3 +420,18 @@ class Transformer(nn.Module):
       logits = cfg.logit_soft_cap * jnp.tanh(logits / cfg.logit_soft_cap)
     return sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.VOCAB))
 
+
+  def _learned_positions(self, tokens_BL, positions_BL, decode: bool):
+    """Rows of the learned position table; when decoding without explicit positions, the
+    cache's own counter continues from the tokens already written."""
+    cfg = self.config
+    if positions_BL is None:  # decode: count in the cache, as the attention layers do
+      initialized = self.has_variable("cache", "position_index")
+      index = self.variable("cache", "position_index", lambda: jnp.zeros((), jnp.int32))
+      positions_BL = jnp.broadcast_to(index.value + jnp.arange(tokens_BL.shape[1]),
+                                      tokens_BL.shape)
+      if initialized:
+        index.value = index.value + tokens_BL.shape[1]
+    table = layers.Embed(cfg.max_positions, cfg.d_model, cfg.compute_dtype,
+                         axes=(sh.LENGTH, sh.EMBED), name="pos_embed")
+    return table(positions_BL)

@@ -41,7 +41,7 @@ def test_loads_a_hugging_face_folder(tmp_path, repo):
       vocab_size=256, d_model=32, num_layers=1, num_heads=2, mlp_dim=64))
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   hf.to_pretrained(model, params, str(tmp_path / "hf"))
-  with pytest.raises(ValueError, match="tokenizer.json"):  # none in the folder
+  with pytest.raises(ValueError, match="no tokenizer.json or tokenizer.model"):
     cli.load(None, str(tmp_path / "hf"), None)
   with pytest.raises(ValueError, match="exactly one"):
     cli.load(str(tmp_path), str(tmp_path / "hf"), None)

@@ -1,10 +1,12 @@
-"""Hugging Face checkpoints in and out (Llama layout) and peft adapter export.
+"""Hugging Face checkpoints in and out (Llama, Mistral, Qwen2, Gemma, Gemma 2, GPT-2) and peft
+adapter export.
 
 Round trips run everywhere; the parity tests against ``transformers`` and ``peft`` run where
 they are installed (the ``torch`` extra) and skip otherwise.
 """
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -27,11 +29,28 @@ def _model(**kw):
       "mlp_dim": 80, "tie_embeddings": False, "norm_eps": 1e-5, "rope_theta": 500.0, **kw})
   model = transformer.Transformer(cfg)
   params = model.init(jax.random.key(0), TOKENS)["params"]
-  # Norm scales away from 1, so a wrong mapping of them shows.
+  # Norm scales and biases away from their init, so a wrong mapping of them shows.
   params = jax.tree_util.tree_map_with_path(
       lambda kp, x: x + 0.1 * jax.random.normal(jax.random.key(len(kp)), x.shape)
-      if "scale" in jax.tree_util.keystr(kp) else x, nn.unbox(params))
+      if re.search("scale|bias", jax.tree_util.keystr(kp)) else x, nn.unbox(params))
   return model, params
+
+
+# The transformer fields of each family (tiny shapes from _model), and its model_type.
+FAMILIES = {
+    "llama": ("llama", dict(rope_scaling="llama3:factor=8,original_max_position_embeddings=8")),
+    "mistral": ("mistral", dict(attention_pattern=("sliding_window:4",))),
+    "qwen2": ("qwen2", dict(biases="qkv")),
+    "gemma": ("gemma", dict(norm_offset=1.0, embed_scale=True, mlp_activation="geglu",
+                            tie_embeddings=True, head_dim=16)),
+    "gemma2": ("gemma2", dict(norm_offset=1.0, embed_scale=True, mlp_activation="geglu",
+                              tie_embeddings=True, head_dim=16, post_norms=True,
+                              logit_soft_cap=3.0, attn_logit_soft_cap=5.0, attn_scale=0.2,
+                              attention_pattern=("sliding_window:4", "global"))),
+    "gpt2": ("gpt2", dict(norm="layer", position_embedding="learned", max_positions=32,
+                          biases="all", mlp_activation="gelu", tie_embeddings=True,
+                          num_kv_heads=None, rope_theta=10_000.0)),
+}
 
 
 def _adapters(params, cfg, seed=3):
@@ -68,6 +87,45 @@ def test_round_trip_gives_the_same_parameters(tmp_path, kw):
                              model.apply({"params": loaded}, TOKENS), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_round_trips(tmp_path, family):
+  model_type, kw = FAMILIES[family]
+  model, params = _model(scan_layers=family != "gpt2", **kw)
+  hf.to_pretrained(model, params, str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+  loaded_model, loaded = hf.from_pretrained(str(tmp_path), scan_layers=family != "gpt2")
+  assert loaded_model.config == model.config
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loads_sharded_on_a_mesh(tmp_path):
+  model, params = _model(biases="qkv", vocab_size=96)
+  hf.to_pretrained(model, params, str(tmp_path))
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+  _, sharded = hf.from_pretrained(str(tmp_path), mesh=mesh)
+  q = sharded["layers"]["attn"]["q"]["kernel"]  # [layers, D, H, E]: D over fsdp, H over tensor
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  assert q.addressable_shards[0].data.shape == (2, 24, 2, 12)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(sharded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tokenizer_from_the_folder(tmp_path):
+  pytest.importorskip("tokenizers")
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="no tokenizer.json or tokenizer.model"):
+    hf.tokenizer(str(tmp_path))
+  tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.train_from_iterator(["hello world"] * 20, trainers.BpeTrainer(vocab_size=40,
+                                                                    special_tokens=["[UNK]"]))
+  tok.save(str(tmp_path / "tokenizer.json"))
+  loaded = hf.tokenizer(str(tmp_path))
+  assert loaded.decode(loaded.encode("hello world")).replace(" ", "") == "helloworld"
+
+
 def test_peft_export_layout(tmp_path):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   model, params = _model()
@@ -91,14 +149,21 @@ def test_peft_export_layout(tmp_path):
 
 
 def test_unsupported_configs_are_refused(tmp_path):
-  with pytest.raises(ValueError, match="mlp_activation"):
+  with pytest.raises(ValueError,
+                     match=r"closest, llama, needs: mlp_activation='gelu' \(needs 'swiglu'\)"):
     hf.to_hf_config(transformer.TransformerConfig(mlp_activation="gelu"))
+  with pytest.raises(ValueError, match="attention_pattern"):
+    hf.to_hf_config(transformer.TransformerConfig(attention_pattern=("chunked_causal:4",)))
   base = hf.to_hf_config(transformer.TransformerConfig())
-  for key, value, match in (("model_type", "gpt2", "model_type='gpt2'"),
+  for key, value, match in (("model_type", "t5", "model_type='t5'"),
                             ("attention_bias", True, "attention_bias"),
-                            ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope")):
+                            ("hidden_act", "gelu", "hidden_act='gelu'"),
+                            ("rope_parameters", {"rope_type": "yarn", "factor": 8.0}, "yarn"),
+                            ("rope_parameters", {"rope_type": "linear"}, "factor")):
     with pytest.raises(ValueError, match=match):
       hf.from_hf_config({**base, key: value})
+  with pytest.raises(ValueError, match="use_sliding_window"):
+    hf.from_hf_config({**base, "model_type": "qwen2", "use_sliding_window": True})
   with pytest.raises(ValueError, match="no config.json"):
     hf.from_pretrained(str(tmp_path))
 
@@ -111,23 +176,47 @@ def _torch_logits(model, tokens):
     return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
 
 
-def test_transformers_llama_gives_the_same_logits_both_ways(tmp_path):
-  pytest.importorskip("torch")
+def _hf_config(transformers, family):
+  """A tiny random config of ``family`` in transformers' own classes."""
+  common = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                rope_theta=500.0, tie_word_embeddings=False)
+  gemma = dict(common, head_dim=16, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
+  return {
+      "llama": lambda: transformers.LlamaConfig(**common, rope_scaling={
+          "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+      "mistral": lambda: transformers.MistralConfig(**common, sliding_window=4),
+      "qwen2": lambda: transformers.Qwen2Config(**common),
+      "gemma": lambda: transformers.GemmaConfig(**gemma),
+      "gemma2": lambda: transformers.Gemma2Config(
+          **gemma, query_pre_attn_scalar=24, sliding_window=4, final_logit_softcapping=3.0,
+          attn_logit_softcapping=5.0),
+      "gpt2": lambda: transformers.GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=4,
+                                              n_positions=32),
+  }[family]()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_transformers_gives_the_same_logits_both_ways(tmp_path, family):
+  torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  # transformers' own random model -> flaxseed.
-  hf_config = transformers.LlamaConfig(
-      vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500.0,
-      tie_word_embeddings=False)
-  theirs = transformers.LlamaForCausalLM(hf_config).eval()
-  theirs.save_pretrained(str(tmp_path / "theirs"))
+  auto = transformers.AutoModelForCausalLM
+  # transformers' own random model (every weight moved off its init) -> flaxseed.
+  torch.manual_seed(0)
+  theirs = auto.from_config(_hf_config(transformers, family), attn_implementation="eager")
+  with torch.no_grad():
+    for p in theirs.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  theirs.eval().save_pretrained(str(tmp_path / "theirs"))
   model, params = hf.from_pretrained(str(tmp_path / "theirs"))
+  assert hf.to_hf_config(model.config)["model_type"] == FAMILIES[family][0]
   want = _torch_logits(theirs, TOKENS)
   assert np.max(np.abs(np.asarray(model.apply({"params": params}, TOKENS)) - want)) <= 1e-4
-  # flaxseed -> transformers.
-  model, params = _model()
+  # flaxseed (moved off what was loaded) -> transformers.
+  params = jax.tree.map(lambda x: x * 1.1, params)
   hf.to_pretrained(model, params, str(tmp_path / "ours"))
-  loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+  loaded = auto.from_pretrained(str(tmp_path / "ours"), attn_implementation="eager").eval()
   got = _torch_logits(loaded, TOKENS)
   assert np.max(np.abs(got - np.asarray(model.apply({"params": params}, TOKENS)))) <= 1e-4
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flaxseed import models
+from flaxseed.models import layers
 from flaxseed.models import sae
 from flaxseed.models import sampling
 from flaxseed.models import transformer
@@ -36,8 +37,17 @@ def _embedding_grad_rows(model, params, t, length):
   return np.abs(np.asarray(grad[:length])).sum(-1)  # row i = token at position i
 
 
+# The architecture fields of two Hugging Face families (models/hf.py), at tiny sizes.
+GPT2_LIKE = dict(norm="layer", biases="all", position_embedding="learned", max_positions=16,
+                 mlp_activation="gelu")
+GEMMA2_LIKE = dict(norm_offset=1.0, post_norms=True, embed_scale=True, mlp_activation="geglu",
+                   attn_scale=0.1, logit_soft_cap=5.0, attn_logit_soft_cap=3.0,
+                   attention_pattern=("sliding_window:4", "global"))
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2), dict(num_kv_heads=1),
-                                dict(scan_layers=False, mlp_activation="gelu")])
+                                dict(scan_layers=False, mlp_activation="gelu"),
+                                GPT2_LIKE])
 def test_causal_model_sees_no_future_token(kw):
   model = _model(tie_embeddings=False, **kw)  # untied: the gradient only flows through inputs
   length, t = 12, 5
@@ -55,7 +65,9 @@ def test_bidirectional_model_sees_future_tokens():
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2, scan_layers=False),
                                 dict(num_kv_heads=1, attn_logit_soft_cap=3.0),
-                                dict(attention_pattern=("sliding_window:4", "global"))])
+                                dict(attention_pattern=("sliding_window:4", "global")),
+                                GPT2_LIKE, GEMMA2_LIKE,
+                                dict(biases="qkv", rope_scaling="llama3:factor=8")])
 def test_kv_cache_decode_matches_full_forward(kw):
   model = _model(**kw)
   params = _init(model)
@@ -260,10 +272,41 @@ def test_flops_per_token_counts_matmul_parameters():
     (dict(remat_policy="some"), "remat_policy"),
     (dict(attention_pattern=("sliding_window:x",)), "bad term 'sliding_window:x'"),
     (dict(attention_pattern=("global",) * 3), "multiple of len.attention_pattern.=3"),
+    (dict(norm="batch"), "norm='batch'"),
+    (dict(norm="layer", norm_offset=1.0), "norm_offset applies to norm='rms'"),
+    (dict(biases="some"), "biases='some'"),
+    (dict(position_embedding="learned"), "needs max_positions > 0"),
+    (dict(rope_scaling="llama3:factr=8"), "no field 'factr'"),
+    (dict(rope_scaling="yarn:factor=8"), "kind 'yarn'"),
+    (dict(rope_scaling="linear"), "factor must be a positive number"),
 ])
 def test_bad_config_values_name_the_field(bad, match):
   with pytest.raises(ValueError, match=match):
     transformer.TransformerConfig(**{**TINY, **bad})
+
+
+def test_learned_positions_refuse_inputs_longer_than_their_table():
+  model = _model(**GPT2_LIKE)
+  _init(model, 16)
+  with pytest.raises(ValueError, match="17 tokens exceed max_positions=16"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 17), jnp.int32))
+  with pytest.raises(ValueError, match="max_positions=16"):  # the cache is as long as the table
+    sampling.init_cache(model, batch_size=1, max_len=17)
+
+
+def test_rope_scaling_rescales_the_low_frequencies():
+  base = layers.rope_frequencies(64, 500_000.0)
+  scaled = layers.rope_frequencies(64, 500_000.0, "llama3:factor=8")
+  wavelen = 2 * np.pi / base
+  np.testing.assert_allclose(scaled[wavelen < 8192 / 4], base[wavelen < 8192 / 4])  # high: kept
+  np.testing.assert_allclose(scaled[wavelen > 8192], base[wavelen > 8192] / 8)  # low: / factor
+  middle = (wavelen >= 8192 / 4) & (wavelen <= 8192)
+  assert middle.any() and np.all((scaled[middle] <= base[middle])
+                                  & (scaled[middle] >= base[middle] / 8))
+  np.testing.assert_allclose(layers.rope_frequencies(64, 1e4, "linear:factor=4"),
+                             layers.rope_frequencies(64, 1e4) / 4)
+  assert transformer.TransformerConfig(rope_scaling="llama3:factor=8.0") == (
+      transformer.TransformerConfig(rope_scaling="llama3:high_freq_factor=4,factor=8"))
 
 
 def test_zoo_registry():
