@@ -1,8 +1,8 @@
 """Metrics: a progress line on the console, ``metrics.jsonl`` and TensorBoard event files.
 
 Only process 0 writes. ``metrics.jsonl`` holds one JSON object per logged step with ``step`` and
-every metric (eval metrics prefixed ``eval/``); a resumed run appends, so a step redone after a
-crash appears twice (readers keep the last). TensorBoard files go to ``workdir/tensorboard`` and
+every metric (eval metrics prefixed ``eval/``); a resumed run first drops the rows of the steps
+after its checkpoint (it redoes them), then appends, so every step appears once. TensorBoard files go to ``workdir/tensorboard`` and
 are written by tensorboardX (no TensorFlow).
 """
 
@@ -62,15 +62,40 @@ def peak_flops(devices, dtype) -> tuple[float, str]:
           f"measured {jnp.dtype(dtype).name} matmuls on {len(devices)} x {kind}")
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites ``path`` without its rows of steps after ``step`` (atomically: a crash leaves
+  the old file or the new one). A torn last line (a crash mid-write) is dropped too."""
+  kept, dropped = [], False
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        dropped = True
+        continue
+      if row.get("step", 0) > step:
+        dropped = True
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
   """Writes metrics of logged steps; every method is a no-op off process 0."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, start_step: int = 0):
+    """``start_step``: the step training resumes from; rows logged after it are dropped."""
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      _drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:

@@ -365,7 +365,7 @@ class _Loop:
       logging.info("resumed from %s at step %d", workdir, self.step)
       self._print(f"resumed from checkpoint at step {self.step}")
     self.eval_batches = [_global_batch(b, s.batch_spec) for b in eval_data]
-    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.lead)
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.lead, start_step=self.step)
     self.flops_per_token = self.task.flops_per_token()
     self.peak, source = metrics_lib.peak_flops(
         s.mesh.devices.flat, getattr(self.task.model.config, "compute_dtype", jnp.float32))

@@ -119,6 +119,9 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(tmp_path, repo, child_
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from checkpoint at step {complete}" in result.stdout
   assert losses(tmp_path) == reference_losses  # steps redone after the kill match too
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
+           if "loss" in json.loads(line)]
+  assert steps == sorted(set(steps)), "a redone step was logged twice"
 
 
 @pytest.mark.parametrize("flag,message", [

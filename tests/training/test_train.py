@@ -10,6 +10,7 @@ import pytest
 from flaxseed import training
 from flaxseed.configs import common
 from flaxseed.configs import lm
+from flaxseed.training import metrics as metrics_lib
 from flaxseed.training import trainer
 
 
@@ -68,6 +69,17 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, losses):
   params = [ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints" / "6" / "state")
             ["params"] for run in ("whole", "split")]
   np.testing.assert_array_equal(params[0]["embed"]["embedding"], params[1]["embed"]["embedding"])
+
+
+def test_a_resumed_run_drops_the_metrics_rows_it_redoes(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6))
+                  + '{"step": 6, "lo')  # torn by a crash mid-write
+  writer = metrics_lib.MetricsWriter(str(tmp_path), start_step=3)
+  writer.write(4, {"loss": 0.5})
+  writer.close()
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 0.5
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
