@@ -2,7 +2,10 @@
 
 Pre-norm RMSNorm blocks of RoPE attention (MHA, GQA or MQA) and a SwiGLU or GELU MLP; tied or
 untied embeddings; optional logit soft-caps; ``causal=False`` turns it into the bidirectional
-network that the masked-diffusion LM reuses. Layers are stacked with ``nn.scan`` (one compiled
+network that the masked-diffusion LM reuses. The fields in which the open model families differ
+(LayerNorm, learned positions, biases, Gemma's norm offset, post-norms and embedding scale, GeGLU,
+a score scale, Llama 3 rope scaling) are config fields of this one model, so ``models/hf.py``
+loads Llama, Mistral, Qwen2, Gemma, Gemma 2 and GPT-2 checkpoints into it. Layers are stacked with ``nn.scan`` (one compiled
 block, a leading ``layers`` axis on every block parameter) and rematerialized by a named policy.
 Attention goes through ``flaxseed.kernels`` (``attention_impl`` picks the implementation) under a
 per-layer mask: ``attention_pattern=("sliding_window:4096", "global")`` alternates local and global
