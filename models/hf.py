@@ -31,7 +31,8 @@ parameter path to a Hugging Face module; ``lora.to_peft`` uses it for adapters.
 Whatever a family's ``config.json`` asks for that the transformer cannot do (another rope
 scaling, an exact-erf GELU, Qwen2's per-layer sliding windows...) raises a ``ValueError`` naming
 the field. Parameters are float32 (bf16 files are upcast). ``from_pretrained(dir, mesh=...)``
-places each parameter straight into its sharded device arrays (one tensor at a time on the host).
+places each parameter straight into its sharded device arrays (one layer's tensor at a time on the
+host).
 ``safetensors`` is the one extra dependency (the ``hf`` extra).
 """
 
@@ -404,8 +405,10 @@ def from_state_dict(model: transformer.Transformer, tensors, *, mesh=None,
   """``params`` of ``model`` from ``tensors`` (name -> array; a mapping read lazily is fine).
 
   With a ``jax.sharding.Mesh``, each parameter goes straight to its sharded device arrays
-  (``rules``: logical axis rules), read one tensor at a time on the host. Missing names raise a
-  ``ValueError``; extra ones (rotary caches, GPT-2's attention-mask buffers) are ignored.
+  (``rules``: logical axis rules): every device's shard is cut from one tensor (one layer's, for
+  stacked parameters) at a time on the host, so no host holds the model, nor a whole stack of
+  layers. Missing names raise a ``ValueError``; extra ones (rotary caches, GPT-2's attention-mask
+  buffers) are ignored.
   """
   cfg = model.config
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -414,18 +417,20 @@ def from_state_dict(model: transformer.Transformer, tensors, *, mesh=None,
   if mesh is not None:
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
 
-  def host(path, shape):
+  def host(path, shape, index=None):
+    """The parameter (``index``: the part of it that one device holds) as a host array; a
+    stacked one is read layer by layer, so the host holds one layer's tensor at a time."""
+    index = index or tuple(slice(None) for _ in shape)
     if not _split_path(path)[0]:
-      return read(path, None, shape)
-    return np.stack([read(path, i, shape[1:]) for i in range(shape[0])])
+      return read(path, None, shape)[index]
+    return np.stack([read(path, i, shape[1:])[index[1:]] for i in range(shape[0])[index[0]]])
 
   def leaf(key_path, x):
     path = quantize.path_string(key_path)
-    value = host(path, x.shape)
     if shardings is None:
-      return jnp.asarray(value)
-    sharding = _lookup(shardings, key_path)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: value[index])
+      return jnp.asarray(host(path, x.shape))
+    return jax.make_array_from_callback(x.shape, _lookup(shardings, key_path),
+                                        lambda index: host(path, x.shape, index))
 
   return jax.tree_util.tree_map_with_path(leaf, nn.unbox(boxed))
 
