@@ -2,8 +2,8 @@
 
 Only process 0 writes. ``metrics.jsonl`` holds one JSON object per logged step with ``step`` and
 every metric (eval metrics prefixed ``eval/``); a resumed run first drops the rows of the steps
-after its checkpoint (it redoes them), then appends, so every step appears once. TensorBoard files go to ``workdir/tensorboard`` and
-are written by tensorboardX (no TensorFlow).
+after its checkpoint (it redoes them), then appends, so every step appears once. TensorBoard
+files go to ``workdir/tensorboard`` and are written by tensorboardX (no TensorFlow).
 """
 
 import json
