@@ -59,14 +59,14 @@ from flaxseed.models import transformer
 _ROPE_BASE = dict(norm="rms", position_embedding="rope", logit_soft_cap=None,
                   attn_logit_soft_cap=None, attn_scale=None, post_norms=False, norm_offset=0.0,
                   embed_scale=False, biases="none", mlp_activation="swiglu")
+_GEMMA = {**_ROPE_BASE, "norm_offset": 1.0, "embed_scale": True, "mlp_activation": "geglu",
+          "tie_embeddings": True}
 FAMILIES = {
     "llama": _ROPE_BASE,
     "qwen2": {**_ROPE_BASE, "biases": "qkv"},
-    "gemma": {**_ROPE_BASE, "norm_offset": 1.0, "embed_scale": True, "mlp_activation": "geglu",
-              "tie_embeddings": True},
-    "gemma2": {**_ROPE_BASE, "norm_offset": 1.0, "embed_scale": True, "mlp_activation": "geglu",
-               "tie_embeddings": True, "post_norms": True, "logit_soft_cap": ...,
-               "attn_logit_soft_cap": ..., "attn_scale": ...},  # ...: any value
+    "gemma": _GEMMA,
+    "gemma2": {**_GEMMA, "post_norms": True, "logit_soft_cap": ..., "attn_logit_soft_cap": ...,
+               "attn_scale": ...},  # ...: any value
     "gpt2": dict(norm="layer", position_embedding="learned", biases="all", mlp_activation="gelu",
                  tie_embeddings=True, logit_soft_cap=None, attn_logit_soft_cap=None,
                  attn_scale=None, post_norms=False, embed_scale=False, num_kv_heads=None,
