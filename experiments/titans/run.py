@@ -254,8 +254,8 @@ READING = """## Reading
   lose at most 0.05 at 4x: the memory does not degrade with length.
 * Why it works: the learned gates (the table above). In LMM's first memory layer, filler tokens
   write with `theta` ~ 0.001 and forget with `alpha` ~ 5e-4; value tokens (the keys reach them
-  through the q/k/v conv) write with `theta` ~ 0.08, near `memory_max_lr` = 0.1. The memory learns to store
-  only the pairs and to keep them, so rows 4x longer are not harder.
+  through the q/k/v conv) write with `theta` ~ 0.08, near `memory_max_lr` = 0.1. The memory
+  learns to store only the pairs and to keep them, so rows 4x longer are not harder.
 * Full attention, meant as the upper bound at 1x, has not left the task's plateau in 1500 steps
   at this recipe (0.44 / 0.39 / 0.31). It is the same recipe and budget as the memories, not a
   tuned baseline.
