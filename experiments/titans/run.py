@@ -138,7 +138,8 @@ def needle_accuracy(config, workdir) -> dict[str, float]:
   return out
 
 
-TOKEN_KINDS = {"filler": (tasks.NEEDLE_FILLER, 256), "key": (tasks.NEEDLE_KEYS, tasks.NEEDLE_VALUES),
+TOKEN_KINDS = {"filler": (tasks.NEEDLE_FILLER, 256),  # token ids [lo, hi) of each kind
+               "key": (tasks.NEEDLE_KEYS, tasks.NEEDLE_VALUES),
                "value": (tasks.NEEDLE_VALUES, tasks.NEEDLE_FILLER)}
 
 
@@ -319,7 +320,8 @@ def main(argv):
   for d in (2,):
     cfg = dataclasses.replace(configs[best], memory_depth=d)
     name = f"needle_{best}_depth{d}"
-    depth["depths"][str(d)] = cached(name + suffix, lambda name=name, cfg=cfg: needle_run(name, cfg))
+    depth["depths"][str(d)] = cached(name + suffix,
+                                     lambda name=name, cfg=cfg: needle_run(name, cfg))
   results["depth_ablation"] = depth
   if not quick:
     results["gates"] = {"variant": "lmm", "by_token": memory_gates(
