@@ -6,7 +6,8 @@ jax. Subprocess tests get the same environment through ``subprocess_env``.
 Many tests compile the same program more than once (a run and its resumed half, one device and
 its twin on a mesh, a subprocess and the in-process reference), so the session shares one
 persistent compilation cache, fresh per session (nothing outlives it); on 2 cores it took
-``tests/training/test_lora_task.py`` from 114 s to 88 s. Set ``JAX_COMPILATION_CACHE_DIR`` yourself to choose another place.
+``tests/training/test_lora_task.py`` from 114 s to 88 s. Set ``JAX_COMPILATION_CACHE_DIR``
+yourself to choose another place.
 """
 
 import atexit
