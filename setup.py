@@ -1,4 +1,4 @@
-"""flaxseed: the repository root is the package ``flaxseed`` (see DESIGN notes in README.md)."""
+"""flaxseed: the repository root is the package ``flaxseed`` (see docs/design.md)."""
 
 import setuptools
 
@@ -10,6 +10,7 @@ setuptools.setup(
     description="A JAX/Flax research codebase: transformer LM, Titans, diffusion LM, SAEs, LoRA.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.11",
     package_dir={"flaxseed": "."},
     packages=["flaxseed"] + [f"flaxseed.{p}" for p in SUBPACKAGES],
@@ -31,18 +32,20 @@ setuptools.setup(
         # sentencepiece let it load real tokenizer files.
         "test": ["pytest>=8", "jax[tpu]>=0.10.2", "tokenizers>=0.20", "sentencepiece>=0.2",
                  "matplotlib>=3.8", "safetensors>=0.4"],
+        # The formatter and linter that CI runs (`ruff format --check .`, `ruff check .`).
+        "lint": ["ruff>=0.15"],
         # libtpu: compiles for any TPU topology on a machine without a TPU (experiments/aot.py).
         "tpu": ["jax[tpu]>=0.10.2"],
         # Local tokenizers: tokenizer.json (Hugging Face tokenizers) and SentencePiece models.
         "tokenizers": ["tokenizers>=0.20", "sentencepiece>=0.2"],
-        # Hugging Face checkpoints and peft adapters (models/hf.py, lora.to_peft): the
+        # Hugging Face checkpoints and peft adapters (models/hf.py, hf.to_peft): the
         # safetensors file format.
         "hf": ["safetensors>=0.4"],
         # Plots of the studies and the SAE feature browser (experiments/sae/browse.py).
         "plots": ["matplotlib>=3.8"],
         # Parity tests and benchmarks against PyTorch only; never a runtime dependency. On
-        # Python 3.11 `pip install torch==2.13.0` takes a CPU wheel (see README).
-        # transformers and peft: the parity tests of models/hf.py and lora.to_peft.
+        # Python 3.11 `pip install torch==2.13.0` takes a CPU wheel (see docs/design.md).
+        # transformers and peft: the parity tests of models/hf.py and hf.to_peft.
         "torch": ["torch>=2.5", "transformers>=4.45", "peft>=0.13", "safetensors>=0.4"],
     },
 )

@@ -30,8 +30,6 @@ HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32, "TP
 def compile_for_topology(config, topology: str) -> dict:
   """Lowers and compiles the train step of ``config`` for ``topology``; returns the report."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  from flaxseed.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from flaxseed.training import tasks  # pylint: disable=g-import-not-at-top
   from flaxseed.training import trainer  # pylint: disable=g-import-not-at-top
 
   try:
@@ -39,10 +37,8 @@ def compile_for_topology(config, topology: str) -> dict:
   except Exception as e:  # pylint: disable=broad-except  (libtpu missing or unknown name)
     raise ValueError(f"--topology={topology!r}: libtpu could not describe it ({e}); "
                      "is libtpu installed (pip install -e '.[tpu]')?") from e
-  mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
-  trainer.validate(config, mesh)
-  task = tasks.build(config)
-  s = trainer.setup(config, task, mesh)
+  s = trainer.setup(config, devices=devices)
+  task, mesh = s.task, s.mesh
   kind = devices[0].device_kind
   hbm = next((gib * 2**30 for prefix, gib in HBM_GIB.items() if kind.startswith(prefix)), None)
   report = {"topology": topology, "device_kind": kind, "num_devices": len(devices),

@@ -18,9 +18,10 @@ import jax
 import numpy as np
 
 from flaxseed import models
+from flaxseed.data import tokenizers
 from flaxseed.models import hf
 from flaxseed.training import checkpoint
-from flaxseed.training import tokenizers
+from flaxseed.training import tasks
 from flaxseed.training import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A flaxseed run (task lm or lora).")
@@ -47,7 +48,7 @@ def load(workdir: str | None, hf_dir: str | None, tokenizer: str | None):
   config = checkpoint.run_config(workdir)
   restored = trainer.restore(config, workdir)
   task = restored.setup.task
-  if not hasattr(task, "model_params"):
+  if not isinstance(task, tasks.LMTask):  # LoRATask is one too
     raise ValueError(f"{workdir}: task={config.task!r} is not a language model "
                      "(generate reads lm and lora runs)")
   params = task.model_params(restored.params, restored.frozen)

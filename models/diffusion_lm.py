@@ -17,7 +17,7 @@ Pieces, top to bottom:
   times are ``u + i / B`` mod 1, MDLM's low-discrepancy sampler) and the mask; ``pretrain_loss`` is
   ``sum_masked CE / p`` over ``B * L`` tokens (the 1/t-weighted ELBO of LLaDA and MDLM);
   ``sft_loss`` noises only response tokens and normalizes each row by its answer length (LLaDA
-  SFT). ``training/tasks.py:DiffusionTask`` puts them in the shared loop.
+  SFT). ``training/tasks/diffusion.py`` puts them in the shared loop.
 * **Sampling** (``generate``, ``infill``): start from masks, and at every step predict all masked
   tokens and commit a fixed number of them (the ``k`` most confident for ``"low_confidence"``, ``k``
   random ones for ``"random"``); the count per step is the remaining masks divided by the remaining

@@ -5,6 +5,7 @@ Gemma 2 and GPT-2.
     model, params = hf.from_pretrained("/path/to/dir")   # config.json + *.safetensors (sharded too)
     tok = hf.tokenizer("/path/to/dir")                   # tokenizer.json or tokenizer.model
     hf.to_pretrained(model, params, "/path/to/out")      # config.json + model.safetensors
+    hf.to_peft(adapters, lora_cfg, "/path/to/adapter")   # LoRA adapters in peft's layout
 
 Every family is the one ``transformer.Transformer`` with some config fields set (``FAMILIES``
 lists them): Qwen2 is Llama with q/k/v biases; Gemma adds the norm offset (``1 + scale``), the
@@ -21,12 +22,13 @@ biases everywhere and a tanh-GELU MLP. The Llama-layout families map name by nam
     mlp/{gate,up,down}/kernel     mlp.{gate,up,down}_proj.weight (transposed)
     embed/embedding, final_norm/scale, unembed/kernel: model.embed_tokens, model.norm, lm_head
 
-A kernel ``[in..., out...]`` is the matrix ``W [I, O]`` (``quantize.zoo_num_in`` says which axes
+A kernel ``[in..., out...]`` is the matrix ``W [I, O]`` (``params.zoo_num_in`` says which axes
 are inputs); ``torch.nn.Linear`` stores ``W^T [O, I]``; GPT-2's ``Conv1D`` stores ``W [I, O]`` and
 fuses q, k, v into one ``c_attn`` (split here by output columns). No permutation of q/k is needed:
 these families use the rotate-half RoPE layout. Layers may be scanned (``layers/...`` with a
 leading layer axis) or unrolled (``layers_{i}/...``). ``module_name`` is the one place that maps a
-parameter path to a Hugging Face module; ``lora.to_peft`` uses it for adapters.
+parameter path to a Hugging Face module; ``to_peft`` uses it to write LoRA adapters in peft's
+layout.
 
 Whatever a family's ``config.json`` asks for that the transformer cannot do (another rope
 scaling, an exact-erf GELU, Qwen2's per-layer sliding windows...) raises a ``ValueError`` naming
@@ -47,8 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxseed.data import tokenizers
 from flaxseed.models import layers
-from flaxseed.models import quantize
+from flaxseed.models import lora
+from flaxseed.models import params as params_lib
 from flaxseed.models import sharding as sh
 from flaxseed.models import transformer
 
@@ -175,7 +179,7 @@ def _tensor_name(path: str, layer: int | None, cfg) -> tuple[str, int | None]:
 def _to_hf(path: str, x: np.ndarray, lay: Layout) -> np.ndarray:
   """A flaxseed parameter (one layer's) in the Hugging Face layout."""
   if path.endswith("/kernel"):
-    w = x.reshape(math.prod(x.shape[:quantize.zoo_num_in(path)]), -1)  # [I, O]
+    w = x.reshape(math.prod(x.shape[:params_lib.zoo_num_in(path)]), -1)  # [I, O]
     return w if lay.conv1d else np.ascontiguousarray(w.T)
   return x.reshape(-1) if path.endswith("/bias") else x  # embeddings [V, D], norms [D]
 
@@ -368,7 +372,7 @@ def to_state_dict(params, cfg: transformer.TransformerConfig) -> dict[str, np.nd
   """Hugging Face tensor name -> float32 array of a transformer's ``params``."""
   lay, out, fused = layout(cfg), {}, {}
   for key_path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
-    path, leaf = quantize.path_string(key_path), np.asarray(leaf, np.float32)
+    path, leaf = params_lib.path_string(key_path), np.asarray(leaf, np.float32)
     stacked = _split_path(path)[0]
     for i, x in enumerate(leaf) if stacked else [(None, leaf)]:
       name, part = _tensor_name(path, i, cfg)
@@ -426,19 +430,13 @@ def from_state_dict(model: transformer.Transformer, tensors, *, mesh=None,
     return np.stack([read(path, i, shape[1:])[index[1:]] for i in range(shape[0])[index[0]]])
 
   def leaf(key_path, x):
-    path = quantize.path_string(key_path)
+    path = params_lib.path_string(key_path)
     if shardings is None:
       return jnp.asarray(host(path, x.shape))
-    return jax.make_array_from_callback(x.shape, _lookup(shardings, key_path),
+    return jax.make_array_from_callback(x.shape, params_lib.get(shardings, path),
                                         lambda index: host(path, x.shape, index))
 
   return jax.tree_util.tree_map_with_path(leaf, nn.unbox(boxed))
-
-
-def _lookup(tree, key_path):
-  for key in key_path:
-    tree = tree[key.key]
-  return tree
 
 
 # ---------------------------------------------------------------------------------- folders
@@ -482,7 +480,6 @@ def from_pretrained(directory: str, *, mesh=None, rules=sh.DEFAULT_RULES, **over
 def tokenizer(directory: str):
   """The folder's tokenizer: ``tokenizer.json`` (the ``tokenizers`` package) or a SentencePiece
   ``tokenizer.model``; a ``ValueError`` when it has neither."""
-  from flaxseed.training import tokenizers  # pylint: disable=g-import-not-at-top
   for name in ("tokenizer.json", "tokenizer.model"):
     if os.path.isfile(os.path.join(directory, name)):
       return tokenizers.load(os.path.join(directory, name), key=f"{directory}/{name}")
@@ -499,3 +496,41 @@ def to_pretrained(model: transformer.Transformer, params, directory: str) -> Non
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
   save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+def to_peft(adapters, cfg: lora.LoraConfig, directory: str, *,
+            base_model_name_or_path: str | None = None) -> None:
+  """Writes LoRA ``adapters`` (``models/lora.py``) as ``adapter_model.safetensors`` and
+  ``adapter_config.json`` in peft's layout, for a transformer in the Llama layout
+  (``to_pretrained`` writes the base; with ``init="pissa"`` the base to pair is the residual the
+  adapters were trained on).
+
+  peft stores ``lora_A.weight = a^T [r, I]``, ``lora_B.weight = b^T [O, r]`` and DoRA's
+  ``lora_magnitude_vector [O]`` per module, under ``base_model.model.<module>``; scanned layers
+  are split into one module per layer.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  tensors, modules = {}, set()
+  for path, entry in lora.entries(adapters).items():
+    entry = {k: np.asarray(v, np.float32) for k, v in entry.items()}
+    layer_ids = range(entry["a"].shape[0]) if params_lib.zoo_stacked(path) else [None]
+    for i in layer_ids:
+      pick = (lambda x: x) if i is None else (lambda x, i=i: x[i])  # noqa: E731
+      name = "base_model.model." + module_name(path, i)
+      modules.add(name.rsplit(".", 1)[-1])
+      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(pick(entry["a"]).T)
+      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(pick(entry["b"]).T)
+      if "magnitude" in entry:
+        tensors[f"{name}.lora_magnitude_vector"] = pick(entry["magnitude"]).reshape(-1)
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank,
+            "lora_alpha": cfg.alpha, "target_modules": sorted(modules),
+            "use_rslora": cfg.variant == "rslora", "use_dora": cfg.variant == "dora",
+            "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path}
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
+            metadata={"format": "pt"})
+  with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)

@@ -11,10 +11,10 @@ leaf type and adds the low-rank path to its matmul, quantized or not:
     logits   = lora.apply(model, params, adapters, cfg, tokens)
     merged   = lora.merge(params, adapters, cfg)      # a plain param tree, same structure as params
     params2  = lora.unmerge(merged, adapters, cfg)    # back to the base (lora/rslora; pissa residual)
-    lora.to_peft(adapters, cfg, "/out/adapter")       # peft's safetensors layout (models/hf.py)
+    hf.to_peft(adapters, cfg, "/out/adapter")         # peft's safetensors layout (models/hf.py)
 
 A Dense kernel ``[in..., out...]`` multiplies as the matrix ``W [I, O]`` (``I = prod(in)``; which
-axes are inputs follows ``models/quantize.py``: the zoo's kernels contract their leading axis, the
+axes are inputs follows ``models/params.py``: the zoo's kernels contract their leading axis, the
 attention output projection two; layers stacked by ``nn.scan`` keep a leading layer axis, and so do
 their adapters, which the scan slices like any parameter). The adapter of ``W`` is
 ``a [I, r]`` and ``b [r, O]`` (plus ``magnitude [O]`` for DoRA) and
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxseed import kernels
-from flaxseed.models import quantize
+from flaxseed.models import params as params_lib
 
 VARIANTS = ("lora", "rslora", "dora")
 INITS = ("default", "pissa")
@@ -117,14 +117,14 @@ def _targets(params, cfg: LoraConfig, num_in, stacked) -> dict[str, tuple[int, i
   """path -> (stacked axes, input axes) of every targeted kernel."""
   pattern = re.compile(cfg.targets)
   found = {}
-  for key_path, leaf in jax.tree_util.tree_leaves_with_path(
+  for key_path, _ in jax.tree_util.tree_leaves_with_path(
       nn.unbox(params), is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight)):
-    path = quantize.path_string(key_path)
+    path = params_lib.path_string(key_path)
     if pattern.fullmatch(path):
       found[path] = (stacked(path), num_in(path))
   if not found:
     raise ValueError(f"targets={cfg.targets!r} matches no parameter; the paths are:\n  "
-                     + "\n  ".join(quantize.param_paths(params)))
+                     + "\n  ".join(params_lib.param_paths(params)))
   return found
 
 
@@ -136,27 +136,13 @@ def _matrix(leaf, s: int, n: int) -> jax.Array:
   return leaf.reshape(lead + (math.prod(inner[:n]), math.prod(inner[n:])))
 
 
-def _get(tree, path: str):
-  for key in path.split("/"):
-    tree = tree[key]
-  return tree
-
-
-def _update(tree, path: str, fn):
-  """A copy of nested dict ``tree`` with the entry at ``path`` set to ``fn(old entry or None)``
-  (missing levels are created)."""
-  key, _, rest = path.partition("/")
-  new = dict(tree)
-  new[key] = fn(tree.get(key)) if not rest else _update(tree.get(key, {}), rest, fn)
-  return new
-
 
 # ----------------------------------------------------------------------------------------------
 # The transform
 
 
-def init(rng, params, cfg: LoraConfig, *, num_in=quantize.zoo_num_in,
-         stacked=quantize.zoo_stacked):
+def init(rng, params, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
+         stacked=params_lib.zoo_stacked):
   """Adapters for every kernel of ``params`` whose path matches ``cfg.targets``: a nested dict
   with the params' structure holding ``{"a", "b"}`` (and ``"magnitude"`` for DoRA) at each
   targeted path. Boxed params (``nn.LogicallyPartitioned``, as ``model.init`` returns them) give
@@ -165,7 +151,7 @@ def init(rng, params, cfg: LoraConfig, *, num_in=quantize.zoo_num_in,
   targets = _targets(params, cfg, num_in, stacked)
   adapters = {}
   for i, (path, (s, n)) in enumerate(sorted(targets.items())):
-    boxed = _get(params, path)
+    boxed = params_lib.get(params, path)
     leaf = nn.unbox(boxed)
     w = _matrix(leaf, s, n)
     lead, (in_dim, out_dim) = w.shape[:-2], w.shape[-2:]
@@ -194,12 +180,12 @@ def init(rng, params, cfg: LoraConfig, *, num_in=quantize.zoo_num_in,
               "magnitude": stack + (out_name,)}
       entry = {k: nn.LogicallyPartitioned(v, axes[k], mesh=boxed.mesh,
                                           rules=boxed.rules) for k, v in entry.items()}
-    adapters = _update(adapters, path, lambda _, e=entry: e)
+    adapters = params_lib.update(adapters, path, lambda _, e=entry: e)
   return adapters
 
 
-def _entries(adapters) -> dict[str, dict]:
-  """path -> {"a", "b"[, "magnitude"]} of an adapter tree."""
+def entries(adapters) -> dict[str, dict]:
+  """path -> {"a", "b"[, "magnitude"]} of an adapter tree (the targeted kernels' paths)."""
   out = {}
 
   def walk(tree, prefix):
@@ -216,8 +202,8 @@ def _entries(adapters) -> dict[str, dict]:
 def inject(params, adapters, cfg: LoraConfig):
   """``params`` with each adapted kernel replaced by its ``LoraWeight`` (what ``apply`` runs)."""
   params = nn.unbox(params)
-  for path, entry in _entries(adapters).items():
-    params = _update(params, path, lambda base, e=entry: LoraWeight(
+  for path, entry in entries(adapters).items():
+    params = params_lib.update(params, path, lambda base, e=entry: LoraWeight(
         base=base, a=e["a"], b=e["b"], magnitude=e.get("magnitude"), scale=cfg.scale))
   return params
 
@@ -228,8 +214,8 @@ def apply(model: nn.Module, params, adapters, cfg: LoraConfig, *args, **kwargs):
   return model.apply({"params": inject(params, adapters, cfg)}, *args, **kwargs)
 
 
-def merge(params, adapters, cfg: LoraConfig, *, num_in=quantize.zoo_num_in,
-          stacked=quantize.zoo_stacked):
+def merge(params, adapters, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
+          stacked=params_lib.zoo_stacked):
   """A plain param tree with the adapters folded in (a quantized base comes back as float)."""
   def fold(path, entry, leaf):
     s, n = stacked(path), num_in(path)
@@ -241,8 +227,8 @@ def merge(params, adapters, cfg: LoraConfig, *, num_in=quantize.zoo_num_in,
   return _map_targets(params, adapters, fold)
 
 
-def unmerge(merged, adapters, cfg: LoraConfig, *, num_in=quantize.zoo_num_in,
-            stacked=quantize.zoo_stacked):
+def unmerge(merged, adapters, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
+            stacked=params_lib.zoo_stacked):
   """``merged`` without the adapters' low-rank part: the base again after ``merge`` (lora,
   rslora), or, applied to the original weights with fresh PiSSA adapters, PiSSA's residual.
   DoRA rescales each column by a norm of the merged weight, so it has no unmerge."""
@@ -266,50 +252,10 @@ def _natural_shape(leaf, path, s, n):
 
 def _map_targets(params, adapters, fn):
   params = nn.unbox(params)
-  for path, entry in _entries(adapters).items():
-    params = _update(params, path, lambda leaf, p=path, e=entry: fn(p, e, leaf))
+  for path, entry in entries(adapters).items():
+    params = params_lib.update(params, path, lambda leaf, p=path, e=entry: fn(p, e, leaf))
   return params
 
 
 def num_params(adapters) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(adapters))))
-
-
-def to_peft(adapters, cfg: LoraConfig, directory: str, *,
-            base_model_name_or_path: str | None = None) -> None:
-  """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` in peft's layout, for a
-  transformer in the Hugging Face Llama layout (``models/hf.py``: ``hf.to_pretrained`` writes the
-  base; with ``init="pissa"`` the base to pair is the residual the adapters were trained on).
-
-  peft stores ``lora_A.weight = a^T [r, I]``, ``lora_B.weight = b^T [O, r]`` and DoRA's
-  ``lora_magnitude_vector [O]`` per module, under ``base_model.model.<module>``; scanned layers
-  are split into one module per layer.
-  """
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from flaxseed.models import hf  # pylint: disable=g-import-not-at-top  (hf -> layers -> lora)
-
-  tensors, modules = {}, set()
-  for path, entry in _entries(adapters).items():
-    entry = {k: np.asarray(v, np.float32) for k, v in entry.items()}
-    layers = range(entry["a"].shape[0]) if quantize.zoo_stacked(path) else [None]
-    for i in layers:
-      pick = (lambda x: x) if i is None else (lambda x, i=i: x[i])  # noqa: E731
-      name = "base_model.model." + hf.module_name(path, i)
-      modules.add(name.rsplit(".", 1)[-1])
-      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(pick(entry["a"]).T)
-      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(pick(entry["b"]).T)
-      if "magnitude" in entry:
-        tensors[f"{name}.lora_magnitude_vector"] = pick(entry["magnitude"]).reshape(-1)
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank,
-            "lora_alpha": cfg.alpha, "target_modules": sorted(modules),
-            "use_rslora": cfg.variant == "rslora", "use_dora": cfg.variant == "dora",
-            "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
-            "base_model_name_or_path": base_model_name_or_path}
-  os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
-            metadata={"format": "pt"})
-  with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2)

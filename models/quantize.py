@@ -12,7 +12,8 @@ model class. A Dense kernel ``[in..., out...]`` is quantized as the matrix
 attention output projections (``.../attn/o/kernel``, ``[H, E, D]``), which contract two. Layers
 stacked by ``nn.scan`` (paths under ``layers/``) carry a leading layer axis: each layer's matrix
 is quantized on its own and the ``QuantizedWeight`` leaves keep the layer axis, so the scan
-slices them like any parameter. Pass ``num_in`` / ``stacked`` for layouts of your own.
+slices them like any parameter (``models/params.py`` says which axes are inputs and stacked). Pass
+``num_in`` / ``stacked`` for layouts of your own.
 """
 
 import re
@@ -23,32 +24,13 @@ import jax
 import numpy as np
 
 from flaxseed import kernels
-
-
-def zoo_num_in(path: str) -> int:
-  """How many axes (after any stacked layer axis) a zoo Dense kernel at ``path`` contracts."""
-  return 2 if re.search(r"(^|/)attn/o/kernel$", path) else 1
-
-
-def zoo_stacked(path: str) -> int:
-  """Leading layer axes of a zoo parameter: 1 under ``layers/`` (``nn.scan``), else 0."""
-  return 1 if path.startswith("layers/") else 0
-
-
-def path_string(key_path) -> str:
-  """The ``/``-joined form of a jax key path (what ``targets`` and ``param_paths`` use)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
-
-
-def param_paths(params) -> list[str]:
-  """``/``-joined paths of every leaf (what ``targets`` is matched against)."""
-  return [path_string(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(params))]
+from flaxseed.models import params as params_lib
 
 
 def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
                     targets: str = r".*(attn|mlp).*kernel",
-                    num_in: Callable[[str], int] = zoo_num_in,
-                    stacked: Callable[[str], int] = zoo_stacked):
+                    num_in: Callable[[str], int] = params_lib.zoo_num_in,
+                    stacked: Callable[[str], int] = params_lib.zoo_stacked):
   """Returns ``params`` with every leaf whose path fully matches ``targets`` quantized.
 
   Raises ``ValueError`` listing the available paths when nothing matches, and naming the
@@ -60,7 +42,7 @@ def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
   matched = []
 
   def convert(key_path, leaf):
-    path = path_string(key_path)
+    path = params_lib.path_string(key_path)
     if not pattern.fullmatch(path):
       return leaf
     matched.append(path)
@@ -80,7 +62,7 @@ def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
   out = jax.tree_util.tree_map_with_path(convert, params)
   if not matched:
     raise ValueError(f"targets={targets!r} matches no parameter; the paths are:\n  "
-                     + "\n  ".join(param_paths(params)))
+                     + "\n  ".join(params_lib.param_paths(params)))
   return out
 
 

@@ -110,8 +110,8 @@ class SAEConfig:
     return cls(**{**dict(d_in=128, num_latents=1024, arch="topk", k=32), **kw})
 
 
-PRESETS = {f"sae-{arch.replace('_', '-')}-tiny": (lambda arch=arch: lambda **kw: SAEConfig.tiny(
-    **{"arch": arch, **kw}))() for arch in ARCHS}
+PRESETS = {f"sae-{arch.replace('_', '-')}-tiny": functools.partial(SAEConfig.tiny, arch=arch)
+           for arch in ARCHS}
 
 
 def _unit_rows_init(norm: float):

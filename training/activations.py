@@ -1,19 +1,7 @@
-"""Activation caches: a model's activations at a site, written to disk once, read back with grain.
+"""Writes activation caches: a model's activations at a site, computed once for an SAE sweep.
 
-An SAE sweep trains many dictionaries on the same activations; a cache computes them once
-(``write``) and the SAE task reads them (``config.sae.activations=DIR``) instead of running the
-model every step. A cache directory holds, for the ``train`` and ``validation`` splits,
-
-    {split}.tokens.npy, {split}.segment_ids.npy, {split}.positions.npy   int32 [N, seq_len]
-    {split}.acts.npy                                                    float32 [N, seq_len, d_in]
-    {split}.rows.npy                                                    int64 [N]
-    meta.json   site, seq_len, d_in, the model it came from, rows per split
-
-Cache row ``k`` is row ``rows[k]`` of the corpus split (rows of ``seq_len`` tokens, as the SAE task
-cuts them). A full cache (``max_rows=None``) therefore gives ``data_lib.batches`` the same rows in
-the same shuffled order as on-the-fly training, with their activations attached; a smaller one
-takes rows evenly spaced over the split. ``meta.json`` is written last, so an interrupted write
-leaves no cache that could be mistaken for a complete one.
+The cache layout and its reader are in ``data/activations.py``; the SAE task reads a cache with
+``config.sae.activations=DIR`` instead of running the model every step.
 """
 
 import copy
@@ -23,51 +11,8 @@ import os
 import jax
 import numpy as np
 
-from flaxseed.training import mesh as mesh_lib
-from flaxseed.training import tasks as tasks_lib
+from flaxseed.data import activations as cache_lib
 from flaxseed.training import trainer
-
-KEYS = ("tokens", "segment_ids", "positions")
-SPLITS = ("train", "validation")
-
-
-class Cache:
-  """A cache directory, checked against what the SAE task expects (errors name the key)."""
-
-  def __init__(self, directory: str, *, site: str, seq_len: int, d_in: int):
-    self.directory = directory
-    path = os.path.join(directory, "meta.json")
-    if not os.path.exists(path):
-      raise ValueError(f"config.sae.activations={directory!r}: no complete activation cache "
-                       "(meta.json is missing); write one with experiments/sae/cache.py")
-    with open(path, encoding="utf-8") as f:
-      self.meta = json.load(f)
-    for key, want in (("site", site), ("seq_len", seq_len), ("d_in", d_in)):
-      if self.meta[key] != want:
-        raise ValueError(f"config.sae.activations={directory!r} holds {key}={self.meta[key]!r}; "
-                         f"this run needs {key}={want!r}")
-
-  def split(self, name: str) -> "CachedRows":
-    return CachedRows({k: np.load(os.path.join(self.directory, f"{name}.{k}.npy"), mmap_mode="r")
-                       for k in KEYS + ("acts",)})
-
-
-class CachedRows:
-  """Rows of a cache split in the ``TokenStream`` interface that ``data_lib.batches`` reads."""
-
-  def __init__(self, arrays: dict[str, np.ndarray]):
-    self.arrays = arrays
-
-  def num_rows(self, row_len: int, stride: int) -> int:
-    del stride
-    if row_len != self.arrays["tokens"].shape[1]:
-      raise ValueError(f"the cache has rows of {self.arrays['tokens'].shape[1]} tokens, not "
-                       f"{row_len}")
-    return len(self.arrays["tokens"])
-
-  def row(self, k: int, row_len: int, stride: int) -> dict[str, np.ndarray]:
-    del row_len, stride
-    return {name: np.asarray(a[k]) for name, a in self.arrays.items()}
 
 
 def write(config, directory: str, *, max_rows: int | None = None) -> dict:
@@ -78,10 +23,8 @@ def write(config, directory: str, *, max_rows: int | None = None) -> dict:
     raise ValueError("activations.write runs in one process")
   config = copy.deepcopy(config)
   config.sae.activations = ""  # compute them
-  mesh = mesh_lib.make_mesh(config.mesh)
-  trainer.validate(config, mesh)
-  task = tasks_lib.build(config)
-  s = trainer.setup(config, task, mesh)
+  s = trainer.setup(config)
+  task = s.task
   frozen = s.frozen()
   capture = jax.jit(lambda f, batch: task.activations(f, batch))
   os.makedirs(directory, exist_ok=True)
@@ -95,7 +38,8 @@ def write(config, directory: str, *, max_rows: int | None = None) -> dict:
     index = np.arange(take, dtype=np.int64) * n // max(take, 1)
     np.save(os.path.join(directory, f"{name}.rows.npy"), index)
     out = {k: np.lib.format.open_memmap(os.path.join(directory, f"{name}.{k}.npy"), mode="w+",
-                                        dtype=np.int32, shape=(take, seq_len)) for k in KEYS}
+                                        dtype=np.int32, shape=(take, seq_len))
+           for k in cache_lib.KEYS}
     out["acts"] = np.lib.format.open_memmap(
         os.path.join(directory, f"{name}.acts.npy"), mode="w+", dtype=np.float32,
         shape=(take, seq_len, task.model.config.d_in))
@@ -103,12 +47,12 @@ def write(config, directory: str, *, max_rows: int | None = None) -> dict:
       chunk = index[start:start + rows_per_call]
       padded = np.concatenate([chunk, np.full(rows_per_call - len(chunk), chunk[-1])])
       rows = [stream.row(int(k), seq_len, seq_len) for k in padded]
-      batch = {k: np.stack([r[k] for r in rows]) for k in KEYS}
+      batch = {k: np.stack([r[k] for r in rows]) for k in cache_lib.KEYS}
       with s.context():
         acts = capture(frozen, {k: jax.device_put(v, s.batch_spec[k].sharding)
                                 for k, v in batch.items()})
       acts = np.asarray(acts).reshape(rows_per_call, seq_len, -1)
-      for k in KEYS:
+      for k in cache_lib.KEYS:
         out[k][start:start + len(chunk)] = batch[k][:len(chunk)]
       out["acts"][start:start + len(chunk)] = acts[:len(chunk)]
     for a in out.values():

@@ -4,9 +4,10 @@ Gradient accumulation runs inside the step: the batch is split into ``accum_step
 (row ``i`` goes to micro-batch ``i % accum_steps``, so every device contributes equally to each)
 and a ``lax.scan`` sums their gradients. The loss is the mean of the micro-batch losses.
 
-A task with per-step statistics (``task_state``, e.g. an SAE's dead-latent counters) defines
-``stateful_loss(params, frozen, batch, rng, task_state) -> (loss, (metrics, task_state))``; the
-statistics pass through the micro-batches in order. Other tasks define ``loss`` only.
+The step differentiates the task's ``stateful_loss(params, frozen, batch, rng, task_state) ->
+(loss, (metrics, task_state))`` (``training/tasks/base.py``: a task with per-step statistics, e.g.
+an SAE's dead-latent counters, defines it; for the others it wraps ``loss`` and passes the state
+through). The statistics pass through the micro-batches in order.
 """
 
 import jax
@@ -24,21 +25,10 @@ def _split_microbatches(batch, accum_steps: int):
   return jax.tree.map(split, batch)
 
 
-def stateful_loss(task):
-  """``task``'s loss in the stateful form (a stateless task's state passes through)."""
-  if hasattr(task, "stateful_loss"):
-    return task.stateful_loss
-
-  def loss(params, frozen, batch, rng, task_state):
-    value, metrics = task.loss(params, frozen, batch, rng)
-    return value, (metrics, task_state)
-  return loss
-
-
 def make_train_step(task, optimizer: optax.GradientTransformation, schedule, *,
                     accum_steps: int = 1):
   """The step function for ``task``; jit it with shardings and ``donate_argnums=(0,)``."""
-  grad_fn = jax.value_and_grad(stateful_loss(task), has_aux=True)
+  grad_fn = jax.value_and_grad(task.stateful_loss, has_aux=True)
 
   def train_step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -73,12 +63,3 @@ def make_train_step(task, optimizer: optax.GradientTransformation, schedule, *,
 
   return train_step
 
-
-def make_eval_step(task):
-  """``(params, frozen, batch, task_state) -> {name: (sum, count)}``; a task with ``init_state``
-  also gets its ``task_state`` (e.g. an SAE's inference threshold)."""
-  def eval_step(params, frozen, batch, task_state):
-    if hasattr(task, "init_state"):
-      return task.evaluate(params, frozen, batch, task_state)
-    return task.evaluate(params, frozen, batch)
-  return eval_step

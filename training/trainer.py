@@ -2,19 +2,20 @@
 
 Order of work (everything that can reject the config runs before anything compiles):
 
-1. validate the config, build the task (model config), the mesh and the data;
-2. ``setup``: abstract init -> shardings -> jitted init with ``out_shardings`` (params are born
-   sharded); the train step is jitted with in/out shardings, donates the old state, and is
-   compiled ahead of time once (its per-device memory is printed);
-3. load the frozen parameters (``Setup.frozen``); restore the latest checkpoint of ``workdir``
+1. ``setup``: the mesh, the config validated, the task (and its model config) built; abstract
+   init -> shardings -> jitted init with ``out_shardings`` (params are born sharded); the step is jitted with in/out shardings, donates the old state, and is
+   compiled ahead of time once (its per-device memory is printed); ``Setup.datasets`` gives
+   this process's rows of every batch;
+2. load the frozen parameters (``Setup.frozen``); restore the latest checkpoint of ``workdir``
    (state and data position) or initialize: from ``config.init_from``'s parameters if set, then
    the task's ``prepare`` on the first batch;
-4. loop: dispatch step t+1, then fetch the metrics of step t (host and device overlap); every
+3. loop: dispatch step t+1, then fetch the metrics of step t (host and device overlap); every
    step's loss, gradient norm and parameter norm must be finite, else the run stops without
    saving; eval, checkpoint and log on their schedules; SIGTERM saves and returns;
-5. final checkpoint, eval and a text sample.
+4. final checkpoint, eval and a text sample.
 
-``experiments/aot.py`` reuses ``setup`` to compile the same step for a TPU topology.
+``restore``, ``experiments/aot.py`` (the same step compiled for a TPU topology) and the activation
+cache (``training/activations.py``) use the same ``setup``.
 """
 
 import contextlib
@@ -33,8 +34,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flaxseed.data import pipeline
 from flaxseed.training import checkpoint as checkpoint_lib
-from flaxseed.training import data as data_lib
 from flaxseed.training import mesh as mesh_lib
 from flaxseed.training import metrics as metrics_lib
 from flaxseed.training import optim
@@ -73,8 +74,9 @@ def validate(config, mesh: Mesh) -> None:
 class Setup:
   """Everything compiled or derived from (config, task, mesh), shared by train and AOT."""
 
+  config: Any  # the ConfigDict it was built from
   mesh: Mesh
-  task: Any
+  task: tasks_lib.Task
   rules: tuple
   schedule: Any
   batch_spec: dict  # global batch: ShapeDtypeStruct with shardings
@@ -94,9 +96,16 @@ class Setup:
   def frozen(self):
     """The frozen parameters: loaded by the task (``task.load_frozen(abstract_frozen)``, e.g. a
     trained model from another run; ``None`` from it means none to load) or freshly initialized."""
-    loaded = (self.task.load_frozen(self.abstract_frozen) if hasattr(self.task, "load_frozen")
-              else None)
+    loaded = self.task.load_frozen(self.abstract_frozen)
     return self.init_frozen() if loaded is None else loaded
+
+  def datasets(self):
+    """This process's (train, eval) grain datasets: its rows of every global batch."""
+    config = self.config
+    rows = pipeline.process_rows(self.batch_spec["tokens"].sharding, config.batch_size)
+    return self.task.datasets(global_batch=config.batch_size, rows=rows,
+                              train_batches=config.steps, eval_batches=config.eval_batches,
+                              seed=config.seed)
 
 
 @contextlib.contextmanager
@@ -110,14 +119,21 @@ def _with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
-def setup(config, task, mesh: Mesh) -> Setup:
-  """Builds shardings and jitted functions; compiles nothing yet.
-
-  Optional task hooks: ``wrap_optimizer(optimizer)`` (e.g. projections after each update),
-  ``init_state()`` (the initial ``task_state``, replicated), ``prepare(params, task_state, frozen,
-  batch) -> (params, task_state)`` (a data-dependent init from the first training batch, run
-  once on a fresh start) and ``load_frozen(abstract_frozen)`` (see ``Setup.frozen``).
+def setup(config, *, devices=None) -> Setup:
+  """The one setup sequence of ``train``, ``restore``, ``experiments/aot.py`` and the activation
+  cache: the mesh over ``devices`` (default: all; a TPU topology's for AOT), the config
+  validated, the task built, shardings and jitted functions. Compiles nothing yet.
   """
+  mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
+  validate(config, mesh)
+  return _setup(config, tasks_lib.build(config), mesh)
+
+
+def _setup(config, task: tasks_lib.Task, mesh: Mesh) -> Setup:
+  """Shardings and jitted functions of ``task`` on ``mesh``: abstract init -> shardings -> jitted
+  init with ``out_shardings``. The task's hooks (``training/tasks/base.py``) shape the state:
+  ``wrap_optimizer``, ``init_state`` (the ``task_state``, replicated), ``prepare`` (jitted only
+  where the task defines it) and ``load_frozen`` (``Setup.frozen``)."""
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -125,9 +141,8 @@ def setup(config, task, mesh: Mesh) -> Setup:
                 for k, v in task.batch_spec(config.batch_size).items()}
   schedule = optim.schedule(config.optim, config.steps)
   optimizer = optim.make_optimizer(config.optim, config.steps)
-  if hasattr(task, "wrap_optimizer"):
-    optimizer = task.wrap_optimizer(optimizer)
-  init_task_state = getattr(task, "init_state", dict)
+  optimizer = task.wrap_optimizer(optimizer)
+  init_task_state = task.init_state
   base_rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(base_rng)
 
@@ -169,20 +184,20 @@ def setup(config, task, mesh: Mesh) -> Setup:
                                         accum_steps=config.optim.accum_steps)
   batch_shardings = {k: batch_sharding for k in batch_spec}
   return Setup(
-      mesh=mesh, task=task, rules=rules, schedule=schedule, batch_spec=batch_spec,
+      config=config, mesh=mesh, task=task, rules=rules, schedule=schedule, batch_spec=batch_spec,
       abstract_state=abstract_state, abstract_frozen=abstract_frozen,
       init=jax.jit(init, out_shardings=state_shardings),
       init_frozen=jax.jit(lambda: nn.unbox(init_boxed()[1]), out_shardings=frozen_shardings),
       prepare=(jax.jit(prepare, in_shardings=(state_shardings, frozen_shardings,
                                               batch_shardings),
                        out_shardings=state_shardings, donate_argnums=(0,))
-               if hasattr(task, "prepare") else None),
+               if tasks_lib.overrides(task, "prepare") else None),
       with_params=jax.jit(with_params, in_shardings=(state_shardings, param_shardings),
                           out_shardings=state_shardings, donate_argnums=(0,)),
       train_step=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings,
                                                    batch_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
-      eval_step=jax.jit(step_lib.make_eval_step(task),
+      eval_step=jax.jit(task.evaluate,
                         in_shardings=(param_shardings, frozen_shardings, batch_shardings,
                                       state_shardings.task_state),
                         out_shardings=replicated))
@@ -275,33 +290,21 @@ class Restored:
     """Eval metrics of ``params`` (default: the restored ones; any pytree the task's model
     accepts, e.g. quantized) over the run's eval batches."""
     # Any parameter pytree: shardings are inferred.
-    eval_step = jax.jit(step_lib.make_eval_step(self.setup.task))
+    eval_step = jax.jit(self.setup.task.evaluate)
     with self.setup.context():
       return evaluate(self.setup, self.params if params is None else params, self.frozen,
                       self.eval_batches, self.task_state, eval_step=eval_step)
 
 
-def _prepare(config):
-  """Mesh, validation, task, setup and this process's (train, eval) datasets of ``config``."""
-  mesh = mesh_lib.make_mesh(config.mesh)
-  validate(config, mesh)
-  task = tasks_lib.build(config)
-  s = setup(config, task, mesh)
-  rows = data_lib.process_rows(s.batch_spec["tokens"].sharding, config.batch_size)
-  train_data, eval_data = task.datasets(global_batch=config.batch_size, rows=rows,
-                                        train_batches=config.steps,
-                                        eval_batches=config.eval_batches, seed=config.seed)
-  return s, train_data, eval_data
-
-
 def restore(config, workdir: str) -> Restored:
   """The latest checkpoint of a run in ``workdir`` with its eval batches (for studies and
   evaluation scripts). Raises ``ValueError`` if there is no checkpoint."""
-  s, train_data, eval_data = _prepare(config)
+  s = setup(config)
+  train_data, eval_data = s.datasets()
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=config.max_to_keep)
   try:
-    state, step = ckpt.restore_latest(s.abstract_state, data_lib.train_iterator(train_data))
+    state, step = ckpt.restore_latest(s.abstract_state, pipeline.train_iterator(train_data))
   finally:
     ckpt.close()
   if state is None:
@@ -318,7 +321,8 @@ def train(config, workdir: str) -> dict[str, float]:
   ``ValueError`` for a bad config (before compiling) and ``NonFiniteLossError`` if training
   diverges.
   """
-  s, train_data, eval_data = _prepare(config)
+  s = setup(config)
+  train_data, eval_data = s.datasets()
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -333,7 +337,7 @@ class _Loop:
   def __init__(self, config, workdir, s: Setup, train_data, eval_data):
     self.config, self.s, self.task = config, s, s.task
     self.lead = jax.process_index() == 0
-    self.train_iter = data_lib.train_iterator(train_data)
+    self.train_iter = pipeline.train_iterator(train_data)
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             max_to_keep=config.max_to_keep)
     num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
@@ -447,12 +451,14 @@ class _Loop:
 
   def sample(self):
     config = self.config
-    if not config.sample_tokens or not hasattr(self.task, "sample"):
+    if not config.sample_tokens:
       return
     text = self.task.sample(self.state.params, config.sample_prompt,
                             max_new_tokens=config.sample_tokens,
                             temperature=config.sample_temperature,
                             rng=jax.random.PRNGKey(config.seed), frozen=self.frozen)
+    if text is None:  # a task with nothing to say in text (needle, SAE)
+      return
     self.writer.text("sample", self.step, text)
     self._print(f"--- sample at step {self.step} ---\n{text}\n---")
 

@@ -88,7 +88,7 @@ def memory_section(lengths):
     momentum = tuple(jnp.zeros_like(w) for w in weights)
     times = {}
     for chunk in ["plain"] + [int(c) for c in _CHUNKS.value]:
-      def loss(weights, inputs, chunk=chunk):
+      def loss(weights, inputs, chunk=chunk, momentum=momentum):
         if chunk == "plain":
           y, w, _ = per_token_scan(weights, momentum, inputs, cfg.memory_grad_clip)
         else:

@@ -21,9 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxseed.configs import lm
-from flaxseed.training import mesh as mesh_lib
 from flaxseed.training import metrics as metrics_lib
-from flaxseed.training import tasks
 from flaxseed.training import trainer
 
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "small"], "configs/lm.py variants to time.")
@@ -54,9 +52,7 @@ def _random_batch(config, rng):
 
 
 def time_flaxseed(config) -> dict:
-  mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
-  task = tasks.build(config)
-  s = trainer.setup(config, task, mesh)
+  s = trainer.setup(config, devices=jax.devices()[:1])
   compiled = trainer.compile_train_step(s)
   with s.context():
     state, frozen = s.init(), s.frozen()
@@ -72,7 +68,7 @@ def time_flaxseed(config) -> dict:
     step()
   seconds = metrics_lib.median_seconds(step, _STEPS.value)
   tokens_per_s = config.batch_size * config.seq_len / seconds
-  flops = task.flops_per_token() * tokens_per_s
+  flops = s.task.flops_per_token() * tokens_per_s
   return {"step_time_s": seconds, "tokens_per_s": tokens_per_s, "model_flops_per_s": flops}
 
 

@@ -21,14 +21,15 @@
    unigram ``entropy`` of the sampled bytes is reported next to it); ``seconds``: median wall
    time of one call (batch 8).
 
-Writes ``results.json`` (``results_quick.json`` with ``--quick``, a smoke run of a few steps) and
-``report.md`` next to this file.
+Writes ``results.json`` and the generated section of ``report.md`` (the reading below it is
+written by hand and kept) next to this file; ``--quick`` (a smoke run of a few steps) writes
+``*_quick.*`` instead. Each part's result is kept in the workdir, so an interrupted study resumes
+(``--fresh`` retrains).
 """
 
 import json
 import math
 import os
-import shutil
 import time
 
 from absl import app
@@ -40,6 +41,7 @@ from flaxseed import training
 from flaxseed.configs import common
 from flaxseed.configs import diffusion_lm as diffusion_configs
 from flaxseed.configs import lm as lm_configs
+from flaxseed.experiments import studies
 from flaxseed.models import diffusion_lm
 from flaxseed.models import sampling
 
@@ -53,31 +55,19 @@ SAMPLE_STEPS, SAMPLE_GEN, SAMPLE_PROMPT, SAMPLE_ROWS = (64, 32, 16, 8), 64, 32, 
 
 
 def _steps(full: int) -> int:
-  return 5 if _QUICK.value else full
+  return studies.steps(full, quick=_QUICK.value, quick_steps=5)
 
 
 def cached(name, fn):
-  """``fn()``'s result, kept in the workdir so an interrupted study resumes (``--fresh``:
-  recompute)."""
-  path = os.path.join(_WORKDIR.value, f"{name}.json")
-  if not _FRESH.value and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  result = fn()
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(result, f)
-  return result
+  return studies.cached(_WORKDIR.value, name, fn, fresh=_FRESH.value)
 
 
 def train(name, config):
-  """Trains ``config`` in a fresh workdir; returns (workdir, final metrics, seconds)."""
+  """Trains ``config`` in ``--workdir``/``name``, resuming a run with checkpoints unless
+  ``--fresh``; returns (workdir, final metrics, seconds)."""
   workdir = os.path.join(_WORKDIR.value, name)
-  if _FRESH.value or not os.path.exists(os.path.join(workdir, "checkpoints")):
-    shutil.rmtree(workdir, ignore_errors=True)
-  start = time.perf_counter()
-  summary = training.train(config, workdir)
-  return workdir, summary, time.perf_counter() - start
+  summary, seconds = studies.train(config, workdir, resume=not _FRESH.value)
+  return workdir, summary, seconds
 
 
 def corpus_configs():
@@ -277,39 +267,14 @@ def _text(ids) -> str:
 # Report
 
 
-READING = """\
-* **bpb.** At equal steps, batch and network the diffusion model's ELBO is far above the AR
-  model's bits per byte. Part of that is the bound (the ELBO is an upper bound; the AR number is
-  exact), most of it is training efficiency: a masked-diffusion model learns every conditional
-  of every order from the same tokens, and at this scale needs several times the compute of an
-  AR model for the same loss (Nie et al. 2024 put it near 16x; recalled, not re-derived here).
-* **Samples.** Low-confidence remasking with this weak model commits the tokens it is surest of
-  first: whitespace, which then makes more whitespace likely; the continuations collapse (unigram
-  entropy about 0.5 bits against 4.6 for the data), and the AR judge, which also finds runs of
-  spaces likely, scores them low. Random remasking keeps the data's diversity but its text is
-  poor (5+ bits per byte). Semi-AR blocks of 16 raise entropy under low confidence because each
-  block must be filled before the next. Time is linear in steps, one forward pass per step (the
-  sampler compiles once per shape).
-* **Reversal.** The AR model learns the forward facts and the reverse of the facts it saw both
-  ways, yet cannot produce A from B for the facts it saw only forward: the reversal curse. The
-  diffusion LM answers both directions from the forward-only facts, because masking A while B is
-  visible is one of the conditionals its objective trains (the any-order view of RADD and LLaDA).
-  Asked with the AR's reverse *template* `B<-____` (a string never paired with these facts) it
-  is right 0.13 of the time: far above chance but far below 1.0, so the gain is mostly the
-  any-order reading of the text as it was seen, not a memory that is symmetric in every format.
-  The diffusion model needed more training for this than the AR model needs for the forward
-  direction: an earlier run of this script with 200 facts and the same 12,000 steps reached only
-  0.16 forward and 0.08 reverse (the AR model was at 0.97 forward after 3,000 steps); 60 facts
-  are what the CPU budget allows to be learned.
-"""
-
-
-def report(results, path):
+def report(results, *, quick: bool) -> str:
+  """The generated part of ``report.md``: every table of ``results`` (the reading is written by
+  hand in ``report.md``, below the generated section)."""
   bpb, rev, samp = results["bpb"], results["reversal"], results["sampling"]
   lines = [
       "# Diffusion LM study", "",
-      "Generated by `experiments/diffusion_lm/run.py`; numbers are in `results.json`. "
-      f"{results['setup']}", "",
+      f"Generated by `experiments/diffusion_lm/run.py{' --quick' if quick else ''}`; numbers are "
+      f"in `results{studies.suffix(quick)}.json`. {results['setup']}", "",
       "## 1. AR vs masked diffusion, same network and budget", "",
       "| model | params | eval bits per byte | train seconds |", "| --- | --- | --- | --- |",
       f"| AR (causal) | {results['details']['ar']['params']:,} | {bpb['ar']:.3f} | "
@@ -340,9 +305,7 @@ def report(results, path):
   for r in samp:
     lines.append(f"| {r['steps']} | {r['remasking']} | {r['block_length']} | {r['score']:.3f} | "
                  f"{r['entropy']:.2f} | {r['seconds']:.3f} |")
-  lines += ["", "## Reading", "", READING]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -365,10 +328,12 @@ def main(argv):
                 f"({os.cpu_count()} cores){', --quick smoke run' if _QUICK.value else ''}."),
   }
   results["reversal"]["setup"] = reversal["setup"]
-  suffix = "_quick" if _QUICK.value else ""
+  suffix = studies.suffix(_QUICK.value)
   with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
-  report(results, os.path.join(HERE, f"report{suffix}.md"))
+  studies.write_report(os.path.join(HERE, f"report{suffix}.md"),
+                       report(results, quick=_QUICK.value),
+                       script="experiments/diffusion_lm/run.py")
   print(json.dumps({k: results[k] for k in ("bpb", "reversal")}, indent=1))
 
 

@@ -3,7 +3,7 @@
     python experiments/lora/export.py --workdir=/tmp/lora --out=/tmp/lora_hf
 
 writes ``OUT/base`` (``hf.to_pretrained``: ``config.json``, ``model.safetensors``) and
-``OUT/adapter`` (``lora.to_peft``: ``adapter_config.json``, ``adapter_model.safetensors``), which
+``OUT/adapter`` (``hf.to_peft``: ``adapter_config.json``, ``adapter_model.safetensors``), which
 load as
 
     base = transformers.AutoModelForCausalLM.from_pretrained("OUT/base")
@@ -20,7 +20,6 @@ from absl import app
 from absl import flags
 
 from flaxseed.models import hf
-from flaxseed.models import lora
 from flaxseed.training import checkpoint
 from flaxseed.training import trainer
 
@@ -42,8 +41,8 @@ def export(workdir: str, out: str) -> None:
     base_config = checkpoint.run_config(task.base_workdir)
     base = trainer.restore(base_config, task.base_workdir).params
   hf.to_pretrained(task.model, base, os.path.join(out, "base"))
-  lora.to_peft(restored.params, task.cfg, os.path.join(out, "adapter"),
-               base_model_name_or_path=os.path.abspath(os.path.join(out, "base")))
+  hf.to_peft(restored.params, task.cfg, os.path.join(out, "adapter"),
+             base_model_name_or_path=os.path.abspath(os.path.join(out, "base")))
 
 
 def main(argv):

@@ -1,29 +1,30 @@
 """Titans study: needle retrieval beyond the attention window, chunk size, and LM bpb.
 
-    python experiments/titans/run.py [--quick] [--workdir=/tmp/titans_study]
+    python experiments/titans/run.py [--quick] [--workdir=/tmp/titans_study] [--fresh]
 
-1. Needle (``config.task="needle"``, ``training.tasks.NeedleTask``): rows of random filler with
-   key-value pairs in their first half and a query for one key at the end. Six models of about
-   the same parameter count, trained through the shared loop at one length and evaluated at 1x,
-   2x and 4x of it: a sliding-window transformer (window much shorter than the needle distance;
-   it cannot see the pairs), a full-attention transformer (the upper bound at the training
-   length), and the Titans LMM, MAC, MAG and MAL (window = the same short window).
+1. Needle (``configs/needle.py``: ``task="needle"``, ``training/tasks/needle.py``, rows from
+   ``data/needle.py``): rows of random filler with key-value pairs in their first half and a
+   query for every key at the end. Six models of about the same parameter count, trained through
+   the shared loop at one length and evaluated at 1x, 2x and 4x of it: a sliding-window
+   transformer (window much shorter than the needle distance; it cannot see the pairs), a
+   full-attention transformer (the upper bound at the training length), and the Titans LMM, MAC,
+   MAG and MAL (window = the same short window).
 2. Ablations of the best Titans variant at 4x: other memory chunk sizes C (Titans Revisited
    reports that chunking hurts), and the memory's depth (the study's memory is linear,
    ``memory_depth=1``; the depth-2 MLP memory of the paper's default is retrained at the same
-   budget).
-3. LM: eval bits per byte on the default corpus, the transformer against the four Titans at the
-   same parameter budget and steps.
+   budget). Then the gates the LMM's memory learned, by kind of token.
+3. LM: eval bits per byte on the default corpus (``configs/needle.py:<model>-lm``), the
+   transformer against the four Titans at the same parameter budget and steps.
 
-Writes ``results.json`` (``results_quick.json`` with ``--quick``, a smoke run of a few steps),
-``report.md`` and ``accuracy_vs_length.svg`` next to this file.
+Writes ``results.json``, ``accuracy_vs_length.svg`` and the generated section of ``report.md``
+(the reading below it is written by hand and kept) next to this file; ``--quick`` (a smoke run
+of a few steps, ``configs/needle.py:<model>-quick``) writes ``*_quick.*`` instead. Each run's
+result is kept in the workdir, so an interrupted study resumes (``--fresh`` retrains).
 """
 
-import dataclasses
+import functools
 import json
 import os
-import shutil
-import time
 
 from absl import app
 from absl import flags
@@ -33,95 +34,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxseed import models
 from flaxseed import training
 from flaxseed.configs import common
-from flaxseed.models import titans
-from flaxseed.models import transformer
-from flaxseed.training import tasks
-from flaxseed.training import trainer
+from flaxseed.configs import needle as needle_configs
+from flaxseed.data import needle
+from flaxseed.experiments import studies
 
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: a few steps per model.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/titans_study", "Checkpoints and logs.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Retrain models whose results are in the workdir.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-D_MODEL, LAYERS, HEADS, WINDOW, CHUNK = 64, 2, 2, 16, 8
-MEMORY_DEPTH = 1  # a linear memory; the depth-2 MLP memory is the ablation (see the report)
-TRAIN_LEN, SCALES, EVAL_ROWS = 128, (1, 2, 4), 512
-NEEDLE = dict(num_pairs=4, num_keys=16, num_values=16, region=0.5)
+WINDOW, CHUNK, TRAIN_LEN = needle_configs.WINDOW, needle_configs.CHUNK, needle_configs.TRAIN_LEN
+MEMORY_DEPTH, NEEDLE = needle_configs.MEMORY_DEPTH, needle_configs.NEEDLE
+SCALES, EVAL_ROWS = (1, 2, 4), 512
 TITANS = ("lmm", "mac", "mag", "mal")
 
 
-def model_configs(mlp_dim=128):
-  """The six models; each one's MLP width is chosen to match MAC's parameter count."""
-  base = {
-      "swa": transformer.TransformerConfig(
-          d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim,
-          scan_layers=False, attention_pattern=(f"sliding_window:{WINDOW}",)),
-      "full_attention": transformer.TransformerConfig(
-          d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim, scan_layers=False),
-  }
-  for variant in TITANS:
-    base[variant] = titans.TitansConfig(
-        variant=variant, d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim,
-        window=WINDOW, memory_chunk=CHUNK, memory_depth=MEMORY_DEPTH)
-  target = count_params(base["mac"])
-  matched = {}
-  for name, cfg in base.items():
-    widths = range(16, 1024, 8)
-    best = min(widths, key=lambda f: abs(count_params(dataclasses.replace(cfg, mlp_dim=f))
-                                         - target))
-    matched[name] = dataclasses.replace(cfg, mlp_dim=best)
-  return matched
+def run_config(name: str, *, lm: bool = False):
+  """``configs/needle.py:<name>[-lm][-quick]``: the needle (or LM) run of model ``name``."""
+  return needle_configs.get_config(f"{name}{'-lm' if lm else ''}{'-quick' if _QUICK.value else ''}")
 
 
-def count_params(cfg) -> int:
-  module = (titans.Titans if isinstance(cfg, titans.TitansConfig) else transformer.Transformer)(cfg)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"]))))
-
-
-def run_config(cfg, *, task: str, steps: int, batch_size: int, seq_len: int, lr: float):
-  c = common.base_config()
-  c.task = task
-  c.model_family = "titans" if isinstance(cfg, titans.TitansConfig) else "transformer"
-  c.model = common.model_section(cfg)
-  c.steps, c.batch_size, c.seq_len = steps, batch_size, seq_len
-  c.log_every, c.eval_every, c.checkpoint_every = max(steps // 10, 1), 0, 0
-  c.eval_batches, c.sample_tokens = 4, 0
-  c.optim.lr, c.optim.warmup_steps = lr, max(steps // 20, 1)
-  c.mesh.data = 1
-  if task == "needle":
-    c.needle = dict(NEEDLE)
-  return c
-
-
-def train(name, config):
-  """Trains in a fresh workdir; returns (workdir, summary, seconds), the summary ``None`` if the
-  run stopped on a non-finite loss or gradient (recorded in the results, never hidden)."""
-  workdir = os.path.join(_WORKDIR.value, name)
-  shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resumed one
-  start = time.perf_counter()
-  try:
-    summary = training.train(config, workdir)
-  except trainer.NonFiniteLossError as e:
-    print(f"{name}: {e}", flush=True)
-    summary = None
-  return workdir, summary, time.perf_counter() - start
-
-
-def cached(name, fn):
-  """``fn()``'s result, kept in the workdir so an interrupted study resumes where it stopped
-  (``--fresh`` recomputes)."""
-  path = os.path.join(_WORKDIR.value, f"{name}.json")
-  if not _FRESH.value and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  result = fn()
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(result, f)
-  return result
+def count_params(config) -> int:
+  return needle_configs.num_params(models.build(config.model_family, config.model.to_dict()))
 
 
 def needle_accuracy(config, workdir) -> dict[str, float]:
@@ -132,15 +69,15 @@ def needle_accuracy(config, workdir) -> dict[str, float]:
   out = {}
   for scale in SCALES:
     rng = np.random.default_rng([7, scale])
-    rows = tasks.needle_rows(rng, EVAL_ROWS, scale * TRAIN_LEN + 1, **NEEDLE)
+    rows = needle.rows(rng, EVAL_ROWS, scale * TRAIN_LEN + 1, **NEEDLE)
     correct = [predict(restored.params, rows[i:i + 64]) for i in range(0, EVAL_ROWS, 64)]
     out[f"acc@{scale}x"] = float(np.mean(np.concatenate(correct)))
   return out
 
 
-TOKEN_KINDS = {"filler": (tasks.NEEDLE_FILLER, 256),  # token ids [lo, hi) of each kind
-               "key": (tasks.NEEDLE_KEYS, tasks.NEEDLE_VALUES),
-               "value": (tasks.NEEDLE_VALUES, tasks.NEEDLE_FILLER)}
+TOKEN_KINDS = {"filler": (needle.FILLER, 256),  # token ids [lo, hi) of each kind
+               "key": (needle.KEYS, needle.VALUES),
+               "value": (needle.VALUES, needle.FILLER)}
 
 
 def memory_gates(config, workdir) -> dict[str, dict[str, float]]:
@@ -148,7 +85,7 @@ def memory_gates(config, workdir) -> dict[str, dict[str, float]]:
   (filler, key, value) on rows of 4x the training length, over heads: what the memory learned
   to write and to keep."""
   restored = training.restore(config, workdir)
-  rows = tasks.needle_rows(np.random.default_rng(0), 16, SCALES[-1] * TRAIN_LEN, **NEEDLE)
+  rows = needle.rows(np.random.default_rng(0), 16, SCALES[-1] * TRAIN_LEN, **NEEDLE)
   found = []
   def grab(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
@@ -168,7 +105,7 @@ def memory_gates(config, workdir) -> dict[str, dict[str, float]]:
   return out
 
 
-def svg_plot(models: dict[str, dict[str, float]], path: str):
+def svg_plot(accuracies: dict[str, dict[str, float]], path: str):
   """Accuracy against evaluation length, one line per model (a small hand-written SVG)."""
   w, h, pad = 520, 320, 50
   colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
@@ -185,7 +122,7 @@ def svg_plot(models: dict[str, dict[str, float]], path: str):
   for acc in (0.0, 0.25, 0.5, 0.75, 1.0):
     parts.append(f'<text x="{pad - 34}" y="{y(acc) + 4}">{acc:.2f}</text>')
     parts.append(f'<line x1="{pad}" y1="{y(acc)}" x2="{w - pad}" y2="{y(acc)}" stroke="#ddd"/>')
-  for j, (name, accs) in enumerate(models.items()):
+  for j, (name, accs) in enumerate(accuracies.items()):
     if accs["acc@1x"] is None:
       continue
     points = " ".join(f"{x(i)},{y(accs[f'acc@{s}x'])}" for i, s in enumerate(SCALES))
@@ -202,8 +139,11 @@ def _acc(m, scale):
   return "diverged" if acc is None else f"{acc:.3f}"
 
 
-def report(results, path):
+def report(results) -> str:
+  """The generated part of ``report.md``: every table of ``results`` (the reading is written by
+  hand in ``report.md``, below the generated section)."""
   n = results["needle"]
+  suffix = studies.suffix(results["quick"])
   lines = ["# Titans study", "",
            f"Device: {results['device']}; jax {results['jax']}. Generated by "
            f"`experiments/titans/run.py{' --quick' if results['quick'] else ''}`.", "",
@@ -215,7 +155,7 @@ def report(results, path):
   for name, m in n["models"].items():
     lines.append(f"| {name} | {m['params']:,} | {_acc(m, 1)} | {_acc(m, 2)} | {_acc(m, 4)} | "
                  f"{m['train_s']:.0f} |")
-  lines += ["", "![accuracy against length](accuracy_vs_length.svg)", ""]
+  lines += ["", f"![accuracy against length](accuracy_vs_length{suffix}.svg)", ""]
   ab = results["chunk_ablation"]
   lines += [f"## Memory chunk size ({ab['variant']})", "", "| C | acc@1x | acc@2x | acc@4x |",
             "|---|---|---|---|"]
@@ -240,115 +180,78 @@ def report(results, path):
   for name, m in results["lm"].items():
     bpb = "diverged" if m["bpb"] is None else f"{m['bpb']:.3f}"
     lines.append(f"| {name} | {m['params']:,} | {bpb} |")
-  lines += ["", READING]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-
-
-# The reading of the numbers in results.json (written by hand after the run, kept with the code
-# that makes the report so a rerun keeps it; revise it when the numbers change).
-READING = """## Reading
-
-* **The goal is met**: the best Titans variant at 4x the training length, MAL, reaches 0.989
-  (LMM 0.983, MAG 0.940), where the sliding-window transformer is at chance (0.073; chance
-  0.062). Its window of 16 never sees the pairs. LMM, MAG and MAL are at 0.99-1.00 at 1x and
-  lose at most 0.05 at 4x: the memory does not degrade with length.
-* Why it works: the learned gates (the table above). In LMM's first memory layer, filler tokens
-  write with `theta` ~ 0.001 and forget with `alpha` ~ 5e-4; value tokens (the keys reach them
-  through the q/k/v conv) write with `theta` ~ 0.08, near `memory_max_lr` = 0.1. The memory
-  learns to store only the pairs and to keep them, so rows 4x longer are not harder.
-* Full attention, meant as the upper bound at 1x, has not left the task's plateau in 1500 steps
-  at this recipe (0.44 / 0.39 / 0.31). It is the same recipe and budget as the memories, not a
-  tuned baseline.
-* MAC learns about half (0.55 / 0.55 / 0.51). Its memory learns from the attention output of
-  each 16-token segment, not from the tokens, and its in-segment attention cannot see the pairs.
-* Memory depth: the study's memory is linear (`memory_depth=1`, a gated delta rule with
-  momentum). The paper's depth-2 MLP memory, retrained for MAL at the same budget, stays near
-  chance (0.18 / 0.13 / 0.06) and runs 1.7x slower per step. The deep memory's inner loop is
-  clipped per token (`memory_grad_clip=1`). Without the clip, an exploratory depth-2 LMM
-  diverged at step 1 at both `memory_max_lr` 0.1 and 0.5. With it, the deep memory trains far
-  more slowly here. An earlier pass with the depth-2 memory and 800 steps reached at best 0.12
-  at 4x (LMM).
-* Chunk size (MAL): 0.995 / 0.989 / 0.990 at 4x for C = 4 / 8 / 16. Chunking costs at most
-  0.006 on this task, one seed each. Titans Revisited's finding that chunking hurts does not
-  show at this scale.
-* LM at 300 steps (bpb): MAG 2.46, MAL 2.59, MAC 2.72, LMM 2.72, transformer 2.77. With the
-  linear memory every Titans variant is ahead of the transformer of equal size. The depth-2
-  memories of the earlier pass were all behind it (2.82-3.85 against 2.69 in that pass).
-* One seed per run, 2-core CPU. LMM's numbers are reproducible bit for bit: an exploratory run
-  with the same config gave the same 1.000 / 0.998 / 0.983."""
+  return "\n".join(lines)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   quick = _QUICK.value
-  needle_steps, lm_steps = (8, 8) if quick else (1500, 300)
-  configs = model_configs()
+  suffix = studies.suffix(quick)
+  cached = functools.partial(studies.cached, _WORKDIR.value, fresh=_FRESH.value)
   results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "quick": quick}
-  suffix = "_quick" if quick else ""
 
-  needle = {"train_len": TRAIN_LEN, "steps": needle_steps, "batch_size": 32, "models": {}}
-  def needle_run(name, cfg):
-    config = run_config(cfg, task="needle", steps=needle_steps, batch_size=32, seq_len=TRAIN_LEN,
-                        lr=3e-3)
-    workdir, summary, seconds = train(name, config)
+  first = run_config("mac")
+  needle_setup = {"train_len": first.seq_len, "steps": first.steps, "batch_size": first.batch_size}
+  needle_results = {**needle_setup, "models": {}}
+  def needle_run(name, config):
+    summary, seconds = studies.train(config, os.path.join(_WORKDIR.value, name),
+                                     allow_nonfinite=True)
     if summary is None:  # diverged: no final checkpoint to evaluate
       out = {f"acc@{s}x": None for s in SCALES}
       out["diverged"] = True
     else:
-      out = needle_accuracy(config, workdir)
-    out.update(params=count_params(cfg), train_s=seconds)
+      out = needle_accuracy(config, os.path.join(_WORKDIR.value, name))
+    out.update(params=count_params(config), train_s=seconds)
     print(name, out, flush=True)
     return out
 
-  for name, cfg in configs.items():
-    needle["models"][name] = cached(f"needle_{name}{suffix}",
-                                    lambda name=name, cfg=cfg: needle_run(f"needle_{name}", cfg))
-  results["needle"] = needle
+  for name in needle_configs.MODELS:
+    needle_results["models"][name] = cached(
+        f"needle_{name}{suffix}", lambda name=name: needle_run(f"needle_{name}", run_config(name)))
+  results["needle"] = needle_results
 
-  at_4x = lambda v: needle["models"][v]["acc@4x"] or 0.0
+  at_4x = lambda v: needle_results["models"][v]["acc@4x"] or 0.0
   best = max(TITANS, key=at_4x)
-  ablation = {"variant": best, "chunks": {str(CHUNK): needle["models"][best]}}
+  ablation = {"variant": best, "chunks": {str(CHUNK): needle_results["models"][best]}}
   for chunk in (4, 16):
-    cfg = dataclasses.replace(configs[best], memory_chunk=chunk)
+    config = common.override(run_config(best), **{"model.memory_chunk": chunk})
     name = f"needle_{best}_c{chunk}"
-    ablation["chunks"][str(chunk)] = cached(name + suffix,
-                                            lambda name=name, cfg=cfg: needle_run(name, cfg))
+    ablation["chunks"][str(chunk)] = cached(
+        name + suffix, lambda name=name, config=config: needle_run(name, config))
   results["chunk_ablation"] = ablation
-  depth = {"variant": best, "depths": {str(MEMORY_DEPTH): needle["models"][best]}}
+  depth = {"variant": best, "depths": {str(MEMORY_DEPTH): needle_results["models"][best]}}
   for d in (2,):
-    cfg = dataclasses.replace(configs[best], memory_depth=d)
+    config = common.override(run_config(best), **{"model.memory_depth": d})
     name = f"needle_{best}_depth{d}"
-    depth["depths"][str(d)] = cached(name + suffix,
-                                     lambda name=name, cfg=cfg: needle_run(name, cfg))
+    depth["depths"][str(d)] = cached(
+        name + suffix, lambda name=name, config=config: needle_run(name, config))
   results["depth_ablation"] = depth
-  if not quick:
-    results["gates"] = {"variant": "lmm", "by_token": memory_gates(
-        run_config(configs["lmm"], task="needle", steps=needle_steps, batch_size=32,
-                   seq_len=TRAIN_LEN, lr=3e-3), os.path.join(_WORKDIR.value, "needle_lmm"))}
+  results["gates"] = {"variant": "lmm", "by_token": memory_gates(
+      run_config("lmm"), os.path.join(_WORKDIR.value, "needle_lmm"))}
 
-  def lm_run(name, cfg):
-    config = run_config(cfg, task="lm", steps=lm_steps, batch_size=16, seq_len=128, lr=3e-3)
-    _, summary, seconds = train(name, config)
+  def lm_run(name, config):
+    summary, seconds = studies.train(config, os.path.join(_WORKDIR.value, name),
+                                     allow_nonfinite=True)
     out = {"bpb": None if summary is None else float(summary["eval/bpb"]),
-           "params": count_params(cfg), "train_s": seconds}
+           "params": count_params(config), "train_s": seconds}
     print(name, out, flush=True)
     return out
 
-  results["lm_setup"] = {"steps": lm_steps, "batch_size": 16, "seq_len": 128}
+  lm_first = run_config("full_attention", lm=True)
+  results["lm_setup"] = {"steps": lm_first.steps, "batch_size": lm_first.batch_size,
+                         "seq_len": lm_first.seq_len}
   results["lm"] = {}
   for name in ("full_attention",) + TITANS:
     label = "transformer" if name == "full_attention" else name
-    results["lm"][label] = cached(f"lm_{name}{suffix}",
-                                  lambda name=name: lm_run(f"lm_{name}", configs[name]))
+    results["lm"][label] = cached(
+        f"lm_{name}{suffix}", lambda name=name: lm_run(f"lm_{name}", run_config(name, lm=True)))
 
   with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
-  if not quick:
-    svg_plot({k: v for k, v in needle["models"].items()},
-             os.path.join(HERE, "accuracy_vs_length.svg"))
-    report(results, os.path.join(HERE, "report.md"))
+  svg_plot(needle_results["models"], os.path.join(HERE, f"accuracy_vs_length{suffix}.svg"))
+  studies.write_report(os.path.join(HERE, f"report{suffix}.md"), report(results),
+                       script="experiments/titans/run.py")
 
 
 if __name__ == "__main__":

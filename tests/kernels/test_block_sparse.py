@@ -1,7 +1,8 @@
 """Masks, block layouts, and every attention implementation against a float64 numpy reference.
 
-The Pallas kernels run in interpret mode (``pallas_tpu`` with the TPU interpreter's semantics),
-with small blocks so that lengths are ragged and layouts have full, partial and empty blocks.
+The Pallas kernels run in interpret mode on CPU (``pallas_tpu`` with the TPU interpreter's
+semantics) and compiled on their accelerator (``FLAXSEED_INTERPRET``, see ``conftest.py``), with
+small blocks so that lengths are ragged and layouts have full, partial and empty blocks.
 """
 
 import chex
@@ -158,7 +159,9 @@ CASES = {
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_implementation_matches_float64_reference(implementation, case):
+def test_implementation_matches_float64_reference(implementation, case, interpret,
+                                                   require_backend):
+  require_backend(implementation)
   mask, (h, kh), seg_kind, cap = CASES[case]
   length = 100  # not a multiple of the blocks
   q, k, v, d_out = _inputs(length=length, h=h, k=kh)
@@ -174,7 +177,7 @@ def test_implementation_matches_float64_reference(implementation, case):
                                                                  BlockSizes(32, 32))
   fn = lambda q, k, v: kernels.block_sparse_attention(  # noqa: E731
       q, k, v, mask, segment_ids=segments, logit_soft_cap=cap, implementation=implementation,
-      block_sizes=blocks, interpret=True)
+      block_sizes=blocks, interpret=interpret)
   out, vjp = jax.vjp(fn, q, k, v)
   np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=2e-5)
   for got, want, name in zip(vjp(d_out), want_grads, ("dq", "dk", "dv")):
@@ -188,13 +191,14 @@ def test_implementation_matches_float64_reference(implementation, case):
 
 @pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
-def test_pallas_head_dims(implementation, head_dim):
+def test_pallas_head_dims(implementation, head_dim, interpret, require_backend):
+  require_backend(implementation)
   q, k, v, d_out = _inputs(b=1, length=40, h=2, k=1, e=head_dim, seed=head_dim)
   visible = np.broadcast_to(masks.causal().dense(40), (1, 40, 40))
   want_out, want_grads = _numpy_reference(q, k, v, d_out, visible, None)
   fn = lambda q, k, v: kernels.flash_attention(  # noqa: E731
       q, k, v, causal=True, implementation=implementation, block_sizes=BlockSizes(16, 16),
-      interpret=True)
+      interpret=interpret)
   out, vjp = jax.vjp(fn, q, k, v)
   np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=2e-5)
   for got, want in zip(vjp(d_out), want_grads):
@@ -202,21 +206,22 @@ def test_pallas_head_dims(implementation, head_dim):
 
 
 @pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
-def test_pallas_bfloat16_keeps_dtype_and_accuracy(implementation):
+def test_pallas_bfloat16_keeps_dtype_and_accuracy(implementation, interpret, require_backend):
+  require_backend(implementation)
   q, k, v, _ = _inputs(length=64)
   bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
   out = kernels.flash_attention(bf(q), bf(k), bf(v), causal=True, implementation=implementation,
-                                block_sizes=BlockSizes(32, 32), interpret=True)
+                                block_sizes=BlockSizes(32, 32), interpret=interpret)
   assert out.dtype == jnp.bfloat16
   ref = kernels.flash_attention(q, k, v, causal=True, implementation="xla")
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
 
 
-def test_pallas_gpu_rejects_non_power_of_two_blocks():
+def test_pallas_gpu_rejects_non_power_of_two_blocks(interpret):
   q, k, v, _ = _inputs(length=64)
   with pytest.raises(ValueError, match="power-of-two block sizes"):
     kernels.flash_attention(q, k, v, implementation="pallas_gpu", block_sizes=BlockSizes(24, 24),
-                            interpret=True)
+                            interpret=interpret)
 
 
 def test_block_sizes_and_mesh_arguments_are_checked():
@@ -227,22 +232,25 @@ def test_block_sizes_and_mesh_arguments_are_checked():
     kernels.flash_attention(q, k, v, implementation="xla", mesh=jax.make_mesh((1,), ("data",)))
 
 
-def test_sharded_call_matches_unsharded():
+def test_sharded_call_matches_unsharded(interpret, require_backend):
   """Under shard_map over batch and heads (8 fake devices) the kernel gives the same result."""
+  if len(jax.devices()) < 4:
+    pytest.skip(f"needs 4 devices for a 2x2 mesh, this backend has {len(jax.devices())}")
   mesh = jax.make_mesh((2, 2), ("data", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:4])
   spec = jax.sharding.PartitionSpec("data", None, "tensor", None)
   q, k, v, _ = _inputs(length=48)
   segments = _segments(2, 48)
   mask = masks.sliding_window(16)
-  fn = lambda mesh_args: kernels.block_sparse_attention(  # noqa: E731
-      q, k, v, mask, segment_ids=segments, implementation="pallas_tpu",
-      block_sizes=BlockSizes(16, 16), interpret=True, **mesh_args)
-  sharded = jax.jit(lambda: fn(dict(mesh=mesh, spec=spec)))()
-  chex.assert_trees_all_close(sharded, fn({}), atol=1e-6)
   with pytest.raises(ValueError, match="sequence .axis 1. and head dim .axis 3. cannot be sharded"):
     kernels.flash_attention(q, k, v, implementation="xla", mesh=mesh,
                             spec=jax.sharding.PartitionSpec("data", "tensor"))
+  require_backend("pallas_tpu")  # after the argument check, which runs everywhere
+  fn = lambda mesh_args: kernels.block_sparse_attention(  # noqa: E731
+      q, k, v, mask, segment_ids=segments, implementation="pallas_tpu",
+      block_sizes=BlockSizes(16, 16), interpret=interpret, **mesh_args)
+  sharded = jax.jit(lambda: fn(dict(mesh=mesh, spec=spec)))()
+  chex.assert_trees_all_close(sharded, fn({}), atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["causal_gqa", "random_blocks_segments", "fully_masked_rows"])
@@ -274,14 +282,16 @@ def test_cudnn_is_refused_clearly_off_gpu():
     kernels.flash_attention(q, k, v, causal=True, implementation="cudnn")
 
 
-def test_pallas_tpu_generic_interpreter_matches_the_tpu_interpreter():
+def test_pallas_tpu_generic_interpreter_matches_the_tpu_interpreter(interpret):
   """``interpret="generic"`` (no side effects; what the transformer uses inside nn.scan) computes
   what the TPU interpreter computes, forward and backward."""
+  if not interpret:
+    pytest.skip("compares two interpreters: interpret mode only (FLAXSEED_INTERPRET=0 compiles)")
   q, k, v, d_out = _inputs(length=64)
   segments = _segments(2, 64)
   outs = []
-  for interpret in (True, "generic"):
-    fn = lambda q, k, v, i=interpret: kernels.block_sparse_attention(  # noqa: E731
+  for mode in (True, "generic"):  # the TPU interpreter, then the generic one
+    fn = lambda q, k, v, i=mode: kernels.block_sparse_attention(  # noqa: E731
         q, k, v, masks.sliding_window(20), segment_ids=segments, implementation="pallas_tpu",
         block_sizes=BlockSizes(16, 16), interpret=i)
     out, vjp = jax.vjp(fn, q, k, v)

@@ -132,7 +132,7 @@ def test_peft_export_layout(tmp_path):
   cfg = lora.LoraConfig(rank=4, alpha=8, targets=r".*(attn/(q|o)|mlp/down)/kernel",
                         variant="dora")
   adapters = _adapters(params, cfg)
-  lora.to_peft(adapters, cfg, str(tmp_path), base_model_name_or_path="base")
+  hf.to_peft(adapters, cfg, str(tmp_path), base_model_name_or_path="base")
   config = json.loads((tmp_path / "adapter_config.json").read_text())
   assert config["target_modules"] == ["down_proj", "o_proj", "q_proj"]
   assert config["use_dora"] and config["r"] == 4 and config["lora_alpha"] == 8
@@ -230,7 +230,7 @@ def test_peft_loads_the_adapter_with_the_same_logits(tmp_path, variant):
   cfg = lora.LoraConfig(rank=4, alpha=8, targets=r".*(attn|mlp)/.*/kernel", variant=variant)
   adapters = _adapters(params, cfg)
   hf.to_pretrained(model, params, str(tmp_path / "base"))
-  lora.to_peft(adapters, cfg, str(tmp_path / "adapter"))
+  hf.to_peft(adapters, cfg, str(tmp_path / "adapter"))
   base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
   theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
   want = np.asarray(lora.apply(model, params, adapters, cfg, TOKENS))

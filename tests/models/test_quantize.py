@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flaxseed import kernels
+from flaxseed.models import params as params_lib
 from flaxseed.models import quantize
 from flaxseed.models import transformer
 
@@ -57,7 +58,7 @@ def test_logit_error_shrinks_with_bits_and_group_size(model_and_params):
 
 
 def _leaves(params):
-  return [(quantize.path_string(kp), leaf) for kp, leaf in jax.tree_util.tree_leaves_with_path(
+  return [(params_lib.path_string(kp), leaf) for kp, leaf in jax.tree_util.tree_leaves_with_path(
       params, is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight))]
 
 

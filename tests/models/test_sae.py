@@ -103,7 +103,7 @@ def test_gated_and_jumprelu_losses_train_the_threshold_and_gate():
   x = _data()
   for arch in ("jumprelu", "gated"):
     model, v = _init(sae.SAEConfig(d_in=16, num_latents=64, arch=arch), x)
-    grads = jax.grad(lambda p: sae.loss(model, {"params": p}, x)[0])(v["params"])
+    grads = jax.grad(lambda p, model=model: sae.loss(model, {"params": p}, x)[0])(v["params"])
     name = "log_threshold" if arch == "jumprelu" else "r_mag"
     assert jnp.abs(grads[name]).sum() > 0 and all(
         jnp.isfinite(g).all() for g in jax.tree.leaves(grads))

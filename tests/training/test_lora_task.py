@@ -15,8 +15,7 @@ from flaxseed import training
 from flaxseed.configs import common
 from flaxseed.configs import lm as lm_configs
 from flaxseed.configs import lora as lora_configs
-from flaxseed.models import quantize
-from flaxseed.training import mesh as mesh_lib
+from flaxseed.models import params as params_lib
 from flaxseed.training import tasks
 from flaxseed.training import trainer
 
@@ -48,7 +47,7 @@ def test_fresh_adapters_on_a_trained_base_leave_its_loss_unchanged(base_run, var
   base_config, base_dir = base_run
   config = _config(**{"lora.base_workdir": base_dir, "lora.variant": variant,
                       "lora.init": init, "mesh.data": 1})
-  s = trainer.setup(config, tasks.build(config), mesh_lib.make_mesh(config.mesh))
+  s = trainer.setup(config)
   restored = trainer.restore(base_config, base_dir)
   with s.context():
     frozen = s.frozen()
@@ -80,10 +79,10 @@ def test_only_adapters_train_and_are_saved(base_run, tmp_path, losses):
   # rank x (in + out) for every attention and MLP kernel of the base, nothing else.
   base = ocp.StandardCheckpointer().restore(f"{base_dir}/checkpoints/3/state")["params"]
   want = 0
-  for path in quantize.param_paths(base):
+  for path in params_lib.param_paths(base):
     if re.fullmatch(config.lora.targets, path):
       shape = functools.reduce(lambda t, k: t[k], path.split("/"), base).shape[1:]
-      n = quantize.zoo_num_in(path)
+      n = params_lib.zoo_num_in(path)
       want += 2 * 8 * (np.prod(shape[:n]) + np.prod(shape[n:]))  # 2 stacked layers, rank 8
   assert num_adapter == want
   rows = losses(tmp_path)
@@ -122,7 +121,7 @@ def test_errors(tmp_path):
     tasks.build(_config(**{"lora.base_workdir": str(tmp_path)}))
   bad = _config(**{"lora.targets": r".*nothing.*"})
   with pytest.raises(ValueError, match=r"(?s)matches no parameter.*layers/attn/q/kernel"):
-    trainer.setup(bad, tasks.build(bad), mesh_lib.make_mesh(bad.mesh))
+    trainer.setup(bad)
 
 
 def test_export_for_hugging_face(base_run, tmp_path, repo, child_env):

@@ -14,7 +14,6 @@ from flaxseed.configs import sae as sae_configs
 from flaxseed.models import sae
 from flaxseed.models import sites
 from flaxseed.training import activations
-from flaxseed.training import mesh as mesh_lib
 from flaxseed.training import tasks
 from flaxseed.training import trainer
 
@@ -36,10 +35,8 @@ def small_corpus(tmp_path_factory):
 
 def _setup(config):
   """(setup, train batches on device) of ``config`` in this process."""
-  mesh = mesh_lib.make_mesh(config.mesh)
-  task = tasks.build(config)
-  s = trainer.setup(config, task, mesh)
-  train, _ = task.datasets(global_batch=config.batch_size, rows=(0, config.batch_size),
+  s = trainer.setup(config)
+  train, _ = s.task.datasets(global_batch=config.batch_size, rows=(0, config.batch_size),
                            train_batches=config.steps, eval_batches=config.eval_batches,
                            seed=config.seed)
   batches = [{k: jax.device_put(v, s.batch_spec[k].sharding) for k, v in train[t].items()}
@@ -111,11 +108,10 @@ def test_reads_a_trained_model_from_its_workdir(tmp_path):
   with pytest.raises(ValueError, match="config.json"):
     tasks.build(_config(**{"sae.lm_workdir": str(tmp_path / "nothing")}))
   with pytest.raises(ValueError, match="config.model.d_in=16"):
-    trainer.setup(_config(**{"model.d_in": 16}), tasks.build(_config(**{"model.d_in": 16})),
-                  mesh_lib.make_mesh(config.mesh))
+    trainer.setup(_config(**{"model.d_in": 16}))
   with pytest.raises(ValueError, match="layers_9/resid_post"):
     bad = _config(**{"sae.site": "layers_9/resid_post"})
-    trainer.setup(bad, tasks.build(bad), mesh_lib.make_mesh(config.mesh))
+    trainer.setup(bad)
 
 
 def test_cached_activations_equal_those_computed_on_the_fly(tmp_path, small_corpus, losses):

@@ -1,4 +1,4 @@
-"""Input: a corpus of documents -> one token stream per split -> packed rows -> grain batches.
+"""Corpora: documents -> one token stream per split -> rows (``data/pipeline.py`` batches them).
 
 1. **Documents.** The default corpus is text every Python install ships: the prose of
    ``pydoc_data.topics`` and the standard library's ``.py`` sources (test suites,
@@ -12,11 +12,9 @@
    split; the LM uses ``row_len = seq_len + 1`` and ``stride = seq_len``, so every token is a target
    once). Each row carries ``segment_ids`` (1, 2, ... per document piece in the row) and
    ``positions`` (offset within the document).
-4. **Batches.** Global batch ``t`` is rows ``order[t * B : (t + 1) * B]``, where ``order`` is a
-   seeded permutation of the rows, reshuffled every epoch (grain ``shuffle`` + ``repeat``). A
-   process builds only the rows of the batch that its devices hold, so a run's global batches are
-   identical on 1 device, 8 devices or several processes. The grain iterator's state (the next
-   ``t``) is saved with every checkpoint.
+
+A split is a ``TokenStream``; anything with its ``num_rows`` / ``row`` interface (fixed rows,
+activation caches) feeds the same grain pipeline.
 """
 
 import dataclasses
@@ -24,10 +22,9 @@ import glob as globlib
 import os
 import sysconfig
 
-import grain
 import numpy as np
 
-from flaxseed.training import tokenizers
+from flaxseed.data import tokenizers
 
 VAL_EVERY = 20  # one block in VAL_EVERY is validation
 # config.data.corpus names for the embedded corpus and its two halves (e.g. pre-train on the prose,
@@ -144,54 +141,3 @@ def split(tokens: np.ndarray, doc_starts: np.ndarray, doc_bytes: np.ndarray):
   ratio = doc_bytes / np.maximum(lengths, 1)
   val_bytes_per_token = float(ratio[doc_of_token].mean()) if len(doc_of_token) else 1.0
   return streams[0], streams[1], val_bytes_per_token
-
-
-def process_rows(sharding, global_batch: int) -> tuple[int, int]:
-  """The rows ``[start, stop)`` of a global batch that this process's devices hold."""
-  index_map = sharding.addressable_devices_indices_map((global_batch, 1))
-  starts = sorted({idx[0].start or 0 for idx in index_map.values()})
-  stops = sorted({global_batch if idx[0].stop is None else idx[0].stop
-                  for idx in index_map.values()})
-  start, stop = starts[0], stops[-1]
-  held = set()
-  for idx in index_map.values():
-    held.update(range(idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop))
-  if held != set(range(start, stop)):
-    raise ValueError("this process holds non-contiguous batch rows; put the 'tensor' axis "
-                     "within a process")
-  return start, stop
-
-
-def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def batches(stream: TokenStream, *, num_batches: int, global_batch: int, rows: tuple[int, int],
-            row_len: int, stride: int, seed: int | None, name: str):
-  """A grain ``MapDataset``: element ``t`` is this process's rows of global batch ``t``.
-
-  ``seed=None`` keeps the rows in order (evaluation); otherwise rows are shuffled with ``seed``
-  and reshuffled each epoch.
-  """
-  n = stream.num_rows(row_len, stride)
-  if n < global_batch:
-    raise ValueError(f"the {name} split has {n} rows of {row_len} tokens, fewer than "
-                     f"batch_size={global_batch}; use a larger corpus or a smaller batch/seq_len")
-  if seed is None and num_batches * global_batch > n:
-    raise ValueError(f"config.eval_batches={num_batches} x batch_size={global_batch} needs "
-                     f"{num_batches * global_batch} rows; the {name} split has {n}")
-  order = grain.MapDataset.range(n)
-  if seed is not None:
-    order = order.shuffle(seed=seed).repeat(None)
-  start, stop = rows
-
-  def local_batch(t):
-    return _stack([stream.row(order[t * global_batch + j], row_len, stride)
-                   for j in range(start, stop)])
-
-  return grain.MapDataset.range(num_batches).map(local_batch)
-
-
-def train_iterator(dataset: grain.MapDataset):
-  """A checkpointable iterator with background prefetching."""
-  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

@@ -6,9 +6,10 @@ import pytest
 
 from flaxseed import training
 from flaxseed.configs import lm
-from flaxseed.training import data
-from flaxseed.training import tasks
-from flaxseed.training import tokenizers
+from flaxseed.data import corpus as data
+from flaxseed.data import needle
+from flaxseed.data import pipeline
+from flaxseed.data import tokenizers
 
 
 def _stream(doc_lengths, vocab=50, seed=0):
@@ -58,7 +59,7 @@ def test_default_corpus_has_prose_and_sources():
 
 
 def _batches(stream, rows, seed=3, num=6):
-  return data.batches(stream, num_batches=num, global_batch=8, rows=rows, row_len=9, stride=8,
+  return pipeline.batches(stream, num_batches=num, global_batch=8, rows=rows, row_len=9, stride=8,
                       seed=seed, name="train")
 
 
@@ -86,11 +87,11 @@ def test_epochs_are_reshuffled_and_seeds_differ():
 
 def test_iterator_state_restores_the_exact_next_batch():
   stream, _ = _stream([300, 200, 700])
-  it = data.train_iterator(_batches(stream, (0, 8)))
+  it = pipeline.train_iterator(_batches(stream, (0, 8)))
   next(it), next(it)
   state = it.get_state()
   expected = next(it)
-  fresh = data.train_iterator(_batches(stream, (0, 8)))
+  fresh = pipeline.train_iterator(_batches(stream, (0, 8)))
   fresh.set_state(state)
   np.testing.assert_array_equal(next(fresh)["tokens"], expected["tokens"])
 
@@ -98,7 +99,7 @@ def test_iterator_state_restores_the_exact_next_batch():
 def test_eval_batches_beyond_the_split_are_an_error():
   stream, _ = _stream([100])
   with pytest.raises(ValueError, match="eval_batches=5"):
-    data.batches(stream, num_batches=5, global_batch=8, rows=(0, 8), row_len=9, stride=8,
+    pipeline.batches(stream, num_batches=5, global_batch=8, rows=(0, 8), row_len=9, stride=8,
                  seed=None, name="validation")
 
 
@@ -152,22 +153,22 @@ def test_huggingface_tokenizer_json_loads(tmp_path):
 
 def test_needle_rows_ask_for_a_pair_written_in_their_first_region():
   rng = np.random.default_rng(0)
-  needle = dict(num_pairs=3, num_keys=8, num_values=8, region=0.5)
-  rows = tasks.needle_rows(rng, 64, 101, **needle)
+  spec = dict(num_pairs=3, num_keys=8, num_values=8, region=0.5)
+  rows = needle.rows(rng, 64, 101, **spec)
   assert rows.shape == (64, 101) and rows.dtype == np.int32
   for row in rows:
     queries = row[-9:].reshape(3, 3)  # QUERY k v, one per pair
-    assert np.all(queries[:, 0] == tasks.NEEDLE_QUERY)
-    starts = np.flatnonzero(row[:-9] == tasks.NEEDLE_PAIR)
+    assert np.all(queries[:, 0] == needle.QUERY)
+    starts = np.flatnonzero(row[:-9] == needle.PAIR)
     assert len(starts) == 3 and starts.max() + 2 < (101 - 9) // 2  # pairs in the first half
     pairs = {row[s + 1]: row[s + 2] for s in starts}
     assert len(pairs) == 3  # distinct keys
     assert {k: v for _, k, v in queries} == pairs  # every key asked for once, with its value
-    assert np.all(row[(101 - 9) // 2:-9] >= tasks.NEEDLE_FILLER)  # filler up to the queries
+    assert np.all(row[(101 - 9) // 2:-9] >= needle.FILLER)  # filler up to the queries
   with pytest.raises(ValueError, match="hold 1 pairs in their first 10%, fewer than num_pairs=3"):
-    tasks.needle_rows(rng, 1, 49, **{**needle, "region": 0.1})
+    needle.rows(rng, 1, 49, **{**spec, "region": 0.1})
   with pytest.raises(ValueError, match="num_pairs=9 <= num_keys=8"):
-    tasks.needle_rows(rng, 1, 101, **{**needle, "num_pairs": 9})
+    needle.rows(rng, 1, 101, **{**spec, "num_pairs": 9})
 
 
 def test_needle_task_trains_through_the_loop(tmp_path):

@@ -1,0 +1,31 @@
+"""Tasks: the only thing that differs between objectives. One file a task, registered here.
+
+``build(config)`` returns ``TASKS[config.task].from_config(config)``. A new objective is one new
+file (a ``base.Task`` subclass with a ``from_config(config)`` classmethod) and one line in
+``TASKS``; the loop needs nothing else.
+"""
+
+from flaxseed.training.tasks.base import Task
+from flaxseed.training.tasks.base import build_model
+from flaxseed.training.tasks.base import model_from_run
+from flaxseed.training.tasks.base import overrides
+from flaxseed.training.tasks.diffusion import DiffusionTask
+from flaxseed.training.tasks.lm import LMTask
+from flaxseed.training.tasks.lora import LoRATask
+from flaxseed.training.tasks.needle import NeedleTask
+from flaxseed.training.tasks.sae import SAETask
+
+TASKS: dict[str, type[Task]] = {
+    "lm": LMTask,
+    "needle": NeedleTask,
+    "diffusion": DiffusionTask,
+    "sae": SAETask,
+    "lora": LoRATask,
+}
+
+
+def build(config) -> Task:
+  """The task ``config.task`` names, built from ``config`` (errors name the key)."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r} is not one of {sorted(TASKS)}")
+  return TASKS[config.task].from_config(config)
