@@ -45,16 +45,29 @@ def base_config() -> ml_collections.ConfigDict:
   # the optimizer starts fresh. Used only when this run has no checkpoint of its own yet.
   c.init_from = ""
 
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=3e-3, warmup_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.1, grad_clip=1.0, decay_steps=0, accum_steps=1))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr=3e-3,
+      warmup_steps=100,
+      final_lr_fraction=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      grad_clip=1.0,
+      decay_steps=0,
+      accum_steps=1,
+    )
+  )
 
-  c.data = ml_collections.ConfigDict(dict(
+  c.data = ml_collections.ConfigDict(
+    dict(
       # "default" (pydoc topics + stdlib sources), "default:prose" / "default:code" (one of the
       # two), or a glob of text files
       corpus="default",
       tokenizer="byte",  # "byte", a tokenizer.json or a SentencePiece .model path
-  ))
+    )
+  )
 
   # -1: all remaining devices. data x fsdp splits the batch; tensor splits heads/MLP/vocab.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -70,7 +83,7 @@ def override(config: ml_collections.ConfigDict, **dotted) -> ml_collections.Conf
     *parents, leaf = key.split(".")
     for i, p in enumerate(parents):
       if p not in node:
-        raise KeyError(f"config has no key {'.'.join(parents[:i + 1])!r}")
+        raise KeyError(f"config has no key {'.'.join(parents[: i + 1])!r}")
       node = node[p]
     if leaf not in node:
       raise KeyError(f"config has no key {key!r}")

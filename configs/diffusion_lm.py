@@ -29,12 +29,14 @@ def get_config(arg: str = "tiny"):
   c.task, c.model_family = "diffusion", "diffusion_lm"
   fields = {k: v for k, v in c.model.to_dict().items() if k != "causal"}
   c.model = common.model_section(C(**{k: v for k, v in fields.items() if k != "vocab_size"}))
-  c.diffusion = ml_collections.ConfigDict(dict(
+  c.diffusion = ml_collections.ConfigDict(
+    dict(
       eps=1e-3,  # lowest mask probability (LLaDA, MDLM)
       antithetic=True,  # MDLM's low-discrepancy times across the batch
       random_length_prob=0.01,  # LLaDA: 1% of batches cut to a random length
       sft_data="",  # a glob of JSONL {"prompt", "response"} files: SFT instead of pre-training
-  ))
+    )
+  )
   c.sample_prompt = "def "
   c.sample_tokens = 128  # blocks of 32, one step per token
   if arg == "test":

@@ -44,8 +44,9 @@ def get_config(arg: str = "tiny"):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint_every, c.eval_every = 1000, 1000
   elif arg == "test":
-    c.model = common.model_section(T.tiny(d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
-                                          scan_layers=True))
+    c.model = common.model_section(
+      T.tiny(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, scan_layers=True)
+    )
     c.steps, c.batch_size, c.seq_len = 4, 8, 32
     c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 1, 0, 0, 2
     c.sample_tokens = 8

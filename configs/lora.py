@@ -12,10 +12,11 @@ Variants (``--config=configs/lora.py:<variant>``):
   tiny   rank 8 on every attention and MLP kernel of ``configs/lm.py:tiny``, 600 steps.
   test   a few seconds, for the test suite (a scanned two-layer model).
 
-``--config.lora.variant=dora``, ``--config.lora.init=pissa``, ``--config.lora.quantize=nf4`` (QLoRA),
-``--config.lora.targets='.*attn/(q|v)/kernel'``. Without ``config.lora.base_workdir`` the adapters
-sit on a randomly initialized ``config.model`` (the run says so). Adam without weight decay, as
-peft's usual recipes; the learning rate is higher than pre-training's since only the adapters move.
+``--config.lora.variant=dora``, ``--config.lora.init=pissa``, ``--config.lora.quantize=nf4``
+(QLoRA), ``--config.lora.targets='.*attn/(q|v)/kernel'``. Without ``config.lora.base_workdir`` the
+adapters sit on a randomly initialized ``config.model`` (the run says so). Adam without weight
+decay, as peft's usual recipes; the learning rate is higher than pre-training's since only the
+adapters move.
 """
 
 import ml_collections
@@ -31,7 +32,16 @@ def get_config(arg: str = "tiny"):
   c.task = "lora"
   c.data.corpus = "default:code"
   c.optim.update(lr=3e-3, weight_decay=0.0, warmup_steps=50 if arg == "tiny" else 2)
-  c.lora = ml_collections.ConfigDict(dict(
-      base_workdir="", rank=8, alpha=16.0, targets=r".*(attn|mlp)/\w+/kernel", variant="lora",
-      init="default", quantize="", quantize_group_size=config_dict.placeholder(int)))
+  c.lora = ml_collections.ConfigDict(
+    dict(
+      base_workdir="",
+      rank=8,
+      alpha=16.0,
+      targets=r".*(attn|mlp)/\w+/kernel",
+      variant="lora",
+      init="default",
+      quantize="",
+      quantize_group_size=config_dict.placeholder(int),
+    )
+  )
   return c

@@ -55,14 +55,27 @@ def _module(cfg) -> nn.Module:
 def _unmatched(name: str, mlp_dim: int = 128):
   if name == "swa":
     return transformer.TransformerConfig(
-        d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim, scan_layers=False,
-        attention_pattern=(f"sliding_window:{WINDOW}",))
+      d_model=D_MODEL,
+      num_layers=LAYERS,
+      num_heads=HEADS,
+      mlp_dim=mlp_dim,
+      scan_layers=False,
+      attention_pattern=(f"sliding_window:{WINDOW}",),
+    )
   if name == "full_attention":
     return transformer.TransformerConfig(
-        d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim, scan_layers=False)
+      d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim, scan_layers=False
+    )
   return titans.TitansConfig(
-      variant=name, d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, mlp_dim=mlp_dim,
-      window=WINDOW, memory_chunk=CHUNK, memory_depth=MEMORY_DEPTH)
+    variant=name,
+    d_model=D_MODEL,
+    num_layers=LAYERS,
+    num_heads=HEADS,
+    mlp_dim=mlp_dim,
+    window=WINDOW,
+    memory_chunk=CHUNK,
+    memory_depth=MEMORY_DEPTH,
+  )
 
 
 @functools.cache
@@ -90,8 +103,9 @@ def model_config(name: str):
 def get_config(arg: str = "mal"):
   name, *rest = arg.split("-")
   if name not in MODELS or rest not in ([], ["lm"], ["quick"], ["lm", "quick"]):
-    raise ValueError(f"unknown variant {arg!r} of configs/needle.py: <model>[-lm][-quick] with "
-                     f"model in {MODELS}")
+    raise ValueError(
+      f"unknown variant {arg!r} of configs/needle.py: <model>[-lm][-quick] with model in {MODELS}"
+    )
   lm, quick = "lm" in rest, "quick" in rest
   cfg = model_config(name)
   c = common.base_config()
@@ -107,4 +121,3 @@ def get_config(arg: str = "mal"):
   if not lm:
     c.needle = dict(NEEDLE)
   return c
-

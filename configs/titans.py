@@ -22,8 +22,10 @@ SIZES = ("tiny", "small", "base", "test")
 def get_config(arg: str = "mac-tiny"):
   variant, _, size = arg.partition("-")
   if variant not in titans.VARIANTS or size not in SIZES:
-    raise ValueError(f"unknown variant {arg!r} of configs/titans.py: <variant>-<size> with "
-                     f"variant in {titans.VARIANTS} and size in {SIZES}")
+    raise ValueError(
+      f"unknown variant {arg!r} of configs/titans.py: <variant>-<size> with "
+      f"variant in {titans.VARIANTS} and size in {SIZES}"
+    )
   c = common.base_config()
   c.model_family = "titans"
   if size == "tiny":
@@ -40,9 +42,19 @@ def get_config(arg: str = "mac-tiny"):
     c.optim.lr, c.optim.warmup_steps = 6e-4, 1000
     c.mesh.data, c.mesh.fsdp = 1, -1
   else:  # test
-    c.model = common.model_section(T(variant=variant, d_model=32, num_layers=2, num_heads=2,
-                                     mlp_dim=64, window=8, memory_chunk=4, num_persistent=2,
-                                     num_memory_tokens=2))
+    c.model = common.model_section(
+      T(
+        variant=variant,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=64,
+        window=8,
+        memory_chunk=4,
+        num_persistent=2,
+        num_memory_tokens=2,
+      )
+    )
     c.steps, c.batch_size, c.seq_len = 4, 8, 32
     c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 1, 0, 0, 2
     c.sample_tokens = 8

@@ -29,9 +29,11 @@ from flaxseed.data import tokenizers
 VAL_EVERY = 20  # one block in VAL_EVERY is validation
 # config.data.corpus names for the embedded corpus and its two halves (e.g. pre-train on the prose,
 # fine-tune on the code).
-DEFAULT_PARTS = {"default": lambda name: True,
-                 "default:prose": lambda name: name.startswith("pydoc_topics/"),
-                 "default:code": lambda name: not name.startswith("pydoc_topics/")}
+DEFAULT_PARTS = {
+  "default": lambda name: True,
+  "default:prose": lambda name: name.startswith("pydoc_topics/"),
+  "default:code": lambda name: not name.startswith("pydoc_topics/"),
+}
 VAL_OFFSET = 10
 MAX_BLOCK = 1 << 16
 
@@ -39,13 +41,18 @@ MAX_BLOCK = 1 << 16
 def default_documents() -> list[tuple[str, bytes]]:
   """(name, text) of the embedded corpus: pydoc topics, then stdlib sources, sorted by name."""
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
-  docs = [(f"pydoc_topics/{name}", text.encode("utf-8"))
-          for name, text in sorted(topics.topics.items())]
+
+  docs = [
+    (f"pydoc_topics/{name}", text.encode("utf-8")) for name, text in sorted(topics.topics.items())
+  ]
   stdlib = sysconfig.get_paths()["stdlib"]
   paths = []
   for root, dirs, files in os.walk(stdlib):
-    dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "test",
-                                                  "tests", "__pycache__", "idle_test"))
+    dirs[:] = sorted(
+      d
+      for d in dirs
+      if d not in ("site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test")
+    )
     paths.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(".py"))
   for path in sorted(paths):
     name = os.path.relpath(path, stdlib)
@@ -57,8 +64,9 @@ def default_documents() -> list[tuple[str, bytes]]:
 
 
 def glob_documents(pattern: str, *, key: str = "config.data.corpus") -> list[tuple[str, bytes]]:
-  paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(p))
+  paths = sorted(
+    p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+  )
   if not paths:
     raise ValueError(f"{key}={pattern!r}: no files match this glob")
   docs = []
@@ -83,9 +91,9 @@ class TokenStream:
     idx = np.arange(start, start + row_len)
     piece = np.searchsorted(self.piece_starts, idx, side="right") - 1
     return {
-        "tokens": self.tokens[start:start + row_len].astype(np.int32),
-        "segment_ids": (piece - piece[0] + 1).astype(np.int32),
-        "positions": (idx - self.piece_starts[piece]).astype(np.int32),
+      "tokens": self.tokens[start : start + row_len].astype(np.int32),
+      "segment_ids": (piece - piece[0] + 1).astype(np.int32),
+      "positions": (idx - self.piece_starts[piece]).astype(np.int32),
     }
 
 
@@ -101,11 +109,14 @@ def build_corpus(data_config, vocab_size: int) -> Corpus:
   """Reads, tokenizes and splits the corpus of ``config.data``; checks ids against the model."""
   tokenizer = tokenizers.load(data_config.tokenizer)
   if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"config.model.vocab_size={vocab_size} is smaller than the vocabulary of "
-                     f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size})")
+    raise ValueError(
+      f"config.model.vocab_size={vocab_size} is smaller than the vocabulary of "
+      f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size})"
+    )
   if data_config.corpus in DEFAULT_PARTS:
-    docs = [(name, text) for name, text in default_documents()
-            if DEFAULT_PARTS[data_config.corpus](name)]
+    docs = [
+      (name, text) for name, text in default_documents() if DEFAULT_PARTS[data_config.corpus](name)
+    ]
   else:
     docs = glob_documents(data_config.corpus)
   pieces = [tokenizer.encode(text) for _, text in docs]
@@ -113,8 +124,10 @@ def build_corpus(data_config, vocab_size: int) -> Corpus:
   lengths = np.array([len(p) for p in pieces], dtype=np.int64)
   tokens = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
   if len(tokens) and int(tokens.max()) >= vocab_size:
-    raise ValueError(f"token id {int(tokens.max())} from tokenizer {tokenizer.name!r} is outside "
-                     f"config.model.vocab_size={vocab_size}")
+    raise ValueError(
+      f"token id {int(tokens.max())} from tokenizer {tokenizer.name!r} is outside "
+      f"config.model.vocab_size={vocab_size}"
+    )
   tokens = tokens.astype(np.min_scalar_type(max(vocab_size - 1, 0)))
   doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
   train, validation, val_bytes = split(tokens, doc_starts, num_bytes)

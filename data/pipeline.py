@@ -42,15 +42,17 @@ def process_rows(sharding, global_batch: int) -> tuple[int, int]:
   """The rows ``[start, stop)`` of a global batch that this process's devices hold."""
   index_map = sharding.addressable_devices_indices_map((global_batch, 1))
   starts = sorted({idx[0].start or 0 for idx in index_map.values()})
-  stops = sorted({global_batch if idx[0].stop is None else idx[0].stop
-                  for idx in index_map.values()})
+  stops = sorted(
+    {global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()}
+  )
   start, stop = starts[0], stops[-1]
   held = set()
   for idx in index_map.values():
     held.update(range(idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop))
   if held != set(range(start, stop)):
-    raise ValueError("this process holds non-contiguous batch rows; put the 'tensor' axis "
-                     "within a process")
+    raise ValueError(
+      "this process holds non-contiguous batch rows; put the 'tensor' axis within a process"
+    )
   return start, stop
 
 
@@ -58,8 +60,17 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def batches(stream, *, num_batches: int, global_batch: int, rows: tuple[int, int],
-            row_len: int, stride: int, seed: int | None, name: str):
+def batches(
+  stream,
+  *,
+  num_batches: int,
+  global_batch: int,
+  rows: tuple[int, int],
+  row_len: int,
+  stride: int,
+  seed: int | None,
+  name: str,
+):
   """A grain ``MapDataset``: element ``t`` is this process's rows of global batch ``t``.
 
   ``seed=None`` keeps the rows in order (evaluation); otherwise rows are shuffled with ``seed``
@@ -67,19 +78,24 @@ def batches(stream, *, num_batches: int, global_batch: int, rows: tuple[int, int
   """
   n = stream.num_rows(row_len, stride)
   if n < global_batch:
-    raise ValueError(f"the {name} split has {n} rows of {row_len} tokens, fewer than "
-                     f"batch_size={global_batch}; use a larger corpus or a smaller batch/seq_len")
+    raise ValueError(
+      f"the {name} split has {n} rows of {row_len} tokens, fewer than "
+      f"batch_size={global_batch}; use a larger corpus or a smaller batch/seq_len"
+    )
   if seed is None and num_batches * global_batch > n:
-    raise ValueError(f"config.eval_batches={num_batches} x batch_size={global_batch} needs "
-                     f"{num_batches * global_batch} rows; the {name} split has {n}")
+    raise ValueError(
+      f"config.eval_batches={num_batches} x batch_size={global_batch} needs "
+      f"{num_batches * global_batch} rows; the {name} split has {n}"
+    )
   order = grain.MapDataset.range(n)
   if seed is not None:
     order = order.shuffle(seed=seed).repeat(None)
   start, stop = rows
 
   def local_batch(t):
-    return _stack([stream.row(order[t * global_batch + j], row_len, stride)
-                   for j in range(start, stop)])
+    return _stack(
+      [stream.row(order[t * global_batch + j], row_len, stride) for j in range(start, stop)]
+    )
 
   return grain.MapDataset.range(num_batches).map(local_batch)
 

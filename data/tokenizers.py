@@ -25,10 +25,11 @@ class ByteTokenizer:
 
 
 class HuggingFaceTokenizer:
-  """A ``tokenizer.json`` read by the ``tokenizers`` package (``pip install flaxseed[tokenizers]``)."""
+  """A ``tokenizer.json`` read by the ``tokenizers`` package (the ``tokenizers`` extra)."""
 
   def __init__(self, path: str):
     from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+
     self._tok = Tokenizer.from_file(path)
     self.vocab_size = self._tok.get_vocab_size()
     self.name = path
@@ -47,6 +48,7 @@ class SentencePieceTokenizer:
 
   def __init__(self, path: str):
     import sentencepiece  # pylint: disable=g-import-not-at-top
+
     self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
     self.vocab_size = self._sp.get_piece_size()
     self.name = path
@@ -65,13 +67,15 @@ def load(spec: str, *, key: str = "config.data.tokenizer"):
   if spec == "byte":
     return ByteTokenizer()
   if not os.path.isfile(spec):
-    raise ValueError(f"{key}={spec!r}: no such file (use 'byte', a tokenizer.json or a "
-                     "SentencePiece .model file)")
+    raise ValueError(
+      f"{key}={spec!r}: no such file (use 'byte', a tokenizer.json or a SentencePiece .model file)"
+    )
   cls = HuggingFaceTokenizer if spec.endswith(".json") else SentencePieceTokenizer
   try:
     return cls(spec)
   except ImportError as e:
-    raise ValueError(f"{key}={spec!r} needs the optional package {e.name!r}: "
-                     "pip install 'flaxseed[tokenizers]'") from e
+    raise ValueError(
+      f"{key}={spec!r} needs the optional package {e.name!r}: pip install 'flaxseed[tokenizers]'"
+    ) from e
   except Exception as e:  # the libraries raise assorted exception types for a bad file
     raise ValueError(f"{key}={spec!r} could not be read as a {cls.__name__}: {e}") from e

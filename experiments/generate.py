@@ -26,8 +26,12 @@ from flaxseed.training import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A flaxseed run (task lm or lora).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A local Hugging Face folder.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "'byte' or a tokenizer file; default: the "
-                                 "run's, or the folder's tokenizer.json / tokenizer.model.")
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer",
+  None,
+  "'byte' or a tokenizer file; default: the "
+  "run's, or the folder's tokenizer.json / tokenizer.model.",
+)
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for a batch).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0: greedy.")
@@ -49,11 +53,15 @@ def load(workdir: str | None, hf_dir: str | None, tokenizer: str | None):
   restored = trainer.restore(config, workdir)
   task = restored.setup.task
   if not isinstance(task, tasks.LMTask):  # LoRATask is one too
-    raise ValueError(f"{workdir}: task={config.task!r} is not a language model "
-                     "(generate reads lm and lora runs)")
+    raise ValueError(
+      f"{workdir}: task={config.task!r} is not a language model (generate reads lm and lora runs)"
+    )
   params = task.model_params(restored.params, restored.frozen)
-  return task.model, params, (tokenizers.load(tokenizer, key="--tokenizer") if tokenizer
-                              else task.tokenizer)
+  return (
+    task.model,
+    params,
+    (tokenizers.load(tokenizer, key="--tokenizer") if tokenizer else task.tokenizer),
+  )
 
 
 def main(argv):
@@ -65,10 +73,17 @@ def main(argv):
     model, params, tok = load(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value)
     prompts = [np.asarray(tok.encode(p), np.int32) for p in _PROMPTS.value]
     stops = [int(np.asarray(tok.encode(s))[-1]) for s in _STOP.value]
-    out = models.generate(model, params, prompts, max_new_tokens=_MAX_NEW.value,
-                          temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                          top_p=_TOP_P.value, stop_tokens=stops,
-                          rng=jax.random.key(_SEED.value))
+    out = models.generate(
+      model,
+      params,
+      prompts,
+      max_new_tokens=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+      stop_tokens=stops,
+      rng=jax.random.key(_SEED.value),
+    )
   except ValueError as e:
     sys.exit(f"error: {e}")
   width = max(p.size for p in prompts)
@@ -76,7 +91,7 @@ def main(argv):
     new = row[width:]
     if stops:
       hits = np.nonzero(np.isin(new, stops))[0]
-      new = new[:hits[0] + 1] if hits.size else new
+      new = new[: hits[0] + 1] if hits.size else new
     print("=" * 20)
     print(tok.decode(prompt) + tok.decode(new))
 

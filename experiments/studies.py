@@ -53,8 +53,9 @@ def cached(workdir: str, name: str, fn: Callable[[], Any], *, fresh: bool = Fals
   return result
 
 
-def train(config, workdir: str, *, resume: bool = False,
-          allow_nonfinite: bool = False) -> tuple[dict | None, float]:
+def train(
+  config, workdir: str, *, resume: bool = False, allow_nonfinite: bool = False
+) -> tuple[dict | None, float]:
   """Trains ``config`` in ``workdir``; returns (the final metrics, seconds).
 
   The workdir is emptied first (a fresh run, never a resumed one) unless ``resume`` is set and it
@@ -90,10 +91,12 @@ def write_report(path: str, generated: str, *, script: str) -> None:
       text = f.read()
     begins, ends = list(_BEGIN.finditer(text)), list(_END.finditer(text))
     if len(begins) != 1 or len(ends) != 1 or ends[0].start() < begins[0].end():
-      raise ValueError(f"{path}: needs exactly one generated section ({BEGIN.format(script=script)}"
-                       f" ... {END}) to replace; found {len(begins)} begin and {len(ends)} end "
-                       "markers. Not overwriting it.")
-    text = text[:begins[0].start()] + section + text[ends[0].end():]
+      raise ValueError(
+        f"{path}: needs exactly one generated section ({BEGIN.format(script=script)}"
+        f" ... {END}) to replace; found {len(begins)} begin and {len(ends)} end "
+        "markers. Not overwriting it."
+      )
+    text = text[: begins[0].start()] + section + text[ends[0].end() :]
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
@@ -107,4 +110,4 @@ def generated_section(path: str) -> str:
   begin, end = _BEGIN.search(text), _END.search(text)
   if begin is None or end is None:
     raise ValueError(f"{path}: no generated section")
-  return text[begin.end():end.start()].strip("\n")
+  return text[begin.end() : end.start()].strip("\n")

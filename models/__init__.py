@@ -71,11 +71,10 @@ def build(family: str, fields: dict[str, Any]):
 
 
 for _family, _module_cls, _config_cls, _presets in (
-    ("transformer", transformer.Transformer, transformer.TransformerConfig, transformer.PRESETS),
-    ("titans", titans.Titans, titans.TitansConfig, titans.PRESETS),
-    ("diffusion_lm", diffusion_lm.DiffusionLM, diffusion_lm.DiffusionLMConfig,
-     diffusion_lm.PRESETS),
-    ("sae", sae.SAE, sae.SAEConfig, sae.PRESETS),
+  ("transformer", transformer.Transformer, transformer.TransformerConfig, transformer.PRESETS),
+  ("titans", titans.Titans, titans.TitansConfig, titans.PRESETS),
+  ("diffusion_lm", diffusion_lm.DiffusionLM, diffusion_lm.DiffusionLMConfig, diffusion_lm.PRESETS),
+  ("sae", sae.SAE, sae.SAEConfig, sae.PRESETS),
 ):
   register_family(_family, _module_cls, _config_cls)
   for _name, _fn in _presets.items():

@@ -1,4 +1,5 @@
-"""A masked-diffusion language model (LLaDA, MDLM): the transformer, bidirectional, plus a mask token.
+"""A masked-diffusion language model (LLaDA, MDLM): the transformer, bidirectional, plus a mask
+token.
 
 The forward process masks each token independently with probability ``p = (1 - eps) t + eps`` for a
 per-sequence time ``t ~ U(0, 1)``; the network (``DiffusionLM``, the zoo's transformer with
@@ -13,11 +14,11 @@ logit is ``-inf`` (MDLM's SUBS parameterization: the model never predicts a mask
 
 Pieces, top to bottom:
 
-* **Objective** (pure functions on logits): ``noise`` draws ``t`` (optionally antithetic: the batch's
-  times are ``u + i / B`` mod 1, MDLM's low-discrepancy sampler) and the mask; ``pretrain_loss`` is
-  ``sum_masked CE / p`` over ``B * L`` tokens (the 1/t-weighted ELBO of LLaDA and MDLM);
-  ``sft_loss`` noises only response tokens and normalizes each row by its answer length (LLaDA
-  SFT). ``training/tasks/diffusion.py`` puts them in the shared loop.
+* **Objective** (pure functions on logits): ``noise`` draws ``t`` (optionally antithetic: the
+  batch's times are ``u + i / B`` mod 1, MDLM's low-discrepancy sampler) and the mask;
+  ``pretrain_loss`` is ``sum_masked CE / p`` over ``B * L`` tokens (the 1/t-weighted ELBO of LLaDA
+  and MDLM); ``sft_loss`` noises only response tokens and normalizes each row by its answer length
+  (LLaDA SFT). ``training/tasks/diffusion.py`` puts them in the shared loop.
 * **Sampling** (``generate``, ``infill``): start from masks, and at every step predict all masked
   tokens and commit a fixed number of them (the ``k`` most confident for ``"low_confidence"``, ``k``
   random ones for ``"random"``); the count per step is the remaining masks divided by the remaining
@@ -76,8 +77,9 @@ class DiffusionLMConfig(transformer.TransformerConfig):
       raise ValueError("causal must be False for a masked-diffusion LM (it reads both ways)")
     for name in ("mask_token_id", "eos_token_id"):
       if not 0 <= getattr(self, name) < self.vocab_size:
-        raise ValueError(f"{name}={getattr(self, name)} is outside [0, vocab_size="
-                         f"{self.vocab_size})")
+        raise ValueError(
+          f"{name}={getattr(self, name)} is outside [0, vocab_size={self.vocab_size})"
+        )
     if self.mask_token_id == self.eos_token_id:
       raise ValueError(f"mask_token_id and eos_token_id are both {self.mask_token_id}")
 
@@ -95,10 +97,10 @@ class DiffusionLM(transformer.Transformer):
 
 
 PRESETS = {
-    "diffusion-lm-tiny": DiffusionLMConfig.tiny,
-    "diffusion-lm-small": DiffusionLMConfig.small,
-    "diffusion-lm-base": DiffusionLMConfig.base,
-    "diffusion-lm-large": DiffusionLMConfig.large,
+  "diffusion-lm-tiny": DiffusionLMConfig.tiny,
+  "diffusion-lm-small": DiffusionLMConfig.small,
+  "diffusion-lm-base": DiffusionLMConfig.base,
+  "diffusion-lm-large": DiffusionLMConfig.large,
 }
 
 
@@ -106,8 +108,9 @@ PRESETS = {
 # Objective
 
 
-def noise(rng, tokens_BL, noisable_BL, *, mask_token_id: int, eps: float = 1e-3,
-          antithetic: bool = False):
+def noise(
+  rng, tokens_BL, noisable_BL, *, mask_token_id: int, eps: float = 1e-3, antithetic: bool = False
+):
   """The forward process: ``(noisy tokens, masked [B, L] bool, p_mask [B])``.
 
   ``t ~ U(0, 1)`` per row (antithetic: ``(u + i / B) mod 1``), ``p = (1 - eps) t + eps``, and each
@@ -150,10 +153,20 @@ def sft_loss(logits_BLV, tokens_BL, masked_BL, p_B, answer_BL):
 # Sampling
 
 
-def generate(model, params, prompt_BP, *, gen_length: int = 128, steps: int = 128,
-             block_length: int = 128, temperature: float = 0.0,
-             remasking: str = "low_confidence", cfg_scale: float = 0.0, rng=None,
-             return_trace: bool = False):
+def generate(
+  model,
+  params,
+  prompt_BP,
+  *,
+  gen_length: int = 128,
+  steps: int = 128,
+  block_length: int = 128,
+  temperature: float = 0.0,
+  remasking: str = "low_confidence",
+  cfg_scale: float = 0.0,
+  rng=None,
+  return_trace: bool = False,
+):
   """Appends ``gen_length`` tokens to every row of ``prompt_BP`` (int ``[B, P]``) by iterative
   unmasking; returns ``[B, P + gen_length]`` int32. See the module docstring.
 
@@ -167,27 +180,52 @@ def generate(model, params, prompt_BP, *, gen_length: int = 128, steps: int = 12
     raise ValueError(f"prompt_BP must be a [B, P] array, got shape {prompt_BP.shape}")
   _check_tokens("prompt_BP", prompt_BP, config)
   if (prompt_BP == config.mask_token_id).any():
-    raise ValueError(f"prompt_BP contains mask_token_id={config.mask_token_id}; use infill() to "
-                     "fill masks inside a sequence")
+    raise ValueError(
+      f"prompt_BP contains mask_token_id={config.mask_token_id}; use infill() to "
+      "fill masks inside a sequence"
+    )
   if gen_length < 1 or block_length < 1 or gen_length % block_length:
-    raise ValueError(f"gen_length={gen_length} must be a positive multiple of "
-                     f"block_length={block_length}")
+    raise ValueError(
+      f"gen_length={gen_length} must be a positive multiple of block_length={block_length}"
+    )
   num_blocks = gen_length // block_length
   if steps % num_blocks or not 1 <= steps // num_blocks <= block_length:
-    raise ValueError(f"steps={steps} must be a multiple of the {num_blocks} blocks with "
-                     f"1 <= steps per block <= block_length={block_length}")
+    raise ValueError(
+      f"steps={steps} must be a multiple of the {num_blocks} blocks with "
+      f"1 <= steps per block <= block_length={block_length}"
+    )
   _check_sampling(temperature, remasking, cfg_scale)
   masks = np.full((prompt_BP.shape[0], gen_length), config.mask_token_id, np.int32)
   canvas = jnp.asarray(np.concatenate([prompt_BP.astype(np.int32), masks], axis=1))
-  return _denoise(model, params, canvas, _key(rng), jnp.float32(temperature),
-                  jnp.float32(cfg_scale), start=prompt_BP.shape[1], block_length=block_length,
-                  steps_per_block=steps // num_blocks, greedy=temperature == 0,
-                  remasking=remasking, guidance=cfg_scale > 0, trace=return_trace)
+  return _denoise(
+    model,
+    params,
+    canvas,
+    _key(rng),
+    jnp.float32(temperature),
+    jnp.float32(cfg_scale),
+    start=prompt_BP.shape[1],
+    block_length=block_length,
+    steps_per_block=steps // num_blocks,
+    greedy=temperature == 0,
+    remasking=remasking,
+    guidance=cfg_scale > 0,
+    trace=return_trace,
+  )
 
 
-def infill(model, params, tokens_BL, *, steps: int, temperature: float = 0.0,
-           remasking: str = "low_confidence", cfg_scale: float = 0.0, rng=None,
-           return_trace: bool = False):
+def infill(
+  model,
+  params,
+  tokens_BL,
+  *,
+  steps: int,
+  temperature: float = 0.0,
+  remasking: str = "low_confidence",
+  cfg_scale: float = 0.0,
+  rng=None,
+  return_trace: bool = False,
+):
   """Fills every ``mask_token_id`` of ``tokens_BL`` in ``steps`` steps (one block over the whole
   row; each row commits ``ceil(remaining / steps left)`` tokens a step). Other tokens are
   kept. ``steps`` must not exceed the fewest masks of any row."""
@@ -200,11 +238,21 @@ def infill(model, params, tokens_BL, *, steps: int, temperature: float = 0.0,
   if not 1 <= steps <= fewest:
     raise ValueError(f"steps={steps} must be in [1, {fewest}] (the fewest masks in a row)")
   _check_sampling(temperature, remasking, cfg_scale)
-  return _denoise(model, params, jnp.asarray(tokens_BL, jnp.int32), _key(rng),
-                  jnp.float32(temperature), jnp.float32(cfg_scale), start=0,
-                  block_length=tokens_BL.shape[1], steps_per_block=steps,
-                  greedy=temperature == 0, remasking=remasking, guidance=cfg_scale > 0,
-                  trace=return_trace)
+  return _denoise(
+    model,
+    params,
+    jnp.asarray(tokens_BL, jnp.int32),
+    _key(rng),
+    jnp.float32(temperature),
+    jnp.float32(cfg_scale),
+    start=0,
+    block_length=tokens_BL.shape[1],
+    steps_per_block=steps,
+    greedy=temperature == 0,
+    remasking=remasking,
+    guidance=cfg_scale > 0,
+    trace=return_trace,
+  )
 
 
 def _check_tokens(name, tokens, config):
@@ -232,10 +280,35 @@ def noise_dtype():
   return jnp.float32
 
 
-@functools.partial(jax.jit, static_argnames=("model", "start", "block_length", "steps_per_block",
-                                             "greedy", "remasking", "guidance", "trace"))
-def _denoise(model, params, canvas_BT, rng, temperature, cfg_scale, *, start, block_length,
-             steps_per_block, greedy, remasking, guidance, trace):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "model",
+    "start",
+    "block_length",
+    "steps_per_block",
+    "greedy",
+    "remasking",
+    "guidance",
+    "trace",
+  ),
+)
+def _denoise(
+  model,
+  params,
+  canvas_BT,
+  rng,
+  temperature,
+  cfg_scale,
+  *,
+  start,
+  block_length,
+  steps_per_block,
+  greedy,
+  remasking,
+  guidance,
+  trace,
+):
   """Unmasks ``canvas[:, start:]`` block by block; see ``generate``. Shapes and the static
   switches (greedy or not, remasking, guidance, trace) compile; temperature and scale do not."""
   mask_id = model.config.mask_token_id
@@ -305,8 +378,16 @@ class Likelihood(NamedTuple):
     return self.nats / math.log(2) / self.num_tokens
 
 
-def elbo(model, params, tokens_BL, *, num_samples: int = 128, prompt_len: int = 0,
-         batch_size: int = 16, rng=None) -> Likelihood:
+def elbo(
+  model,
+  params,
+  tokens_BL,
+  *,
+  num_samples: int = 128,
+  prompt_len: int = 0,
+  batch_size: int = 16,
+  rng=None,
+) -> Likelihood:
   """The stratified Monte Carlo ELBO of every row of ``tokens_BL`` (module docstring): only the
   answer ``tokens[:, prompt_len:]`` is masked and scored, ``num_samples`` masks per row, run
   ``batch_size`` samples at a time."""
@@ -317,11 +398,19 @@ def elbo(model, params, tokens_BL, *, num_samples: int = 128, prompt_len: int = 
   if not 0 <= prompt_len < tokens_BL.shape[1]:
     raise ValueError(f"prompt_len={prompt_len} must be in [0, {tokens_BL.shape[1]})")
   if num_samples < 1 or batch_size < 1 or num_samples % min(batch_size, num_samples):
-    raise ValueError(f"num_samples={num_samples} must be a positive multiple of "
-                     f"batch_size={batch_size} (or smaller than it)")
-  nats = _elbo(model, params, jnp.asarray(tokens_BL, jnp.int32), _key(rng),
-               num_samples=num_samples, prompt_len=prompt_len,
-               batch_size=min(batch_size, num_samples))
+    raise ValueError(
+      f"num_samples={num_samples} must be a positive multiple of "
+      f"batch_size={batch_size} (or smaller than it)"
+    )
+  nats = _elbo(
+    model,
+    params,
+    jnp.asarray(tokens_BL, jnp.int32),
+    _key(rng),
+    num_samples=num_samples,
+    prompt_len=prompt_len,
+    batch_size=min(batch_size, num_samples),
+  )
   return Likelihood(nats, tokens_BL.shape[1] - prompt_len)
 
 
@@ -358,11 +447,13 @@ def _elbo(model, params, tokens_BL, rng, *, num_samples, prompt_len, batch_size)
 
   def chunk(total_B, c):
     ids = c * batch_size + jnp.arange(batch_size)
-    masked, count = stratified_masks(jax.random.fold_in(pos_rng, c), u_B, ids, num_samples,
-                                     answer_BL)
+    masked, count = stratified_masks(
+      jax.random.fold_in(pos_rng, c), u_B, ids, num_samples, answer_BL
+    )
     estimate_SB = stratified_nats(model, params, tokens_BL, masked, count, answer_BL.sum(-1))
     return total_B + estimate_SB.sum(0), None
 
-  total_B, _ = jax.lax.scan(chunk, jnp.zeros((batch,), jnp.float32),
-                            jnp.arange(num_samples // batch_size))
+  total_B, _ = jax.lax.scan(
+    chunk, jnp.zeros((batch,), jnp.float32), jnp.arange(num_samples // batch_size)
+  )
   return total_B / num_samples

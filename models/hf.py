@@ -60,21 +60,50 @@ from flaxseed.models import transformer
 
 # The transformer fields that make each family; to_hf_config picks the first family whose
 # fields all match a config (Mistral is Llama with a sliding window, chosen by its pattern).
-_ROPE_BASE = dict(norm="rms", position_embedding="rope", logit_soft_cap=None,
-                  attn_logit_soft_cap=None, attn_scale=None, post_norms=False, norm_offset=0.0,
-                  embed_scale=False, biases="none", mlp_activation="swiglu")
-_GEMMA = {**_ROPE_BASE, "norm_offset": 1.0, "embed_scale": True, "mlp_activation": "geglu",
-          "tie_embeddings": True}
+_ROPE_BASE = dict(
+  norm="rms",
+  position_embedding="rope",
+  logit_soft_cap=None,
+  attn_logit_soft_cap=None,
+  attn_scale=None,
+  post_norms=False,
+  norm_offset=0.0,
+  embed_scale=False,
+  biases="none",
+  mlp_activation="swiglu",
+)
+_GEMMA = {
+  **_ROPE_BASE,
+  "norm_offset": 1.0,
+  "embed_scale": True,
+  "mlp_activation": "geglu",
+  "tie_embeddings": True,
+}
 FAMILIES = {
-    "llama": _ROPE_BASE,
-    "qwen2": {**_ROPE_BASE, "biases": "qkv"},
-    "gemma": _GEMMA,
-    "gemma2": {**_GEMMA, "post_norms": True, "logit_soft_cap": ..., "attn_logit_soft_cap": ...,
-               "attn_scale": ...},  # ...: any value
-    "gpt2": dict(norm="layer", position_embedding="learned", biases="all", mlp_activation="gelu",
-                 tie_embeddings=True, logit_soft_cap=None, attn_logit_soft_cap=None,
-                 attn_scale=None, post_norms=False, embed_scale=False, num_kv_heads=None,
-                 head_dim=None),
+  "llama": _ROPE_BASE,
+  "qwen2": {**_ROPE_BASE, "biases": "qkv"},
+  "gemma": _GEMMA,
+  "gemma2": {
+    **_GEMMA,
+    "post_norms": True,
+    "logit_soft_cap": ...,
+    "attn_logit_soft_cap": ...,
+    "attn_scale": ...,
+  },  # ...: any value
+  "gpt2": dict(
+    norm="layer",
+    position_embedding="learned",
+    biases="all",
+    mlp_activation="gelu",
+    tie_embeddings=True,
+    logit_soft_cap=None,
+    attn_logit_soft_cap=None,
+    attn_scale=None,
+    post_norms=False,
+    embed_scale=False,
+    num_kv_heads=None,
+    head_dim=None,
+  ),
 }
 MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt2")
 _COMMON = dict(causal=True, quant=None)  # every family
@@ -93,22 +122,48 @@ class Layout:
 
 
 _LLAMA_LAYER = {
-    "attn_norm": "input_layernorm", "attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj",
-    "attn/v": "self_attn.v_proj", "attn/o": "self_attn.o_proj",
-    "mlp_norm": "post_attention_layernorm", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
-    "mlp/down": "mlp.down_proj"}
+  "attn_norm": "input_layernorm",
+  "attn/q": "self_attn.q_proj",
+  "attn/k": "self_attn.k_proj",
+  "attn/v": "self_attn.v_proj",
+  "attn/o": "self_attn.o_proj",
+  "mlp_norm": "post_attention_layernorm",
+  "mlp/gate": "mlp.gate_proj",
+  "mlp/up": "mlp.up_proj",
+  "mlp/down": "mlp.down_proj",
+}
 _LLAMA_TOP = {"embed": "model.embed_tokens", "final_norm": "model.norm", "unembed": "lm_head"}
 LLAMA = Layout("model.layers.{i}.", _LLAMA_LAYER, _LLAMA_TOP)
-GEMMA2 = Layout("model.layers.{i}.", {
-    **_LLAMA_LAYER, "attn_post_norm": "post_attention_layernorm",
-    "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
-                _LLAMA_TOP)
-GPT2 = Layout("transformer.h.{i}.", {
-    "attn_norm": "ln_1", "attn/q": ("attn.c_attn", 0), "attn/k": ("attn.c_attn", 1),
-    "attn/v": ("attn.c_attn", 2), "attn/o": "attn.c_proj", "mlp_norm": "ln_2",
-    "mlp/up": "mlp.c_fc", "mlp/down": "mlp.c_proj"}, {
-        "embed": "transformer.wte", "pos_embed": "transformer.wpe", "final_norm": "transformer.ln_f",
-        "unembed": "lm_head"}, conv1d=True)
+GEMMA2 = Layout(
+  "model.layers.{i}.",
+  {
+    **_LLAMA_LAYER,
+    "attn_post_norm": "post_attention_layernorm",
+    "mlp_norm": "pre_feedforward_layernorm",
+    "mlp_post_norm": "post_feedforward_layernorm",
+  },
+  _LLAMA_TOP,
+)
+GPT2 = Layout(
+  "transformer.h.{i}.",
+  {
+    "attn_norm": "ln_1",
+    "attn/q": ("attn.c_attn", 0),
+    "attn/k": ("attn.c_attn", 1),
+    "attn/v": ("attn.c_attn", 2),
+    "attn/o": "attn.c_proj",
+    "mlp_norm": "ln_2",
+    "mlp/up": "mlp.c_fc",
+    "mlp/down": "mlp.c_proj",
+  },
+  {
+    "embed": "transformer.wte",
+    "pos_embed": "transformer.wpe",
+    "final_norm": "transformer.ln_f",
+    "unembed": "lm_head",
+  },
+  conv1d=True,
+)
 
 
 def layout(cfg: transformer.TransformerConfig) -> Layout:
@@ -126,23 +181,25 @@ def _split_path(path: str) -> tuple[bool, int | None, int | None, str]:
   if m:
     return True, None, int(m.group(1)), m.group(2)
   if module.startswith("layers/"):
-    return True, None, None, module[len("layers/"):]
+    return True, None, None, module[len("layers/") :]
   m = re.fullmatch(r"layers_(\d+)/(.*)", module)
   if m:
     return False, int(m.group(1)), None, m.group(2)
   return False, None, None, module
 
 
-def _locate(path: str, layer: int | None, lay: Layout,
-            period: int | None = None) -> tuple[str, int | None]:
+def _locate(
+  path: str, layer: int | None, lay: Layout, period: int | None = None
+) -> tuple[str, int | None]:
   """``(Hugging Face module, part of a fused q/k/v or None)`` of a parameter path; ``layer``:
   the index along a stacked parameter's leading axis, ``period``: the attention pattern's length
   when the stack is grouped (``layers/block_{j}``)."""
   stacked, index, block, module = _split_path(path)
   if stacked or index is not None:
     if module not in lay.layer_modules:
-      raise ValueError(f"parameter {path!r} has no Hugging Face name (a layer holds "
-                       f"{sorted(lay.layer_modules)})")
+      raise ValueError(
+        f"parameter {path!r} has no Hugging Face name (a layer holds {sorted(lay.layer_modules)})"
+      )
     if stacked and layer is None:
       raise ValueError(f"parameter {path!r} is stacked over layers: give its layer index")
     if block is not None:
@@ -153,15 +210,18 @@ def _locate(path: str, layer: int | None, lay: Layout,
     prefix = lay.layer_prefix.format(i=index if index is not None else layer)
   else:
     if module not in lay.top_modules:
-      raise ValueError(f"parameter {path!r} has no Hugging Face name (known: "
-                       f"{sorted(lay.top_modules)} and layer parameters)")
+      raise ValueError(
+        f"parameter {path!r} has no Hugging Face name (known: "
+        f"{sorted(lay.top_modules)} and layer parameters)"
+      )
     target, prefix = lay.top_modules[module], ""
   name, part = target if isinstance(target, tuple) else (target, None)
   return prefix + name, part
 
 
-def module_name(path: str, layer: int | None = None, lay: Layout = LLAMA,
-                period: int | None = None) -> str:
+def module_name(
+  path: str, layer: int | None = None, lay: Layout = LLAMA, period: int | None = None
+) -> str:
   """The Hugging Face module of the flaxseed parameter ``path`` (``layer``: the index within a
   scanned stack, for ``layers/...`` paths; see ``_locate``). Raises a ``ValueError`` for unmapped
   paths."""
@@ -179,7 +239,7 @@ def _tensor_name(path: str, layer: int | None, cfg) -> tuple[str, int | None]:
 def _to_hf(path: str, x: np.ndarray, lay: Layout) -> np.ndarray:
   """A flaxseed parameter (one layer's) in the Hugging Face layout."""
   if path.endswith("/kernel"):
-    w = x.reshape(math.prod(x.shape[:params_lib.zoo_num_in(path)]), -1)  # [I, O]
+    w = x.reshape(math.prod(x.shape[: params_lib.zoo_num_in(path)]), -1)  # [I, O]
     return w if lay.conv1d else np.ascontiguousarray(w.T)
   return x.reshape(-1) if path.endswith("/bias") else x  # embeddings [V, D], norms [D]
 
@@ -192,18 +252,24 @@ def _from_hf(path: str, w: np.ndarray, shape: tuple[int, ...], lay: Layout) -> n
 
 # ------------------------------------------------------------------------------------ config
 
+
 def _family(cfg: transformer.TransformerConfig) -> str:
   """The Hugging Face family of ``cfg``, or a ``ValueError`` saying what stands in the way."""
   mismatches = {}
   for name, fields in FAMILIES.items():
-    bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in {**fields, **_COMMON}.items()
-           if v is not ... and getattr(cfg, k) != v]
+    bad = [
+      f"{k}={getattr(cfg, k)!r} (needs {v!r})"
+      for k, v in {**fields, **_COMMON}.items()
+      if v is not ... and getattr(cfg, k) != v
+    ]
     if not bad:
       return name
     mismatches[name] = bad
   closest = min(mismatches, key=lambda n: len(mismatches[n]))
-  raise ValueError(f"this TransformerConfig matches no Hugging Face family; the closest, "
-                   f"{closest}, needs: {', '.join(mismatches[closest])}")
+  raise ValueError(
+    f"this TransformerConfig matches no Hugging Face family; the closest, "
+    f"{closest}, needs: {', '.join(mismatches[closest])}"
+  )
 
 
 def _rope_out(cfg) -> dict:
@@ -211,15 +277,20 @@ def _rope_out(cfg) -> dict:
   params.update(layers.parse_rope_scaling(cfg.rope_scaling) or {})
   if "original_max_position_embeddings" in params:  # a length: an int in config.json
     params["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
-  return {"rope_theta": cfg.rope_theta, "rope_parameters": params,
-          "rope_scaling": None if cfg.rope_scaling is None else params}
+  return {
+    "rope_theta": cfg.rope_theta,
+    "rope_parameters": params,
+    "rope_scaling": None if cfg.rope_scaling is None else params,
+  }
 
 
 def _pattern_out(cfg, family) -> tuple[str, dict]:
   """``(model_type, config keys)`` for ``cfg.attention_pattern``: Mistral is Llama with one
   sliding window on every layer; Gemma 2 lists each layer's kind."""
-  specs = [cfg.attention_pattern[i % len(cfg.attention_pattern)] if cfg.attention_pattern
-           else "global" for i in range(cfg.num_layers)]
+  specs = [
+    cfg.attention_pattern[i % len(cfg.attention_pattern)] if cfg.attention_pattern else "global"
+    for i in range(cfg.num_layers)
+  ]
   if all(s == "global" for s in specs):
     return family, {}
   windows = {re.fullmatch(r"sliding_window:(\d+)", s) for s in specs if s != "global"}
@@ -230,9 +301,11 @@ def _pattern_out(cfg, family) -> tuple[str, dict]:
       return family, {"sliding_window": window, "layer_types": kinds}
     if family == "llama" and "global" not in specs:
       return "mistral", {"sliding_window": window}
-  raise ValueError(f"attention_pattern={cfg.attention_pattern} has no {family} equivalent "
-                   "(Mistral: one sliding window on every layer; Gemma 2: windows and global "
-                   "layers)")
+  raise ValueError(
+    f"attention_pattern={cfg.attention_pattern} has no {family} equivalent "
+    "(Mistral: one sliding window on every layer; Gemma 2: windows and global "
+    "layers)"
+  )
 
 
 def to_hf_config(cfg: transformer.TransformerConfig) -> dict:
@@ -240,20 +313,45 @@ def to_hf_config(cfg: transformer.TransformerConfig) -> dict:
   family = _family(cfg)
   model_type, pattern = _pattern_out(cfg, family)
   if family == "gpt2":
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.num_layers,
-            "n_head": cfg.num_heads, "n_inner": cfg.mlp_dim, "n_positions": cfg.max_positions,
-            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-            "tie_word_embeddings": True, "scale_attn_weights": True, "torch_dtype": "float32"}
-  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-          "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
-          "gemma2": "Gemma2ForCausalLM"}[model_type]
-  out = {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
-         "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
-         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
-         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-         "max_position_embeddings": 8192, "torch_dtype": "float32", **_rope_out(cfg), **pattern}
+    return {
+      "architectures": ["GPT2LMHeadModel"],
+      "model_type": "gpt2",
+      "vocab_size": cfg.vocab_size,
+      "n_embd": cfg.d_model,
+      "n_layer": cfg.num_layers,
+      "n_head": cfg.num_heads,
+      "n_inner": cfg.mlp_dim,
+      "n_positions": cfg.max_positions,
+      "activation_function": "gelu_new",
+      "layer_norm_epsilon": cfg.norm_eps,
+      "tie_word_embeddings": True,
+      "scale_attn_weights": True,
+      "torch_dtype": "float32",
+    }
+  arch = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+  }[model_type]
+  out = {
+    "architectures": [arch],
+    "model_type": model_type,
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.mlp_dim,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.kv_heads,
+    "head_dim": cfg.head_size,
+    "rms_norm_eps": cfg.norm_eps,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "max_position_embeddings": 8192,
+    "torch_dtype": "float32",
+    **_rope_out(cfg),
+    **pattern,
+  }
   if family in ("gemma", "gemma2"):
     out["hidden_act"] = out["hidden_activation"] = "gelu_pytorch_tanh"
   else:
@@ -263,13 +361,18 @@ def to_hf_config(cfg: transformer.TransformerConfig) -> dict:
   if family == "qwen2":
     out["use_sliding_window"] = False
   if family == "gemma2":
-    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
-    scalar = round(scale ** -2)  # transformers wants an int
-    if abs(scalar * scale ** 2 - 1) > 1e-6:
-      raise ValueError(f"attn_scale={cfg.attn_scale} is not 1/sqrt(an integer), which Gemma 2's "
-                       "query_pre_attn_scalar must be")
-    out.update(query_pre_attn_scalar=scalar, final_logit_softcapping=cfg.logit_soft_cap,
-               attn_logit_softcapping=cfg.attn_logit_soft_cap)
+    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size**-0.5
+    scalar = round(scale**-2)  # transformers wants an int
+    if abs(scalar * scale**2 - 1) > 1e-6:
+      raise ValueError(
+        f"attn_scale={cfg.attn_scale} is not 1/sqrt(an integer), which Gemma 2's "
+        "query_pre_attn_scalar must be"
+      )
+    out.update(
+      query_pre_attn_scalar=scalar,
+      final_logit_softcapping=cfg.logit_soft_cap,
+      attn_logit_softcapping=cfg.attn_logit_soft_cap,
+    )
     out.setdefault("sliding_window", None)
     out.setdefault("layer_types", ["full_attention"] * cfg.num_layers)
   return out
@@ -291,8 +394,10 @@ def _rope_in(hf: dict) -> dict:
   if kind == "default":
     return {"rope_theta": theta}
   if kind not in layers.ROPE_SCALINGS:
-    raise ValueError(f"config.json: rope_type={kind!r} is not supported (supported: default, "
-                     f"{', '.join(layers.ROPE_SCALINGS)})")
+    raise ValueError(
+      f"config.json: rope_type={kind!r} is not supported (supported: default, "
+      f"{', '.join(layers.ROPE_SCALINGS)})"
+    )
   fields = {k: v for k, v in rope.items() if k in layers.ROPE_SCALINGS[kind]}
   spec = kind + ":" + ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
   layers.parse_rope_scaling(spec)  # raises, naming a bad field
@@ -312,15 +417,24 @@ def from_hf_config(hf: dict, **overrides) -> transformer.TransformerConfig:
   fields such as ``scan_layers`` or ``dtype``)."""
   model_type = _require(hf, "model_type", MODEL_TYPES)
   if model_type == "gpt2":
-    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                      ("add_cross_attention", False)):
+    for key, want in (
+      ("scale_attn_weights", True),
+      ("scale_attn_by_inverse_layer_idx", False),
+      ("add_cross_attention", False),
+    ):
       _require(hf, key, (want,), want)
     _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
     width = hf["n_embd"]
-    fields = dict(FAMILIES["gpt2"], vocab_size=hf["vocab_size"], d_model=width,
-                  num_layers=hf["n_layer"], num_heads=hf["n_head"],
-                  mlp_dim=hf.get("n_inner") or 4 * width, max_positions=hf["n_positions"],
-                  norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    fields = dict(
+      FAMILIES["gpt2"],
+      vocab_size=hf["vocab_size"],
+      d_model=width,
+      num_layers=hf["n_layer"],
+      num_heads=hf["n_head"],
+      mlp_dim=hf.get("n_inner") or 4 * width,
+      max_positions=hf["n_positions"],
+      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+    )
     return transformer.TransformerConfig(**{**fields, **overrides})
 
   family = "llama" if model_type == "mistral" else model_type
@@ -336,12 +450,17 @@ def from_hf_config(hf: dict, **overrides) -> transformer.TransformerConfig:
   heads, width = hf["num_attention_heads"], hf["hidden_size"]
   kv_heads, head_dim = hf.get("num_key_value_heads") or heads, hf.get("head_dim") or width // heads
   fields.update(
-      vocab_size=hf["vocab_size"], d_model=width, mlp_dim=hf["intermediate_size"],
-      num_layers=hf["num_hidden_layers"], num_heads=heads,
-      num_kv_heads=None if kv_heads == heads else kv_heads,  # the config's own defaults
-      head_dim=None if head_dim * heads == width else head_dim,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", family.startswith("gemma"))),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), **_rope_in(hf))
+    vocab_size=hf["vocab_size"],
+    d_model=width,
+    mlp_dim=hf["intermediate_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=None if kv_heads == heads else kv_heads,  # the config's own defaults
+    head_dim=None if head_dim * heads == width else head_dim,
+    tie_embeddings=bool(hf.get("tie_word_embeddings", family.startswith("gemma"))),
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    **_rope_in(hf),
+  )
   window = hf.get("sliding_window")
   if model_type == "mistral" and window is not None:
     fields["attention_pattern"] = (f"sliding_window:{window}",)
@@ -349,24 +468,27 @@ def from_hf_config(hf: dict, **overrides) -> transformer.TransformerConfig:
     _require(hf, "use_sliding_window", (False,), False)
   elif model_type == "gemma2":
     kinds = hf.get("layer_types") or ["sliding_attention", "full_attention"] * (
-        (fields["num_layers"] + 1) // 2)
-    kinds = kinds[:fields["num_layers"]]
+      (fields["num_layers"] + 1) // 2
+    )
+    kinds = kinds[: fields["num_layers"]]
     for kind in kinds:
       _require({"layer_types": kind}, "layer_types", ("sliding_attention", "full_attention"))
     if "sliding_attention" in kinds:
       fields["attention_pattern"] = tuple(
-          f"sliding_window:{window}" if k == "sliding_attention" else "global"
-          for k in _period(kinds))
-    fields.update(attn_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
-                  logit_soft_cap=hf.get("final_logit_softcapping"),
-                  attn_logit_soft_cap=hf.get("attn_logit_softcapping"))
+        f"sliding_window:{window}" if k == "sliding_attention" else "global" for k in _period(kinds)
+      )
+    fields.update(
+      attn_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+      logit_soft_cap=hf.get("final_logit_softcapping"),
+      attn_logit_soft_cap=hf.get("attn_logit_softcapping"),
+    )
   elif window is not None and family != "gemma":
-    raise ValueError(f"config.json: sliding_window={window!r} is not supported for "
-                     f"{model_type}")
+    raise ValueError(f"config.json: sliding_window={window!r} is not supported for {model_type}")
   return transformer.TransformerConfig(**{**fields, **overrides})
 
 
 # ----------------------------------------------------------------------------- state dicts
+
 
 def to_state_dict(params, cfg: transformer.TransformerConfig) -> dict[str, np.ndarray]:
   """Hugging Face tensor name -> float32 array of a transformer's ``params``."""
@@ -397,15 +519,15 @@ def _reader(tensors, cfg):
     if part is not None:  # one third of a fused q/k/v along the output columns
       w = np.split(w, 3, axis=-1)[part]
     if w.size != math.prod(shape):
-      raise ValueError(f"tensor {name!r} has shape {w.shape}; parameter {path!r} needs "
-                       f"{shape}")
+      raise ValueError(f"tensor {name!r} has shape {w.shape}; parameter {path!r} needs {shape}")
     return _from_hf(path, w, shape, lay)
 
   return read
 
 
-def from_state_dict(model: transformer.Transformer, tensors, *, mesh=None,
-                    rules=sh.DEFAULT_RULES) -> dict:
+def from_state_dict(
+  model: transformer.Transformer, tensors, *, mesh=None, rules=sh.DEFAULT_RULES
+) -> dict:
   """``params`` of ``model`` from ``tensors`` (name -> array; a mapping read lazily is fine).
 
   With a ``jax.sharding.Mesh``, each parameter goes straight to its sharded device arrays
@@ -433,19 +555,22 @@ def from_state_dict(model: transformer.Transformer, tensors, *, mesh=None,
     path = params_lib.path_string(key_path)
     if shardings is None:
       return jnp.asarray(host(path, x.shape))
-    return jax.make_array_from_callback(x.shape, params_lib.get(shardings, path),
-                                        lambda index: host(path, x.shape, index))
+    return jax.make_array_from_callback(
+      x.shape, params_lib.get(shardings, path), lambda index: host(path, x.shape, index)
+    )
 
   return jax.tree_util.tree_map_with_path(leaf, nn.unbox(boxed))
 
 
 # ---------------------------------------------------------------------------------- folders
 
+
 class _Tensors:
   """name -> array over one or several safetensors files, read on access."""
 
   def __init__(self, directory: str):
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
       with open(index, encoding="utf-8") as f:
@@ -490,6 +615,7 @@ def to_pretrained(model: transformer.Transformer, params, directory: str) -> Non
   """Writes ``config.json`` and ``model.safetensors`` (float32) that ``transformers`` loads as
   the family's ``*ForCausalLM`` (``to_hf_config`` names it)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   config = to_hf_config(model.config)
   tensors = to_state_dict(params, model.config)
   os.makedirs(directory, exist_ok=True)
@@ -498,8 +624,9 @@ def to_pretrained(model: transformer.Transformer, params, directory: str) -> Non
   save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
 
 
-def to_peft(adapters, cfg: lora.LoraConfig, directory: str, *,
-            base_model_name_or_path: str | None = None) -> None:
+def to_peft(
+  adapters, cfg: lora.LoraConfig, directory: str, *, base_model_name_or_path: str | None = None
+) -> None:
   """Writes LoRA ``adapters`` (``models/lora.py``) as ``adapter_model.safetensors`` and
   ``adapter_config.json`` in peft's layout, for a transformer in the Llama layout
   (``to_pretrained`` writes the base; with ``init="pissa"`` the base to pair is the residual the
@@ -523,14 +650,25 @@ def to_peft(adapters, cfg: lora.LoraConfig, directory: str, *,
       tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(pick(entry["b"]).T)
       if "magnitude" in entry:
         tensors[f"{name}.lora_magnitude_vector"] = pick(entry["magnitude"]).reshape(-1)
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank,
-            "lora_alpha": cfg.alpha, "target_modules": sorted(modules),
-            "use_rslora": cfg.variant == "rslora", "use_dora": cfg.variant == "dora",
-            "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
-            "base_model_name_or_path": base_model_name_or_path}
+  config = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "r": cfg.rank,
+    "lora_alpha": cfg.alpha,
+    "target_modules": sorted(modules),
+    "use_rslora": cfg.variant == "rslora",
+    "use_dora": cfg.variant == "dora",
+    "init_lora_weights": True,
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "inference_mode": True,
+    "base_model_name_or_path": base_model_name_or_path,
+  }
   os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
-            metadata={"format": "pt"})
+  save_file(
+    tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"}
+  )
   with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)

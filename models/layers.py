@@ -26,8 +26,9 @@ Dtype = Any
 
 def fan_in_init(in_axes: Sequence[int], out_axes: Sequence[int]):
   """Truncated-normal init with variance 1/fan_in, for weights with several input axes."""
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                          in_axis=tuple(in_axes), out_axis=tuple(out_axes))
+  return nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=tuple(out_axes)
+  )
 
 
 class Dense(nn.Module):
@@ -52,14 +53,18 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x):
     n = self.num_in
-    lead = x.shape[:x.ndim - n]
-    x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)  # [M, in...]
+    lead = x.shape[: x.ndim - n]
+    x2 = x.reshape((-1,) + x.shape[x.ndim - n :]).astype(self.dtype)  # [M, in...]
     if self.quant == "ternary":
       x2 = int8_absmax_ste(x2)
     y = self._matmul(x2).reshape(lead + self.shape[n:])
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n:]),
-                        self.shape[n:], jnp.float32)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n:]),
+        self.shape[n:],
+        jnp.float32,
+      )
       y = y + bias.reshape((1,) * len(lead) + bias.shape).astype(self.dtype)
     return y
 
@@ -73,19 +78,23 @@ class Dense(nn.Module):
       if isinstance(stored, lora.LoraWeight):  # models.lora.apply put it there
         return self._lora(x2, stored)
     init = fan_in_init(range(n), range(n, len(self.shape)))
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
-                        jnp.float32)
+    kernel = self.param(
+      "kernel", nn.with_logical_partitioning(init, self.axes), self.shape, jnp.float32
+    )
     if self.quant == "ternary":
       kernel = ternary_ste(kernel)
-    return jax.lax.dot_general(x2, kernel.astype(self.dtype),
-                               ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
+    return jax.lax.dot_general(
+      x2, kernel.astype(self.dtype), ((tuple(range(1, n + 1)), tuple(range(n))), ((), ()))
+    )
 
   def _quantized_2d(self, x_MK, kernel):
     n = self.num_in
     k, out = math.prod(self.shape[:n]), math.prod(self.shape[n:])
     if kernel.shape != (k, out):
-      raise ValueError(f"{self.name}: quantized kernel is {kernel.shape} but this layer "
-                       f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})")
+      raise ValueError(
+        f"{self.name}: quantized kernel is {kernel.shape} but this layer "
+        f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})"
+      )
     return kernels.quantized_matmul(x_MK, kernel, **_quantized_mesh(self.axes[n:]))
 
   def _lora(self, x2, weight):
@@ -131,8 +140,9 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     init = nn.initializers.constant(1.0 - self.offset)
-    scale = self.param("scale", nn.with_logical_partitioning(init, (sh.NORM,)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(init, (sh.NORM,)), (x.shape[-1],), jnp.float32
+    )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     scale = scale.reshape((1,) * (x.ndim - 1) + (-1,))
@@ -147,10 +157,18 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (sh.NORM,)),
-                       (x.shape[-1],), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (sh.NORM,)),
-                      (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, (sh.NORM,)),
+      (x.shape[-1],),
+      jnp.float32,
+    )
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, (sh.NORM,)),
+      (x.shape[-1],),
+      jnp.float32,
+    )
     x32 = x.astype(jnp.float32)
     x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
@@ -169,9 +187,11 @@ class Embed(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), self.axes),
-        (self.vocab_size, self.features), jnp.float32)
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), self.axes),
+      (self.vocab_size, self.features),
+      jnp.float32,
+    )
 
   def __call__(self, tokens_BL):
     return jnp.take(self.embedding, tokens_BL, axis=0).astype(self.dtype)
@@ -183,9 +203,13 @@ class Embed(nn.Module):
 
 
 ROPE_SCALINGS = {  # kind -> its fields and their defaults (Hugging Face's names)
-    "linear": {"factor": None},
-    "llama3": {"factor": None, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192},
+  "linear": {"factor": None},
+  "llama3": {
+    "factor": None,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+  },
 }
 
 
@@ -197,14 +221,14 @@ def parse_rope_scaling(spec: str | None) -> dict | None:
     return None
   kind, _, rest = spec.partition(":")
   if kind not in ROPE_SCALINGS:
-    raise ValueError(f"rope_scaling={spec!r}: kind {kind!r} is not one of "
-                     f"{tuple(ROPE_SCALINGS)}")
+    raise ValueError(f"rope_scaling={spec!r}: kind {kind!r} is not one of {tuple(ROPE_SCALINGS)}")
   fields = dict(ROPE_SCALINGS[kind])
   for item in filter(None, rest.split(",")):
     name, _, value = item.partition("=")
     if name not in fields:
-      raise ValueError(f"rope_scaling={spec!r}: {kind} has no field {name!r} (it has "
-                       f"{sorted(fields)})")
+      raise ValueError(
+        f"rope_scaling={spec!r}: {kind} has no field {name!r} (it has {sorted(fields)})"
+      )
     try:
       fields[name] = float(value)
     except ValueError:
@@ -274,8 +298,7 @@ class Mlp(nn.Module):
     up_BLF = dense((d, f), (sh.EMBED, sh.MLP), name="up")(x_BLD)
     if self.activation in ("swiglu", "geglu"):
       gate_BLF = dense((d, f), (sh.EMBED, sh.MLP), name="gate")(x_BLD)
-      act = nn.silu if self.activation == "swiglu" else functools.partial(nn.gelu,
-                                                                         approximate=True)
+      act = nn.silu if self.activation == "swiglu" else functools.partial(nn.gelu, approximate=True)
       h_BLF = act(gate_BLF) * up_BLF
     else:
       h_BLF = nn.gelu(up_BLF, approximate=True)
@@ -343,12 +366,13 @@ class Attention(nn.Module):
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
     d, h, k, e = x_BLD.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
     dense = functools.partial(Dense, dtype=self.dtype, quant=self.quant)
-    q = dense((d, h, e), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias, name="q")(
-        x_BLD)
-    key = dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias,
-                name="k")(x_BLD)
-    value = dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias,
-                  name="v")(x_BLD)
+    q = dense((d, h, e), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias, name="q")(x_BLD)
+    key = dense((d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias, name="k")(
+      x_BLD
+    )
+    value = dense(
+      (d, k, e), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), use_bias=self.qkv_bias, name="v"
+    )(x_BLD)
     if self.decode:
       out = self._attend_with_cache(q, key, value, segment_ids_BL, positions_BL)
     else:
@@ -356,12 +380,20 @@ class Attention(nn.Module):
       # Interpreted kernels use the plain Pallas interpreter: the TPU interpreter has side
       # effects, which nn.scan's loop-invariance check rejects (jax >= 0.11).
       out = kernels.block_sparse_attention(
-          q, key, value, self.mask, segment_ids=segment_ids_BL, sm_scale=self.sm_scale,
-          logit_soft_cap=self.logit_soft_cap, implementation=self.implementation,
-          interpret="generic" if self.interpret else None,
-          **_kernel_mesh(self.implementation, q.shape[1], self.mask))
-    return dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, use_bias=self.out_bias,
-                 name="o")(out)
+        q,
+        key,
+        value,
+        self.mask,
+        segment_ids=segment_ids_BL,
+        sm_scale=self.sm_scale,
+        logit_soft_cap=self.logit_soft_cap,
+        implementation=self.implementation,
+        interpret="generic" if self.interpret else None,
+        **_kernel_mesh(self.implementation, q.shape[1], self.mask),
+      )
+    return dense(
+      (h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, use_bias=self.out_bias, name="o"
+    )(out)
 
   def _rope(self, x_BLHE, positions_BL):
     if self.rope_theta is None:
@@ -388,10 +420,17 @@ class Attention(nn.Module):
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
     cached_segments.value = jax.lax.dynamic_update_slice(
-        cached_segments.value, segment_ids_BL.astype(jnp.int32), (0, start))
+      cached_segments.value, segment_ids_BL.astype(jnp.int32), (0, start)
+    )
     index.value = start + length
     segments = attention_reference.SegmentIds(segment_ids_BL, cached_segments.value)
-    return attention_reference.attention(q, cached_key.value, cached_value.value,
-                                         mask=self.mask, segment_ids=segments, q_offset=start,
-                                         sm_scale=self.sm_scale,
-                                         logit_soft_cap=self.logit_soft_cap)
+    return attention_reference.attention(
+      q,
+      cached_key.value,
+      cached_value.value,
+      mask=self.mask,
+      segment_ids=segments,
+      q_offset=start,
+      sm_scale=self.sm_scale,
+      logit_soft_cap=self.logit_soft_cap,
+    )

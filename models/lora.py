@@ -9,8 +9,8 @@ leaf type and adds the low-rank path to its matmul, quantized or not:
                           init="default")   # variant: lora | rslora | dora ; init: default | pissa
     adapters = lora.init(rng, params, cfg)            # small pytree, sharded like the base weights
     logits   = lora.apply(model, params, adapters, cfg, tokens)
-    merged   = lora.merge(params, adapters, cfg)      # a plain param tree, same structure as params
-    params2  = lora.unmerge(merged, adapters, cfg)    # back to the base (lora/rslora; pissa residual)
+    merged   = lora.merge(params, adapters, cfg)      # a plain param tree, params' structure
+    params2  = lora.unmerge(merged, adapters, cfg)    # the base (lora, rslora; pissa: residual)
     hf.to_peft(adapters, cfg, "/out/adapter")         # peft's safetensors layout (models/hf.py)
 
 A Dense kernel ``[in..., out...]`` multiplies as the matrix ``W [I, O]`` (``I = prod(in)``; which
@@ -97,8 +97,9 @@ class LoraWeight:
     """``s a b`` as ``[I, O]``."""
     return self.scale * (self.a @ self.b)
 
-  def lora_matmul(self, x2, base_matmul: Callable[[jax.Array], jax.Array],
-                  kernel_2d: Callable[[], jax.Array]):
+  def lora_matmul(
+    self, x2, base_matmul: Callable[[jax.Array], jax.Array], kernel_2d: Callable[[], jax.Array]
+  ):
     """``x2 [M, I]`` times the adapted weight. ``base_matmul(x2)``: ``x2 W`` with the layer's own
     (possibly quantized) matmul; ``kernel_2d()``: ``W`` as a float ``[I, O]`` (DoRA only)."""
     if self.magnitude is None:
@@ -118,13 +119,16 @@ def _targets(params, cfg: LoraConfig, num_in, stacked) -> dict[str, tuple[int, i
   pattern = re.compile(cfg.targets)
   found = {}
   for key_path, _ in jax.tree_util.tree_leaves_with_path(
-      nn.unbox(params), is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight)):
+    nn.unbox(params), is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight)
+  ):
     path = params_lib.path_string(key_path)
     if pattern.fullmatch(path):
       found[path] = (stacked(path), num_in(path))
   if not found:
-    raise ValueError(f"targets={cfg.targets!r} matches no parameter; the paths are:\n  "
-                     + "\n  ".join(params_lib.param_paths(params)))
+    raise ValueError(
+      f"targets={cfg.targets!r} matches no parameter; the paths are:\n  "
+      + "\n  ".join(params_lib.param_paths(params))
+    )
   return found
 
 
@@ -136,13 +140,13 @@ def _matrix(leaf, s: int, n: int) -> jax.Array:
   return leaf.reshape(lead + (math.prod(inner[:n]), math.prod(inner[n:])))
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The transform
 
 
-def init(rng, params, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
-         stacked=params_lib.zoo_stacked):
+def init(
+  rng, params, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in, stacked=params_lib.zoo_stacked
+):
   """Adapters for every kernel of ``params`` whose path matches ``cfg.targets``: a nested dict
   with the params' structure holding ``{"a", "b"}`` (and ``"magnitude"`` for DoRA) at each
   targeted path. Boxed params (``nn.LogicallyPartitioned``, as ``model.init`` returns them) give
@@ -156,18 +160,20 @@ def init(rng, params, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
     w = _matrix(leaf, s, n)
     lead, (in_dim, out_dim) = w.shape[:-2], w.shape[-2:]
     if cfg.rank > min(in_dim, out_dim):
-      raise ValueError(f"rank={cfg.rank} exceeds the smaller side of {path} ([{in_dim}, "
-                       f"{out_dim}])")
+      raise ValueError(
+        f"rank={cfg.rank} exceeds the smaller side of {path} ([{in_dim}, {out_dim}])"
+      )
     if cfg.init == "pissa":
       u, sv, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
-      root = jnp.sqrt(sv[..., :cfg.rank] / cfg.scale)
-      a = u[..., :, :cfg.rank] * root[..., None, :]
-      b = root[..., :, None] * vt[..., :cfg.rank, :]
+      root = jnp.sqrt(sv[..., : cfg.rank] / cfg.scale)
+      a = u[..., :, : cfg.rank] * root[..., None, :]
+      b = root[..., :, None] * vt[..., : cfg.rank, :]
     else:
       # he-uniform over the input dimension; b = 0 so the adapter starts as the identity.
       bound = math.sqrt(6.0 / in_dim)
-      a = jax.random.uniform(jax.random.fold_in(rng, i), lead + (in_dim, cfg.rank), jnp.float32,
-                             -bound, bound)
+      a = jax.random.uniform(
+        jax.random.fold_in(rng, i), lead + (in_dim, cfg.rank), jnp.float32, -bound, bound
+      )
       b = jnp.zeros(lead + (cfg.rank, out_dim), jnp.float32)
     entry = {"a": a, "b": b}
     if cfg.variant == "dora":
@@ -176,10 +182,15 @@ def init(rng, params, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
       names = tuple(boxed.names)
       stack, inner = names[:s], names[s:]
       in_name, out_name = inner[0], inner[n] if n < len(inner) else None
-      axes = {"a": stack + (in_name, None), "b": stack + (None, out_name),
-              "magnitude": stack + (out_name,)}
-      entry = {k: nn.LogicallyPartitioned(v, axes[k], mesh=boxed.mesh,
-                                          rules=boxed.rules) for k, v in entry.items()}
+      axes = {
+        "a": stack + (in_name, None),
+        "b": stack + (None, out_name),
+        "magnitude": stack + (out_name,),
+      }
+      entry = {
+        k: nn.LogicallyPartitioned(v, axes[k], mesh=boxed.mesh, rules=boxed.rules)
+        for k, v in entry.items()
+      }
     adapters = params_lib.update(adapters, path, lambda _, e=entry: e)
   return adapters
 
@@ -203,8 +214,13 @@ def inject(params, adapters, cfg: LoraConfig):
   """``params`` with each adapted kernel replaced by its ``LoraWeight`` (what ``apply`` runs)."""
   params = nn.unbox(params)
   for path, entry in entries(adapters).items():
-    params = params_lib.update(params, path, lambda base, e=entry: LoraWeight(
-        base=base, a=e["a"], b=e["b"], magnitude=e.get("magnitude"), scale=cfg.scale))
+    params = params_lib.update(
+      params,
+      path,
+      lambda base, e=entry: LoraWeight(
+        base=base, a=e["a"], b=e["b"], magnitude=e.get("magnitude"), scale=cfg.scale
+      ),
+    )
   return params
 
 
@@ -214,9 +230,11 @@ def apply(model: nn.Module, params, adapters, cfg: LoraConfig, *args, **kwargs):
   return model.apply({"params": inject(params, adapters, cfg)}, *args, **kwargs)
 
 
-def merge(params, adapters, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
-          stacked=params_lib.zoo_stacked):
+def merge(
+  params, adapters, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in, stacked=params_lib.zoo_stacked
+):
   """A plain param tree with the adapters folded in (a quantized base comes back as float)."""
+
   def fold(path, entry, leaf):
     s, n = stacked(path), num_in(path)
     w = _matrix(leaf, s, n)
@@ -224,29 +242,36 @@ def merge(params, adapters, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
     if "magnitude" in entry:
       v = v * (entry["magnitude"] / jnp.linalg.norm(v, axis=-2))[..., None, :]
     return v.reshape(_natural_shape(leaf, path, s, n))
+
   return _map_targets(params, adapters, fold)
 
 
-def unmerge(merged, adapters, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in,
-            stacked=params_lib.zoo_stacked):
+def unmerge(
+  merged, adapters, cfg: LoraConfig, *, num_in=params_lib.zoo_num_in, stacked=params_lib.zoo_stacked
+):
   """``merged`` without the adapters' low-rank part: the base again after ``merge`` (lora,
   rslora), or, applied to the original weights with fresh PiSSA adapters, PiSSA's residual.
   DoRA rescales each column by a norm of the merged weight, so it has no unmerge."""
   if cfg.variant == "dora":
-    raise ValueError("variant='dora' cannot be unmerged: its merge rescales columns by the norm "
-                     "of the adapted weight; keep the base parameters instead")
+    raise ValueError(
+      "variant='dora' cannot be unmerged: its merge rescales columns by the norm "
+      "of the adapted weight; keep the base parameters instead"
+    )
 
   def subtract(path, entry, leaf):
     s, n = stacked(path), num_in(path)
     w = _matrix(leaf, s, n) - cfg.scale * (entry["a"] @ entry["b"])
     return w.reshape(_natural_shape(leaf, path, s, n))
+
   return _map_targets(merged, adapters, subtract)
 
 
 def _natural_shape(leaf, path, s, n):
   if isinstance(leaf, kernels.QuantizedWeight):
-    raise ValueError(f"{path} is quantized: a merged weight is float and has no natural "
-                     "[in..., out...] shape to return to; merge onto float parameters")
+    raise ValueError(
+      f"{path} is quantized: a merged weight is float and has no natural "
+      "[in..., out...] shape to return to; merge onto float parameters"
+    )
   return leaf.shape
 
 

@@ -27,10 +27,14 @@ from flaxseed import kernels
 from flaxseed.models import params as params_lib
 
 
-def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
-                    targets: str = r".*(attn|mlp).*kernel",
-                    num_in: Callable[[str], int] = params_lib.zoo_num_in,
-                    stacked: Callable[[str], int] = params_lib.zoo_stacked):
+def quantize_params(
+  params,
+  fmt: str = "int8",
+  group_size: int | None = None,
+  targets: str = r".*(attn|mlp).*kernel",
+  num_in: Callable[[str], int] = params_lib.zoo_num_in,
+  stacked: Callable[[str], int] = params_lib.zoo_stacked,
+):
   """Returns ``params`` with every leaf whose path fully matches ``targets`` quantized.
 
   Raises ``ValueError`` listing the available paths when nothing matches, and naming the
@@ -56,21 +60,26 @@ def quantize_params(params, fmt: str = "int8", group_size: int | None = None,
     try:
       return quantize(matrices)
     except ValueError as e:
-      raise ValueError(f"cannot quantize {path} (shape {shape}, as {len(lead)} stacked "
-                       f"[{matrices.shape[-2]}, {matrices.shape[-1]}]): {e}") from None
+      raise ValueError(
+        f"cannot quantize {path} (shape {shape}, as {len(lead)} stacked "
+        f"[{matrices.shape[-2]}, {matrices.shape[-1]}]): {e}"
+      ) from None
 
   out = jax.tree_util.tree_map_with_path(convert, params)
   if not matched:
-    raise ValueError(f"targets={targets!r} matches no parameter; the paths are:\n  "
-                     + "\n  ".join(params_lib.param_paths(params)))
+    raise ValueError(
+      f"targets={targets!r} matches no parameter; the paths are:\n  "
+      + "\n  ".join(params_lib.param_paths(params))
+    )
   return out
 
 
 def weight_bytes(params) -> int:
   """Bytes of all parameters as stored (quantized leaves count their packed codes and scales)."""
   total = 0
-  for leaf in jax.tree.leaves(nn.unbox(params), is_leaf=lambda x: isinstance(
-      x, kernels.QuantizedWeight)):
+  for leaf in jax.tree.leaves(
+    nn.unbox(params), is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight)
+  ):
     if isinstance(leaf, kernels.QuantizedWeight):
       total += leaf.nbytes
     else:

@@ -19,10 +19,11 @@ Architectures (``arch``) and their sparsity, following SAELens and Gao et al. 20
 
 * ``relu_l1``: ``f = ReLU(pre)``; loss ``MSE + l1_coefficient * sum_i f_i ||W_dec,i||`` (the
   decoder-norm-weighted L1 of Anthropic and SAELens).
-* ``topk``: keep the ``k`` largest pre-activations of each row (ReLU'd). Loss ``MSE + aux_coefficient
-  * AuxK``: the ``aux_k`` largest pre-activations among *dead* latents (a mask the caller tracks,
-  e.g. no activation over the last window of tokens) reconstruct the residual ``x - x_hat``
-  (gradient stopped through ``x_hat``), scaled by ``min(num_dead / aux_k, 1)``.
+* ``topk``: keep the ``k`` largest pre-activations of each row (ReLU'd). Loss
+  ``MSE + aux_coefficient * AuxK``: the ``aux_k`` largest pre-activations among *dead* latents (a
+  mask the caller tracks, e.g. no activation over the last window of tokens) reconstruct the
+  residual ``x - x_hat`` (gradient stopped through ``x_hat``), scaled by
+  ``min(num_dead / aux_k, 1)``.
 * ``batch_topk``: keep the ``k * N`` largest pre-activations of the whole batch (ReLU'd), so rows
   may use more or fewer than ``k``. For inference the batch dependence is replaced by a threshold
   (``encode(..., inference=True)``): the ``threshold`` variable, which ``batch_topk_threshold``
@@ -91,8 +92,9 @@ class SAEConfig:
     if self.aux_k is not None and not 0 < self.aux_k <= self.num_latents:
       raise ValueError(f"aux_k={self.aux_k} must be in [1, num_latents={self.num_latents}]")
     if self.normalize_activations not in NORMALIZATIONS:
-      raise ValueError(f"normalize_activations={self.normalize_activations!r} is not one of "
-                       f"{NORMALIZATIONS}")
+      raise ValueError(
+        f"normalize_activations={self.normalize_activations!r} is not one of {NORMALIZATIONS}"
+      )
     for name in ("aux_coefficient", "l1_coefficient", "l0_coefficient"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -110,14 +112,17 @@ class SAEConfig:
     return cls(**{**dict(d_in=128, num_latents=1024, arch="topk", k=32), **kw})
 
 
-PRESETS = {f"sae-{arch.replace('_', '-')}-tiny": functools.partial(SAEConfig.tiny, arch=arch)
-           for arch in ARCHS}
+PRESETS = {
+  f"sae-{arch.replace('_', '-')}-tiny": functools.partial(SAEConfig.tiny, arch=arch)
+  for arch in ARCHS
+}
 
 
 def _unit_rows_init(norm: float):
   def init(key, shape, dtype=jnp.float32):
     w = jax.random.normal(key, shape, dtype)
     return norm * w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+
   return init
 
 
@@ -131,10 +136,12 @@ class SAE(nn.Module):
     d, n = cfg.d_in, cfg.num_latents
     part = nn.with_logical_partitioning
     # The encoder starts as the decoder's transpose (SAELens, Gao et al.).
-    self.w_dec = self.param("w_dec", part(_unit_rows_init(cfg.decoder_init_norm), (sh.MLP, sh.EMBED)),
-                            (n, d))
-    self.w_enc = self.param("w_enc", part(lambda key, shape: self.w_dec.T, (sh.EMBED, sh.MLP)),
-                            (d, n))
+    self.w_dec = self.param(
+      "w_dec", part(_unit_rows_init(cfg.decoder_init_norm), (sh.MLP, sh.EMBED)), (n, d)
+    )
+    self.w_enc = self.param(
+      "w_enc", part(lambda key, shape: self.w_dec.T, (sh.EMBED, sh.MLP)), (d, n)
+    )
     self.b_enc = self.param("b_enc", part(nn.initializers.zeros, (sh.MLP,)), (n,))
     self.b_dec = self.param("b_dec", part(nn.initializers.zeros, (sh.EMBED,)), (d,))
     if cfg.arch == "jumprelu":
@@ -353,19 +360,23 @@ def decoder_constraint(optimizer: optax.GradientTransformation) -> optax.Gradien
   each decoder row is removed before the update (``remove_parallel_grads``) and the rows are
   projected back to unit norm after it (``unit_norm_decoder``). The optimizer state is
   ``optimizer``'s own, so its shardings and checkpoints do not change."""
+
   def update(grads, state, params):
     updates, state = optimizer.update(remove_parallel_grads(params, grads), state, params)
     new_w = unit_norm_decoder(optax.apply_updates(params, updates))["w_dec"]
     return {**updates, "w_dec": new_w - params["w_dec"]}, state
+
   return optax.GradientTransformation(optimizer.init, update)
 
 
 def geometric_median(x_ND, *, iters: int = 100, eps: float = 1e-6):
   """The point minimizing the summed Euclidean distance to the rows (Weiszfeld's iteration), the
   ``b_dec`` init of openai and saex."""
+
   def step(y, _):
     w = 1.0 / jnp.maximum(jnp.linalg.norm(x_ND - y[None], axis=-1), eps)
     return (w[:, None] * x_ND).sum(0) / w.sum(), None
+
   y, _ = jax.lax.scan(step, x_ND.mean(0), None, length=iters)
   return y
 
@@ -375,17 +386,23 @@ def reconstruction_metrics(x_ND, x_hat_ND, f_NF) -> dict[str, jax.Array]:
   variance (1 - FVU) and mean cosine similarity of reconstructions."""
   fvu = jnp.square(x_ND - x_hat_ND).sum() / jnp.square(x_ND - x_ND.mean(0)[None]).sum()
   cos = (x_ND * x_hat_ND).sum(-1) / jnp.maximum(
-      jnp.linalg.norm(x_ND, axis=-1) * jnp.linalg.norm(x_hat_ND, axis=-1), 1e-12)
-  return {"l0": (f_NF != 0).sum(-1).mean(), "fvu": fvu, "explained_variance": 1.0 - fvu,
-          "cossim": cos.mean()}
+    jnp.linalg.norm(x_ND, axis=-1) * jnp.linalg.norm(x_hat_ND, axis=-1), 1e-12
+  )
+  return {
+    "l0": (f_NF != 0).sum(-1).mean(),
+    "fvu": fvu,
+    "explained_variance": 1.0 - fvu,
+    "cossim": cos.mean(),
+  }
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation on a model
 
 
-def eval_sums(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *,
-              norm_scale=1.0, **lm_kwargs) -> dict[str, tuple[jax.Array, jax.Array]]:
+def eval_sums(
+  lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *, norm_scale=1.0, **lm_kwargs
+) -> dict[str, tuple[jax.Array, jax.Array]]:
   """The SAE evals on one batch as ``name -> (sum, count)``, so batches add up (the training
   loop's form; ``evaluate`` divides). ``lm_kwargs`` (``segment_ids``, ``positions``) go to the
   model; a next-token target counts only within its document. ``norm_scale`` multiplies the
@@ -396,6 +413,7 @@ def eval_sums(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *
   and with the site zero-ablated; ``ce_loss_recovered`` is ``sum(ce_zero - ce_sae) /
   sum(ce_zero - ce_clean)`` (1: as good as clean); ``kl`` is KL(clean || spliced) per token.
   """
+
   def reconstruct(x):
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * norm_scale
     return (model.apply(variables, flat, True)[0] / norm_scale).reshape(x.shape).astype(x.dtype)
@@ -405,17 +423,23 @@ def eval_sums(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *
   x_hat, f = model.apply(variables, x, True)
   num = jnp.asarray(x.shape[0], jnp.float32)
   cos = (x * x_hat).sum(-1) / jnp.maximum(
-      jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(x_hat, axis=-1), 1e-12)
-  sums = {"l0": ((f != 0).sum(), num),
-          "fvu": (jnp.square(x - x_hat).sum(), jnp.square(x - x.mean(0)[None]).sum()),
-          "cossim": (cos.sum(), num)}
+    jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(x_hat, axis=-1), 1e-12
+  )
+  sums = {
+    "l0": ((f != 0).sum(), num),
+    "fvu": (jnp.square(x - x_hat).sum(), jnp.square(x - x.mean(0)[None]).sum()),
+    "cossim": (cos.sum(), num),
+  }
 
   spliced = sites.splice(lm, lm_variables, tokens_BL, site, reconstruct, **lm_kwargs)
   zeroed = sites.splice(lm, lm_variables, tokens_BL, site, jnp.zeros_like, **lm_kwargs)
   targets = tokens_BL[:, 1:]
   segments = lm_kwargs.get("segment_ids")
-  weights = (jnp.ones(targets.shape, jnp.float32) if segments is None else
-             ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32))
+  weights = (
+    jnp.ones(targets.shape, jnp.float32)
+    if segments is None
+    else ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
+  )
 
   def logp(logits):
     return jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
@@ -427,24 +451,33 @@ def eval_sums(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *
   count = weights.sum()
   nll_clean, nll_sae, nll_zero = nll(clean_lp), nll(sae_lp), nll(zero_lp)
   kl = ((jnp.exp(clean_lp) * (clean_lp - sae_lp)).sum(-1) * weights).sum()
-  sums.update(ce_clean=(nll_clean.sum(), count), ce_sae=(nll_sae.sum(), count),
-              ce_zero=(nll_zero.sum(), count), kl=(kl, count),
-              ce_loss_recovered=((nll_zero - nll_sae).sum(), (nll_zero - nll_clean).sum()))
+  sums.update(
+    ce_clean=(nll_clean.sum(), count),
+    ce_sae=(nll_sae.sum(), count),
+    ce_zero=(nll_zero.sum(), count),
+    kl=(kl, count),
+    ce_loss_recovered=((nll_zero - nll_sae).sum(), (nll_zero - nll_clean).sum()),
+  )
   return sums
 
 
-def evaluate(lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *,
-             norm_scale=1.0, **lm_kwargs) -> dict[str, jax.Array]:
+def evaluate(
+  lm, lm_variables, tokens_BL, site: str, model: "SAE", variables, *, norm_scale=1.0, **lm_kwargs
+) -> dict[str, jax.Array]:
   """The standard SAE evals on ``tokens`` of an autoregressive zoo model ``lm`` at ``site``:
   ``eval_sums`` divided out (``l0``, ``fvu``, ``cossim``, ``ce_clean``, ``ce_sae``, ``ce_zero``,
   ``ce_loss_recovered``, ``kl``) plus ``explained_variance = 1 - fvu`` and ``dead_frac``, the
   fraction of latents that never fire on these tokens."""
-  metrics = {k: s / c for k, (s, c) in eval_sums(lm, lm_variables, tokens_BL, site, model,
-                                                  variables, norm_scale=norm_scale,
-                                                  **lm_kwargs).items()}
+  metrics = {
+    k: s / c
+    for k, (s, c) in eval_sums(
+      lm, lm_variables, tokens_BL, site, model, variables, norm_scale=norm_scale, **lm_kwargs
+    ).items()
+  }
   metrics["explained_variance"] = 1.0 - metrics["fvu"]
   acts = sites.capture(lm, lm_variables, tokens_BL, site, **lm_kwargs)
-  f = model.apply(variables, acts.reshape(-1, acts.shape[-1]).astype(jnp.float32) * norm_scale,
-                  True)[1]
+  f = model.apply(
+    variables, acts.reshape(-1, acts.shape[-1]).astype(jnp.float32) * norm_scale, True
+  )[1]
   metrics["dead_frac"] = ((f != 0).sum(0) == 0).mean()
   return metrics

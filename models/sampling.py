@@ -25,8 +25,9 @@ def init_cache(model, batch_size: int, max_len: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def sample_logits(logits_BV, rng, *, temperature: float, top_k: int | None,
-                  top_p: float | None = None):
+def sample_logits(
+  logits_BV, rng, *, temperature: float, top_k: int | None, top_p: float | None = None
+):
   """Greedy when ``temperature == 0``; otherwise softmax(logits / T), restricted to the top k
   and then to the smallest set of tokens whose probability reaches ``top_p`` (nucleus)."""
   if temperature == 0.0:
@@ -50,8 +51,10 @@ def _left_pad(prompts, pad_token: int):
   if isinstance(prompts, (jax.Array, np.ndarray)):
     prompts = np.asarray(prompts)
     if prompts.ndim != 2 or prompts.shape[1] == 0:
-      raise ValueError(f"prompt_tokens must be a non-empty [B, P] array or a list of token "
-                       f"sequences, got shape {prompts.shape}")
+      raise ValueError(
+        f"prompt_tokens must be a non-empty [B, P] array or a list of token "
+        f"sequences, got shape {prompts.shape}"
+      )
     return prompts.astype(np.int64), np.zeros(prompts.shape[0], np.int32)
   rows = [np.asarray(p).reshape(-1) for p in prompts]
   if not rows or min(r.size for r in rows) == 0:
@@ -59,13 +62,23 @@ def _left_pad(prompts, pad_token: int):
   width = max(r.size for r in rows)
   tokens = np.full((len(rows), width), pad_token, np.int64)
   for b, r in enumerate(rows):
-    tokens[b, width - r.size:] = r
+    tokens[b, width - r.size :] = r
   return tokens, np.asarray([width - r.size for r in rows], np.int32)
 
 
-def generate(model, params, prompt_tokens, *, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None,
-             stop_tokens: Sequence[int] = (), pad_token: int = 0, rng=None):
+def generate(
+  model,
+  params,
+  prompt_tokens,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  stop_tokens: Sequence[int] = (),
+  pad_token: int = 0,
+  rng=None,
+):
   """Continues every prompt by up to ``max_new_tokens`` tokens.
 
   Args:
@@ -86,9 +99,12 @@ def generate(model, params, prompt_tokens, *, max_new_tokens: int, temperature: 
     raise ValueError(f"prompt_tokens has token ids outside [0, {vocab}) (vocab_size={vocab})")
   if pads.any():
     from flaxseed.models import transformer  # pylint: disable=g-import-not-at-top
+
     if not isinstance(model, transformer.Transformer):
-      raise ValueError(f"prompts of different lengths need segment ids in the cache, which "
-                       f"{type(model).__name__} does not use; give equal-length prompts")
+      raise ValueError(
+        f"prompts of different lengths need segment ids in the cache, which "
+        f"{type(model).__name__} does not use; give equal-length prompts"
+      )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0:
@@ -101,16 +117,50 @@ def generate(model, params, prompt_tokens, *, max_new_tokens: int, temperature: 
   if any(not 0 <= t < vocab for t in stop):
     raise ValueError(f"stop_tokens {stop} has ids outside [0, {vocab})")
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(model, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(pads), rng,
-                   float(temperature), max_new_tokens=max_new_tokens, top_k=top_k,
-                   top_p=None if top_p is None else float(top_p), stop=stop,
-                   pad_token=int(pad_token), padded=bool(pads.any()))
+  return _generate(
+    model,
+    params,
+    jnp.asarray(tokens, jnp.int32),
+    jnp.asarray(pads),
+    rng,
+    float(temperature),
+    max_new_tokens=max_new_tokens,
+    top_k=top_k,
+    top_p=None if top_p is None else float(top_p),
+    stop=stop,
+    pad_token=int(pad_token),
+    padded=bool(pads.any()),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "max_new_tokens", "top_k",
-                                             "top_p", "stop", "pad_token", "padded"))
-def _generate(model, params, prompt_BP, pads_B, rng, temperature, *, max_new_tokens, top_k,
-              top_p, stop, pad_token, padded):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "model",
+    "temperature",
+    "max_new_tokens",
+    "top_k",
+    "top_p",
+    "stop",
+    "pad_token",
+    "padded",
+  ),
+)
+def _generate(
+  model,
+  params,
+  prompt_BP,
+  pads_B,
+  rng,
+  temperature,
+  *,
+  max_new_tokens,
+  top_k,
+  top_p,
+  stop,
+  pad_token,
+  padded,
+):
   batch, prompt_len = prompt_BP.shape
   cache = init_cache(model, batch, prompt_len + max_new_tokens)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -118,18 +168,20 @@ def _generate(model, params, prompt_BP, pads_B, rng, temperature, *, max_new_tok
   extra = {}
   if padded:  # pads are segment 0; positions count from each row's first real token
     idx_BP = jnp.arange(prompt_len)[None, :]
-    extra = {"segment_ids": (idx_BP >= pads_B[:, None]).astype(jnp.int32),
-             "positions": jnp.maximum(idx_BP - pads_B[:, None], 0)}
-  logits, variables = model.apply({"params": params, "cache": cache}, prompt_BP, decode=True,
-                                  mutable=["cache"], **extra)
+    extra = {
+      "segment_ids": (idx_BP >= pads_B[:, None]).astype(jnp.int32),
+      "positions": jnp.maximum(idx_BP - pads_B[:, None], 0),
+    }
+  logits, variables = model.apply(
+    {"params": params, "cache": cache}, prompt_BP, decode=True, mutable=["cache"], **extra
+  )
   stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)
 
   def finish(token_B, done_B):
     token_B = jnp.where(done_B, pad_token, token_B)
     return token_B, done_B | jnp.isin(token_B, stop_arr)
 
-  first, done = finish(sample(logits[:, -1], jax.random.fold_in(rng, 0)),
-                       jnp.zeros((batch,), bool))
+  first, done = finish(sample(logits[:, -1], jax.random.fold_in(rng, 0)), jnp.zeros((batch,), bool))
   out_BN = jnp.full((batch, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(first)
 
   def cond(carry):
@@ -139,12 +191,18 @@ def _generate(model, params, prompt_BP, pads_B, rng, temperature, *, max_new_tok
   def body(carry):
     i, token_B, done_B, out_BN, cache = carry
     step_extra = {"positions": (lengths_B + i - 1)[:, None]} if padded else {}
-    logits, variables = model.apply({"params": params, "cache": cache}, token_B[:, None],
-                                    decode=True, mutable=["cache"], **step_extra)
+    logits, variables = model.apply(
+      {"params": params, "cache": cache},
+      token_B[:, None],
+      decode=True,
+      mutable=["cache"],
+      **step_extra,
+    )
     next_B, done_B = finish(sample(logits[:, -1], jax.random.fold_in(rng, i)), done_B)
     out_BN = jax.lax.dynamic_update_slice(out_BN, next_B[:, None], (0, i))
     return i + 1, next_B, done_B, out_BN, variables["cache"]
 
   _, _, _, out_BN, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), first, done, out_BN, variables["cache"]))
+    cond, body, (jnp.int32(1), first, done, out_BN, variables["cache"])
+  )
   return jnp.concatenate([prompt_BP, out_BN], axis=1)

@@ -12,27 +12,27 @@ import flax.linen as nn
 
 BATCH = "batch"
 LENGTH = "length"
-EMBED = "embed"        # model width D
-HEADS = "heads"        # query heads H
+EMBED = "embed"  # model width D
+HEADS = "heads"  # query heads H
 KV_HEADS = "kv_heads"  # key/value heads K
 HEAD_DIM = "head_dim"  # E
-MLP = "mlp"            # F
-VOCAB = "vocab"        # V
-LAYERS = "layers"      # the stacked axis that nn.scan adds
-NORM = "norm"          # norm scales and biases (never sharded)
+MLP = "mlp"  # F
+VOCAB = "vocab"  # V
+LAYERS = "layers"  # the stacked axis that nn.scan adds
+NORM = "norm"  # norm scales and biases (never sharded)
 
 # The default table (configs/common.py copies it into every config, where it can be changed).
 DEFAULT_RULES = (
-    (BATCH, ("data", "fsdp")),
-    (VOCAB, "tensor"),
-    (HEADS, "tensor"),
-    (KV_HEADS, "tensor"),
-    (MLP, "tensor"),
-    (EMBED, "fsdp"),
-    (LENGTH, None),
-    (HEAD_DIM, None),
-    (LAYERS, None),
-    (NORM, None),
+  (BATCH, ("data", "fsdp")),
+  (VOCAB, "tensor"),
+  (HEADS, "tensor"),
+  (KV_HEADS, "tensor"),
+  (MLP, "tensor"),
+  (EMBED, "fsdp"),
+  (LENGTH, None),
+  (HEAD_DIM, None),
+  (LAYERS, None),
+  (NORM, None),
 )
 
 

@@ -34,8 +34,10 @@ def run(model, variables, tokens, site: str, replace=lambda x: x, **kwargs):
   """``(output, activation)``: the model's output with ``replace(activation)`` in place of the
   activation at ``site``, and the activation itself (one forward for both)."""
   if getattr(model.config, "scan_layers", False):
-    raise ValueError(f"site {site!r}: the model scans its layers (config.scan_layers=True); "
-                     "activation sites need scan_layers=False")
+    raise ValueError(
+      f"site {site!r}: the model scans its layers (config.scan_layers=True); "
+      "activation sites need scan_layers=False"
+    )
   path, seen, hits = resolve(site), [], []
 
   def interceptor(next_fun, args, kw, context):
@@ -54,8 +56,10 @@ def run(model, variables, tokens, site: str, replace=lambda x: x, **kwargs):
   with nn.intercept_methods(interceptor):
     logits = model.apply(variables, tokens, **kwargs)
   if not hits:
-    raise ValueError(f"site {site!r} (path {'/'.join(path)!r}) is not a submodule this model "
-                     f"calls; sites: {sorted(set(s for s in seen if s))}")
+    raise ValueError(
+      f"site {site!r} (path {'/'.join(path)!r}) is not a submodule this model "
+      f"calls; sites: {sorted(set(s for s in seen if s))}"
+    )
   return logits, hits[0]
 
 

@@ -101,8 +101,18 @@ class TitansConfig:
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"variant={self.variant!r} is not one of {VARIANTS}")
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "window",
-                 "memory_depth", "memory_expansion", "memory_chunk", "memory_conv"):
+    for name in (
+      "vocab_size",
+      "d_model",
+      "num_layers",
+      "num_heads",
+      "mlp_dim",
+      "window",
+      "memory_depth",
+      "memory_expansion",
+      "memory_chunk",
+      "memory_conv",
+    ):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     for name in ("num_persistent", "num_memory_tokens"):
@@ -112,11 +122,13 @@ class TitansConfig:
       if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
     if self.head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} "
-                       "(or set head_dim)")
+      raise ValueError(
+        f"num_heads={self.num_heads} must divide d_model={self.d_model} (or set head_dim)"
+      )
     if self.memory_head_dim is None and self.d_model % self.mem_heads:
-      raise ValueError(f"memory_heads={self.mem_heads} must divide d_model={self.d_model} "
-                       "(or set memory_head_dim)")
+      raise ValueError(
+        f"memory_heads={self.mem_heads} must divide d_model={self.d_model} (or set memory_head_dim)"
+      )
     if self.head_size % 2:
       raise ValueError(f"the attention head dim ({self.head_size}) must be even for RoPE")
     if self.memory_max_lr <= 0:
@@ -124,8 +136,10 @@ class TitansConfig:
     if self.memory_grad_clip is not None and self.memory_grad_clip <= 0:
       raise ValueError(f"memory_grad_clip must be positive or None, got {self.memory_grad_clip}")
     if self.variant == "mac" and self.window % self.memory_chunk:
-      raise ValueError(f"variant 'mac': memory_chunk={self.memory_chunk} must divide "
-                       f"window={self.window} (the segment length)")
+      raise ValueError(
+        f"variant 'mac': memory_chunk={self.memory_chunk} must divide "
+        f"window={self.window} (the segment length)"
+      )
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16")
 
@@ -179,8 +193,11 @@ class TitansConfig:
     memory += mh * (8 * mem_weights + 2 * self.memory_chunk * 2 * sum(widths))
     attention = 0
     if self.variant != "lmm":
-      keys = self.num_persistent + (self.window + 1) / 2 + (
-          self.num_memory_tokens if self.variant == "mac" else 0)
+      keys = (
+        self.num_persistent
+        + (self.window + 1) / 2
+        + (self.num_memory_tokens if self.variant == "mac" else 0)
+      )
       attention = 2 * 4 * d * h * e + 4 * h * e * keys
     mlp = 2 * 3 * d * f
     return 3 * (self.num_layers * (memory + attention + mlp) + 2 * d * self.vocab_size)
@@ -189,25 +206,47 @@ class TitansConfig:
   @classmethod
   def tiny(cls, **kw):
     """~1M params: CPU in minutes."""
-    return cls(**{**dict(d_model=128, num_layers=4, num_heads=4, mlp_dim=384, window=64,
-                         memory_chunk=16), **kw})
+    return cls(
+      **{
+        **dict(d_model=128, num_layers=4, num_heads=4, mlp_dim=384, window=64, memory_chunk=16),
+        **kw,
+      }
+    )
 
   @classmethod
   def small(cls, **kw):
     """~6M params."""
-    return cls(**{**dict(d_model=256, num_layers=6, num_heads=8, mlp_dim=768, window=128,
-                         memory_chunk=32), **kw})
+    return cls(
+      **{
+        **dict(d_model=256, num_layers=6, num_heads=8, mlp_dim=768, window=128, memory_chunk=32),
+        **kw,
+      }
+    )
 
   @classmethod
   def base(cls, **kw):
     """~90M params (non-embedding), GPT-2 small width and depth."""
-    return cls(**{**dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=2048, window=512,
-                         memory_chunk=64, memory_heads=12), **kw})
+    return cls(
+      **{
+        **dict(
+          d_model=768,
+          num_layers=12,
+          num_heads=12,
+          mlp_dim=2048,
+          window=512,
+          memory_chunk=64,
+          memory_heads=12,
+        ),
+        **kw,
+      }
+    )
 
 
-PRESETS = {f"titans-{variant}-{size}": functools.partial(getattr(TitansConfig, size),
-                                                          variant=variant)
-           for variant in VARIANTS for size in ("tiny", "small", "base")}
+PRESETS = {
+  f"titans-{variant}-{size}": functools.partial(getattr(TitansConfig, size), variant=variant)
+  for variant in VARIANTS
+  for size in ("tiny", "small", "base")
+}
 
 
 # --------------------------------------------------------------------------- the memory, pure
@@ -255,6 +294,7 @@ def associative_grads(weights, k, v):
   ``[B, H, T, width]``. (The deltas come from one ``jax.grad`` with respect to zero offsets added
   to each layer's output: the loss is a sum over tokens, so each token's offset gets its own.)
   """
+
   def loss(offsets):
     x, inputs = k, []
     for i, (w, offset) in enumerate(zip(weights, offsets)):
@@ -296,8 +336,9 @@ def chunk_update(weights, momentum, chunk: Chunk, grad_clip: float | None = None
   inputs, deltas = associative_grads(weights, chunk.k, chunk.v)
   steps = [chunk.theta] * len(weights)  # per layer: theta, times the clip factor
   if grad_clip is not None:
-    norms = [jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(d, axis=-1)
-             for a, d in zip(inputs, deltas)]
+    norms = [
+      jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(d, axis=-1) for a, d in zip(inputs, deltas)
+    ]
     # The clip factor is a constant to the outer gradient: differentiating the norm would give
     # 0 * (0 / 0) = NaN wherever a vector vanishes.
     factors = [jnp.minimum(1.0, grad_clip / jnp.maximum(n, 1e-12)) for n in norms]
@@ -314,25 +355,30 @@ def chunk_update(weights, momentum, chunk: Chunk, grad_clip: float | None = None
   x = chunk.q
   for i, (w, m, a, d, step) in enumerate(zip(weights, momentum, inputs, deltas, steps)):
     scores = jnp.einsum("bhti,bhsi->bhts", x, a, precision=hi) * decay * step[:, :, None, :]
-    x = (prod_keep[..., None] * _mm(x, w) + from_momentum[..., None] * _mm(x, m)
-         - jnp.einsum("bhts,bhso->bhto", scores, d, precision=hi))
+    x = (
+      prod_keep[..., None] * _mm(x, w)
+      + from_momentum[..., None] * _mm(x, m)
+      - jnp.einsum("bhts,bhso->bhto", scores, d, precision=hi)
+    )
     if i < len(weights) - 1:
       x = jax.nn.silu(x)
 
   # The state after the chunk: the last row of the same coefficients.
   new_weights, new_momentum = [], []
   for w, m, a, d, step in zip(weights, momentum, inputs, deltas, steps):
-    new_weights.append(prod_keep[:, :, -1, None, None] * w + from_momentum[:, :, -1, None, None] * m
-                       - jnp.einsum("bhs,bhsi,bhso->bhio", decay[:, :, -1] * step, a, d,
-                                    precision=hi))
-    new_momentum.append(prod_eta[:, :, -1, None, None] * m
-                        - jnp.einsum("bhs,bhsi,bhso->bhio", decay_eta[:, :, -1] * step, a, d,
-                                     precision=hi))
+    new_weights.append(
+      prod_keep[:, :, -1, None, None] * w
+      + from_momentum[:, :, -1, None, None] * m
+      - jnp.einsum("bhs,bhsi,bhso->bhio", decay[:, :, -1] * step, a, d, precision=hi)
+    )
+    new_momentum.append(
+      prod_eta[:, :, -1, None, None] * m
+      - jnp.einsum("bhs,bhsi,bhso->bhio", decay_eta[:, :, -1] * step, a, d, precision=hi)
+    )
   return x, tuple(new_weights), tuple(new_momentum)
 
 
-def scan_chunks(weights, momentum, inputs: Chunk, chunk_size: int,
-                grad_clip: float | None = None):
+def scan_chunks(weights, momentum, inputs: Chunk, chunk_size: int, grad_clip: float | None = None):
   """The recurrence over ``T`` tokens (``T % chunk_size == 0``): chunks by ``lax.scan``.
 
   Returns ``(y [B, H, T, E], weights, momentum)``."""
@@ -348,8 +394,9 @@ def scan_chunks(weights, momentum, inputs: Chunk, chunk_size: int,
     y, w, m = chunk_update(*carry, chunk, grad_clip)
     return (w, m), y
 
-  (weights, momentum), ys = jax.lax.scan(body, (weights, momentum),
-                                         Chunk(*(split(x) for x in inputs)))
+  (weights, momentum), ys = jax.lax.scan(
+    body, (weights, momentum), Chunk(*(split(x) for x in inputs))
+  )
   return jnp.moveaxis(ys, 0, 2).reshape((b, h, t) + ys.shape[4:]), weights, momentum
 
 
@@ -381,37 +428,52 @@ class NeuralMemory(nn.Module):
     self.gates = dense((d, 3, h), (sh.EMBED, None, sh.HEADS))
     # eta ~ 0.9 (momentum), alpha ~ 0.01 (forgetting), theta ~ max_lr / 2 at initialization.
     self.gate_bias = self.param(
-        "gate_bias", nn.with_logical_partitioning(
-            lambda *_: jnp.array([[2.2], [-4.6], [0.0]]) * jnp.ones((3, h)), (None, sh.HEADS)),
-        (3, h))
+      "gate_bias",
+      nn.with_logical_partitioning(
+        lambda *_: jnp.array([[2.2], [-4.6], [0.0]]) * jnp.ones((3, h)), (None, sh.HEADS)
+      ),
+      (3, h),
+    )
 
     def identity_conv(key, shape, dtype=jnp.float32):  # the current token's tap is 1
       del key
       return jnp.zeros(shape, dtype).at[-1].set(1.0)
 
-    self.conv = self.param("conv", nn.with_logical_partitioning(
-        identity_conv, (None, None, sh.HEADS, sh.HEAD_DIM)), (cfg.memory_conv, 3, h, e))
+    self.conv = self.param(
+      "conv",
+      nn.with_logical_partitioning(identity_conv, (None, None, sh.HEADS, sh.HEAD_DIM)),
+      (cfg.memory_conv, 3, h, e),
+    )
     widths = cfg.memory_widths
     self.init_weights = [
-        self.param(f"init_{i}", nn.with_logical_partitioning(
-            layers.fan_in_init([1], [2]), (sh.HEADS, None, None)), (h, a, b), jnp.float32)
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
+      self.param(
+        f"init_{i}",
+        nn.with_logical_partitioning(layers.fan_in_init([1], [2]), (sh.HEADS, None, None)),
+        (h, a, b),
+        jnp.float32,
+      )
+      for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
+    ]
     self.out_norm = layers.RMSNorm(cfg.norm_eps, jnp.float32)
     self.out_gate = dense((d, h, e), (sh.EMBED, sh.HEADS, sh.HEAD_DIM))
     self.out = dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2)
     if cfg.variant == "mac" and cfg.num_memory_tokens:
-      self.probes = self.param("probes", nn.with_logical_partitioning(
-          nn.initializers.normal(1.0), (None, sh.HEADS, sh.HEAD_DIM)),
-                               (cfg.num_memory_tokens, h, e))
+      self.probes = self.param(
+        "probes",
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, sh.HEADS, sh.HEAD_DIM)),
+        (cfg.num_memory_tokens, h, e),
+      )
       self.probe_out = dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2)
 
   def initial_state(self, batch: int) -> MemoryState:
     """The learned initial weights, zero momentum, an empty conv window."""
     cfg = self.config
     weights = tuple(jnp.broadcast_to(w, (batch,) + w.shape) for w in self.init_weights)
-    return MemoryState(weights, tuple(jnp.zeros_like(w) for w in weights),
-                       jnp.zeros((batch, cfg.memory_conv - 1, 3, cfg.mem_heads,
-                                  cfg.mem_head_size), jnp.float32))
+    return MemoryState(
+      weights,
+      tuple(jnp.zeros_like(w) for w in weights),
+      jnp.zeros((batch, cfg.memory_conv - 1, 3, cfg.mem_heads, cfg.mem_head_size), jnp.float32),
+    )
 
   def _inputs(self, x_BTD, conv_state):
     """Memory inputs of ``x`` (a ``Chunk`` of any length) and the conv window after ``x``."""
@@ -419,14 +481,19 @@ class NeuralMemory(nn.Module):
     qkv = jnp.stack([self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)], axis=2)  # [B, T, 3, H, E]
     window = jnp.concatenate([conv_state, qkv.astype(jnp.float32)], axis=1)
     t = x_BTD.shape[1]
-    qkv = sum(self.conv[j][None, None] * window[:, j:j + t] for j in range(cfg.memory_conv))
+    qkv = sum(self.conv[j][None, None] * window[:, j : j + t] for j in range(cfg.memory_conv))
     qkv = jax.nn.silu(qkv).transpose(2, 0, 3, 1, 4)  # [3, B, H, T, E]
     q, k, v = _l2_normalize(qkv[0]), _l2_normalize(qkv[1]), qkv[2]
     gates = self.gates(x_BTD).astype(jnp.float32) + self.gate_bias[None, None]  # [B, T, 3, H]
     gates = gates.transpose(2, 0, 3, 1)
-    chunk = Chunk(k=k, v=v, q=q, log_eta=jax.nn.log_sigmoid(gates[0]),
-                  log_keep=jax.nn.log_sigmoid(-gates[1]),
-                  theta=cfg.memory_max_lr * jax.nn.sigmoid(gates[2]))
+    chunk = Chunk(
+      k=k,
+      v=v,
+      q=q,
+      log_eta=jax.nn.log_sigmoid(gates[0]),
+      log_keep=jax.nn.log_sigmoid(-gates[1]),
+      theta=cfg.memory_max_lr * jax.nn.sigmoid(gates[2]),
+    )
     return chunk, window[:, t:]
 
   def _output(self, x_BTD, y_BHTE):
@@ -447,10 +514,12 @@ class NeuralMemory(nn.Module):
     t = x_BTD.shape[1]
     pad = -t % cfg.memory_chunk
     if pad:
-      chunk = Chunk(*(jnp.pad(a, [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * (a.ndim - 3))
-                      for a in chunk))
-    y, weights, momentum = scan_chunks(state.weights, state.momentum, chunk, cfg.memory_chunk,
-                                       cfg.memory_grad_clip)
+      chunk = Chunk(
+        *(jnp.pad(a, [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * (a.ndim - 3)) for a in chunk)
+      )
+    y, weights, momentum = scan_chunks(
+      state.weights, state.momentum, chunk, cfg.memory_chunk, cfg.memory_grad_clip
+    )
     return self._output(x_BTD, y[:, :, :t]), MemoryState(weights, momentum, conv)
 
   def memory_tokens(self, state: MemoryState):
@@ -468,8 +537,10 @@ class NeuralMemory(nn.Module):
     h, c, e = cfg.mem_heads, cfg.memory_chunk, cfg.mem_head_size
     rows = jnp.zeros((batch, h, c, e), jnp.float32)
     gates = jnp.zeros((batch, h, c), jnp.float32)
-    return {"state": jax.tree.map(jnp.zeros_like, state),
-            "chunk": Chunk(rows, rows, rows, gates, gates, gates)}
+    return {
+      "state": jax.tree.map(jnp.zeros_like, state),
+      "chunk": Chunk(rows, rows, rows, gates, gates, gates),
+    }
 
   def current_state(self, cache, index) -> MemoryState:
     """The state at the last chunk boundary (the initial state before the first token; an empty
@@ -483,10 +554,15 @@ class NeuralMemory(nn.Module):
     state = self.current_state(cache, index)
     token, conv = self._inputs(x_B1D, state.conv)
     pos = index % c
-    chunk = Chunk(*(jax.lax.dynamic_update_slice_in_dim(buf, new, pos, axis=2)
-                    for buf, new in zip(cache["chunk"], token)))
-    y, weights, momentum = chunk_update(state.weights, state.momentum, chunk,
-                                        self.config.memory_grad_clip)
+    chunk = Chunk(
+      *(
+        jax.lax.dynamic_update_slice_in_dim(buf, new, pos, axis=2)
+        for buf, new in zip(cache["chunk"], token)
+      )
+    )
+    y, weights, momentum = chunk_update(
+      state.weights, state.momentum, chunk, self.config.memory_grad_clip
+    )
     y = jax.lax.dynamic_slice_in_dim(y, pos, 1, axis=2)
     full = pos == c - 1  # the chunk is complete: commit its end state
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(full, a, b), new, old)
@@ -527,12 +603,15 @@ class PrefixAttention(nn.Module):
       q = layers.apply_rope(q, positions, self.rope_theta)
       k = layers.apply_rope(k, positions, self.rope_theta)
       sharded = layers._kernel_mesh(  # pylint: disable=protected-access
-          self.implementation, frame, self.mask)
-      out = kernels.block_sparse_attention(q, k, v, self.mask, implementation=self.implementation,
-                                           **sharded)[:, p:]
+        self.implementation, frame, self.mask
+      )
+      out = kernels.block_sparse_attention(
+        q, k, v, self.mask, implementation=self.implementation, **sharded
+      )[:, p:]
     else:
-      positions = jnp.broadcast_to(jnp.concatenate([jnp.arange(p), p + write_at[None]]),
-                                   (batch, p + 1))
+      positions = jnp.broadcast_to(
+        jnp.concatenate([jnp.arange(p), p + write_at[None]]), (batch, p + 1)
+      )
       q = layers.apply_rope(q, positions, self.rope_theta)
       k = layers.apply_rope(k, positions, self.rope_theta)
       cached_k = self.variable("cache", "key", jnp.zeros, (batch, self.frame, h, e), k.dtype)
@@ -541,8 +620,9 @@ class PrefixAttention(nn.Module):
         value = jax.lax.dynamic_update_slice_in_dim(cached.value, new[:, p:], p + write_at, 1)
         with_prefix = jax.lax.dynamic_update_slice_in_dim(value, new[:, :p], 0, 1)
         cached.value = jnp.where(write_at == 0, with_prefix, value)
-      out = attention_reference.attention(q[:, p:], cached_k.value, cached_v.value,
-                                          mask=self.mask, q_offset=p + write_at)
+      out = attention_reference.attention(
+        q[:, p:], cached_k.value, cached_v.value, mask=self.mask, q_offset=p + write_at
+      )
     return dense((h, e, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), num_in=2, name="o")(out)
 
 
@@ -571,18 +651,32 @@ class TitansBlock(nn.Module):
     memory = NeuralMemory(cfg, name="memory")
 
     def attention(h):
-      persistent = self.param("persistent", nn.with_logical_partitioning(
-          nn.initializers.normal(0.02), (None, sh.EMBED)), (cfg.num_persistent, cfg.d_model))
+      persistent = self.param(
+        "persistent",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, sh.EMBED)),
+        (cfg.num_persistent, cfg.d_model),
+      )
       prefix = jnp.broadcast_to(persistent, (h.shape[0],) + persistent.shape)
-      return PrefixAttention(cfg.num_heads, cfg.head_size, cfg.attention_mask, cfg.rope_theta,
-                             cfg.attention_impl, self.decode, cfg.num_persistent + self.cache_len,
-                             dtype, name="attn")(prefix, h, index)
+      return PrefixAttention(
+        cfg.num_heads,
+        cfg.head_size,
+        cfg.attention_mask,
+        cfg.rope_theta,
+        cfg.attention_impl,
+        self.decode,
+        cfg.num_persistent + self.cache_len,
+        dtype,
+        name="attn",
+      )(prefix, h, index)
 
     if cfg.variant == "mag":
       h = norm("mixer_norm")(x_BLD)
       a, m = attention(h), _memory(self, memory, h, index)
-      gate = jax.nn.sigmoid(layers.Dense((cfg.d_model, cfg.d_model), (sh.EMBED, sh.MLP),
-                                         dtype=dtype, name="mix_gate")(h))
+      gate = jax.nn.sigmoid(
+        layers.Dense((cfg.d_model, cfg.d_model), (sh.EMBED, sh.MLP), dtype=dtype, name="mix_gate")(
+          h
+        )
+      )
       x_BLD = x_BLD + gate * a + (1 - gate) * m
     else:
       x_BLD = x_BLD + _memory(self, memory, norm("memory_norm")(x_BLD), index)
@@ -616,19 +710,28 @@ class MACSegment(nn.Module):
       state = memory.current_state(cache.value, index)
       write_at = index % cfg.window
     else:
-      state = jax.tree.map(lambda a, b: jnp.where(first, a, b), memory.initial_state(batch),
-                           state)
+      state = jax.tree.map(lambda a, b: jnp.where(first, a, b), memory.initial_state(batch), state)
       write_at = None
-    persistent = self.param("persistent", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (None, sh.EMBED)), (cfg.num_persistent, cfg.d_model))
+    persistent = self.param(
+      "persistent",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, sh.EMBED)),
+      (cfg.num_persistent, cfg.d_model),
+    )
     prefix = [jnp.broadcast_to(persistent, (batch,) + persistent.shape).astype(dtype)]
     if cfg.num_memory_tokens:
       prefix.append(memory.memory_tokens(state))
     prefix = jnp.concatenate(prefix, axis=1)
     x_BWD = x_BWD + PrefixAttention(
-        cfg.num_heads, cfg.head_size, cfg.attention_mask, cfg.rope_theta, cfg.attention_impl,
-        self.decode, prefix.shape[1] + cfg.window, dtype, name="attn")(
-            prefix, norm("attn_norm")(x_BWD), write_at)
+      cfg.num_heads,
+      cfg.head_size,
+      cfg.attention_mask,
+      cfg.rope_theta,
+      cfg.attention_impl,
+      self.decode,
+      prefix.shape[1] + cfg.window,
+      dtype,
+      name="attn",
+    )(prefix, norm("attn_norm")(x_BWD), write_at)
     h = norm("memory_norm")(x_BWD)
     if self.decode:
       m, cache.value = memory.step(h, cache.value, index)
@@ -636,7 +739,8 @@ class MACSegment(nn.Module):
       m, state = memory(h, state)
     x_BWD = x_BWD + m
     x_BWD = x_BWD + layers.Mlp(cfg.d_model, cfg.mlp_dim, "swiglu", dtype, name="mlp")(
-        norm("mlp_norm")(x_BWD))
+      norm("mlp_norm")(x_BWD)
+    )
     return state, x_BWD
 
 
@@ -644,8 +748,9 @@ def zero_state(cfg: TitansConfig, batch: int) -> MemoryState:
   """A ``MemoryState`` of zeros with the shapes of ``cfg`` (the scan's initial carry)."""
   widths, h = cfg.memory_widths, cfg.mem_heads
   weights = tuple(jnp.zeros((batch, h, a, b), jnp.float32) for a, b in zip(widths[:-1], widths[1:]))
-  return MemoryState(weights, weights, jnp.zeros(
-      (batch, cfg.memory_conv - 1, 3, h, cfg.mem_head_size), jnp.float32))
+  return MemoryState(
+    weights, weights, jnp.zeros((batch, cfg.memory_conv - 1, 3, h, cfg.mem_head_size), jnp.float32)
+  )
 
 
 class MACBlock(nn.Module):
@@ -664,8 +769,14 @@ class MACBlock(nn.Module):
     n = -(-length // w)
     x = jnp.pad(x_BLD, ((0, 0), (0, n * w - length), (0, 0)))
     segments = jnp.moveaxis(x.reshape(batch, n, w, d), 1, 0)  # [N, B, W, D]
-    scan = nn.scan(MACSegment, variable_broadcast="params", split_rngs={"params": False},
-                   in_axes=0, out_axes=0, length=n)
+    scan = nn.scan(
+      MACSegment,
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      in_axes=0,
+      out_axes=0,
+      length=n,
+    )
     _, out = scan(cfg, name="segments")(zero_state(cfg, batch), (segments, jnp.arange(n) == 0))
     return jnp.moveaxis(out, 0, 1).reshape(batch, n * w, d)[:, :length]
 
@@ -711,15 +822,23 @@ class Titans(nn.Module):
     elif self.is_initializing():  # creates the cache (a scan needs its carried variables)
       x_BLD = jnp.repeat(stack(x_BLD[:, :1]), tokens_BL.shape[1], axis=1)
     else:
+
       def step(module, carry, x_BD):
         return carry, module(x_BD[:, None])[:, 0]
 
-      _, x_BLD = nn.scan(step, variable_broadcast="params", variable_carry="cache",
-                         split_rngs={"params": False}, in_axes=1, out_axes=1)(stack, None, x_BLD)
+      _, x_BLD = nn.scan(
+        step,
+        variable_broadcast="params",
+        variable_carry="cache",
+        split_rngs={"params": False},
+        in_axes=1,
+        out_axes=1,
+      )(stack, None, x_BLD)
     x_BLD = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:
       logits = embed.attend(x_BLD)
     else:
-      logits = layers.Dense((cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB),
-                            dtype=cfg.compute_dtype, name="unembed")(x_BLD)
+      logits = layers.Dense(
+        (cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=cfg.compute_dtype, name="unembed"
+      )(x_BLD)
     return sh.constrain(logits.astype(jnp.float32), (sh.BATCH, sh.LENGTH, sh.VOCAB))

@@ -5,8 +5,9 @@ untied embeddings; optional logit soft-caps; ``causal=False`` turns it into the 
 network that the masked-diffusion LM reuses. The fields in which the open model families differ
 (LayerNorm, learned positions, biases, Gemma's norm offset, post-norms and embedding scale, GeGLU,
 a score scale, Llama 3 rope scaling) are config fields of this one model, so ``models/hf.py``
-loads Llama, Mistral, Qwen2, Gemma, Gemma 2 and GPT-2 checkpoints into it. Layers are stacked with ``nn.scan`` (one compiled
-block, a leading ``layers`` axis on every block parameter) and rematerialized by a named policy.
+loads Llama, Mistral, Qwen2, Gemma, Gemma 2 and GPT-2 checkpoints into it. Layers are stacked
+with ``nn.scan`` (one compiled block, a leading ``layers`` axis on every block parameter) and
+rematerialized by a named policy.
 Attention goes through ``flaxseed.kernels`` (``attention_impl`` picks the implementation) under a
 per-layer mask: ``attention_pattern=("sliding_window:4096", "global")`` alternates local and global
 layers, and the scanned unit becomes one period of the pattern (``layers/block_0``, ``block_1``).
@@ -41,10 +42,11 @@ POSITION_EMBEDDINGS = ("rope", "learned")
 QUANT_MODES = (None, "ternary")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = {
-    "none": None,  # keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+  "none": None,  # keep every activation
+  "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+  "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+  # keep weight matmuls
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -99,14 +101,15 @@ class TransformerConfig:
       if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
     if self.head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} "
-                       "(or set head_dim)")
+      raise ValueError(
+        f"num_heads={self.num_heads} must divide d_model={self.d_model} (or set head_dim)"
+      )
     if self.num_heads % self.kv_heads:
-      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
-                       f"num_heads={self.num_heads}")
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
     if self.position_embedding not in POSITION_EMBEDDINGS:
-      raise ValueError(f"position_embedding={self.position_embedding!r} is not one of "
-                       f"{POSITION_EMBEDDINGS}")
+      raise ValueError(
+        f"position_embedding={self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}"
+      )
     if self.position_embedding == "rope":
       if self.head_size % 2:
         raise ValueError(f"the head dim ({self.head_size}) must be even for RoPE")
@@ -115,8 +118,9 @@ class TransformerConfig:
     elif self.rope_scaling is not None:
       raise ValueError("rope_scaling needs position_embedding='rope'")
     if self.position_embedding == "learned" and (self.max_positions or 0) <= 0:
-      raise ValueError(f"position_embedding='learned' needs max_positions > 0, got "
-                       f"{self.max_positions}")
+      raise ValueError(
+        f"position_embedding='learned' needs max_positions > 0, got {self.max_positions}"
+      )
     if self.norm not in NORMS:
       raise ValueError(f"norm={self.norm!r} is not one of {NORMS}")
     if self.norm == "layer" and self.norm_offset:
@@ -130,8 +134,7 @@ class TransformerConfig:
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r} is not one of "
-                       f"{tuple(REMAT_POLICIES)}")
+      raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
     for name in ("logit_soft_cap", "attn_logit_soft_cap"):
       if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
@@ -145,15 +148,23 @@ class TransformerConfig:
     for spec in self.attention_pattern:
       if spec != "global":
         masks.parse(spec)  # raises, naming the bad spec
-    if (self.scan_layers and len(self.attention_pattern) > 1
-        and self.num_layers % len(self.attention_pattern)):
-      raise ValueError(f"with scan_layers, num_layers={self.num_layers} must be a multiple of "
-                       f"len(attention_pattern)={len(self.attention_pattern)} (the scanned unit)")
+    if (
+      self.scan_layers
+      and len(self.attention_pattern) > 1
+      and self.num_layers % len(self.attention_pattern)
+    ):
+      raise ValueError(
+        f"with scan_layers, num_layers={self.num_layers} must be a multiple of "
+        f"len(attention_pattern)={len(self.attention_pattern)} (the scanned unit)"
+      )
 
   def layer_mask(self, layer: int) -> masks.Mask | None:
     """The attention mask of ``layer``: ``None`` for no mask (bidirectional global layers)."""
-    spec = self.attention_pattern[layer % len(self.attention_pattern)] if (
-        self.attention_pattern) else "global"
+    spec = (
+      self.attention_pattern[layer % len(self.attention_pattern)]
+      if (self.attention_pattern)
+      else "global"
+    )
     if spec == "global":
       return masks.causal() if self.causal else None
     mask = masks.parse(spec)
@@ -193,14 +204,16 @@ class TransformerConfig:
   @classmethod
   def tiny(cls, **kw):
     """0.9M params: trains on a laptop CPU in minutes."""
-    return cls(**{**dict(d_model=128, num_layers=4, num_heads=4, mlp_dim=384,
-                         scan_layers=False), **kw})
+    return cls(
+      **{**dict(d_model=128, num_layers=4, num_heads=4, mlp_dim=384, scan_layers=False), **kw}
+    )
 
   @classmethod
   def small(cls, **kw):
     """5M params."""
-    return cls(**{**dict(d_model=256, num_layers=6, num_heads=8, mlp_dim=768,
-                         scan_layers=False), **kw})
+    return cls(
+      **{**dict(d_model=256, num_layers=6, num_heads=8, mlp_dim=768, scan_layers=False), **kw}
+    )
 
   @classmethod
   def base(cls, **kw):
@@ -210,47 +223,117 @@ class TransformerConfig:
   @classmethod
   def large(cls, **kw):
     """270M params, GPT-2 medium width and depth, grouped-query attention."""
-    return cls(**{**dict(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=4,
-                         mlp_dim=2816), **kw})
+    return cls(
+      **{**dict(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=4, mlp_dim=2816), **kw}
+    )
 
   @classmethod
   def one_b(cls, **kw):
     """1.1B params."""
-    return cls(**{**dict(d_model=2048, num_layers=24, num_heads=16, num_kv_heads=4,
-                         mlp_dim=5632, remat_policy="dots_no_batch"), **kw})
+    return cls(
+      **{
+        **dict(
+          d_model=2048,
+          num_layers=24,
+          num_heads=16,
+          num_kv_heads=4,
+          mlp_dim=5632,
+          remat_policy="dots_no_batch",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def llama_1b(cls, **kw):
     """Llama 3.2 1B sizes."""
-    return cls(**{**dict(vocab_size=128_256, d_model=2048, num_layers=16, num_heads=32,
-                         num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500_000.0,
-                         tie_embeddings=True, norm_eps=1e-5, remat_policy="dots_no_batch"),
-                    **kw})
+    return cls(
+      **{
+        **dict(
+          vocab_size=128_256,
+          d_model=2048,
+          num_layers=16,
+          num_heads=32,
+          num_kv_heads=8,
+          head_dim=64,
+          mlp_dim=8192,
+          rope_theta=500_000.0,
+          tie_embeddings=True,
+          norm_eps=1e-5,
+          remat_policy="dots_no_batch",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def llama_8b(cls, **kw):
     """Llama 3 8B sizes."""
-    return cls(**{**dict(vocab_size=128_256, d_model=4096, num_layers=32, num_heads=32,
-                         num_kv_heads=8, mlp_dim=14_336, rope_theta=500_000.0,
-                         tie_embeddings=False, norm_eps=1e-5, remat_policy="full"), **kw})
+    return cls(
+      **{
+        **dict(
+          vocab_size=128_256,
+          d_model=4096,
+          num_layers=32,
+          num_heads=32,
+          num_kv_heads=8,
+          mlp_dim=14_336,
+          rope_theta=500_000.0,
+          tie_embeddings=False,
+          norm_eps=1e-5,
+          remat_policy="full",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def qwen2_0_5b(cls, **kw):
     """Qwen2.5 0.5B sizes: q/k/v biases, tied embeddings."""
-    return cls(**{**dict(vocab_size=151_936, d_model=896, num_layers=24, num_heads=14,
-                         num_kv_heads=2, mlp_dim=4864, rope_theta=1_000_000.0, biases="qkv",
-                         remat_policy="dots_no_batch"), **kw})
+    return cls(
+      **{
+        **dict(
+          vocab_size=151_936,
+          d_model=896,
+          num_layers=24,
+          num_heads=14,
+          num_kv_heads=2,
+          mlp_dim=4864,
+          rope_theta=1_000_000.0,
+          biases="qkv",
+          remat_policy="dots_no_batch",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def gemma2_2b(cls, **kw):
     """Gemma 2 2B sizes: norms around 1 + scale before and after each sublayer, sqrt(d)
     embedding scale, GeGLU, soft-capped logits, local (4096) and global layers alternating."""
-    return cls(**{**dict(vocab_size=256_000, d_model=2304, num_layers=26, num_heads=8,
-                         num_kv_heads=4, head_dim=256, mlp_dim=9216, mlp_activation="geglu",
-                         norm_offset=1.0, post_norms=True, embed_scale=True, attn_scale=1 / 16,
-                         logit_soft_cap=30.0, attn_logit_soft_cap=50.0,
-                         attention_pattern=("sliding_window:4096", "global"),
-                         remat_policy="dots_no_batch"), **kw})
+    return cls(
+      **{
+        **dict(
+          vocab_size=256_000,
+          d_model=2304,
+          num_layers=26,
+          num_heads=8,
+          num_kv_heads=4,
+          head_dim=256,
+          mlp_dim=9216,
+          mlp_activation="geglu",
+          norm_offset=1.0,
+          post_norms=True,
+          embed_scale=True,
+          attn_scale=1 / 16,
+          logit_soft_cap=30.0,
+          attn_logit_soft_cap=50.0,
+          attention_pattern=("sliding_window:4096", "global"),
+          remat_policy="dots_no_batch",
+        ),
+        **kw,
+      }
+    )
 
   @classmethod
   def gpt2_124m(cls, **kw):
@@ -261,33 +344,46 @@ class TransformerConfig:
   @classmethod
   def gpt2_355m(cls, **kw):
     """GPT-2 medium."""
-    return cls(**{**_GPT2, **dict(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096),
-                  **kw})
+    return cls(**{**_GPT2, **dict(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096), **kw})
 
   @classmethod
   def gpt2_1_5b(cls, **kw):
     """GPT-2 XL."""
-    return cls(**{**_GPT2, **dict(d_model=1600, num_layers=48, num_heads=25, mlp_dim=6400,
-                                  remat_policy="dots_no_batch"), **kw})
+    return cls(
+      **{
+        **_GPT2,
+        **dict(
+          d_model=1600, num_layers=48, num_heads=25, mlp_dim=6400, remat_policy="dots_no_batch"
+        ),
+        **kw,
+      }
+    )
 
 
-_GPT2 = dict(vocab_size=50_257, norm="layer", position_embedding="learned", max_positions=1024,
-             biases="all", mlp_activation="gelu", norm_eps=1e-5)
+_GPT2 = dict(
+  vocab_size=50_257,
+  norm="layer",
+  position_embedding="learned",
+  max_positions=1024,
+  biases="all",
+  mlp_activation="gelu",
+  norm_eps=1e-5,
+)
 
 
 PRESETS = {
-    "transformer-tiny": TransformerConfig.tiny,
-    "transformer-small": TransformerConfig.small,
-    "transformer-base": TransformerConfig.base,
-    "transformer-large": TransformerConfig.large,
-    "transformer-1b": TransformerConfig.one_b,
-    "llama-style-1b": TransformerConfig.llama_1b,
-    "llama-style-8b": TransformerConfig.llama_8b,
-    "qwen2-style-0.5b": TransformerConfig.qwen2_0_5b,
-    "gemma2-style-2b": TransformerConfig.gemma2_2b,
-    "gpt2-style-124m": TransformerConfig.gpt2_124m,
-    "gpt2-style-355m": TransformerConfig.gpt2_355m,
-    "gpt2-style-1.5b": TransformerConfig.gpt2_1_5b,
+  "transformer-tiny": TransformerConfig.tiny,
+  "transformer-small": TransformerConfig.small,
+  "transformer-base": TransformerConfig.base,
+  "transformer-large": TransformerConfig.large,
+  "transformer-1b": TransformerConfig.one_b,
+  "llama-style-1b": TransformerConfig.llama_1b,
+  "llama-style-8b": TransformerConfig.llama_8b,
+  "qwen2-style-0.5b": TransformerConfig.qwen2_0_5b,
+  "gemma2-style-2b": TransformerConfig.gemma2_2b,
+  "gpt2-style-124m": TransformerConfig.gpt2_124m,
+  "gpt2-style-355m": TransformerConfig.gpt2_355m,
+  "gpt2-style-1.5b": TransformerConfig.gpt2_1_5b,
 }
 
 
@@ -300,7 +396,7 @@ def _visible_keys(mask: masks.Mask | None, seq_len: int) -> float:
     return (seq_len + 1) / 2
   idx, total = np.arange(seq_len), 0
   for start in range(0, seq_len, 1024):
-    total += int(np.count_nonzero(mask(idx[start:start + 1024, None], idx[None, :])))
+    total += int(np.count_nonzero(mask(idx[start : start + 1024, None], idx[None, :])))
   return total / seq_len
 
 
@@ -316,20 +412,37 @@ class Block(nn.Module):
     cfg, dtype = self.config, self.config.compute_dtype
     x_BLD = sh.constrain(x_BLD, (sh.BATCH, sh.LENGTH, sh.EMBED))
     h = norm(cfg, "attn_norm")(x_BLD)
-    h = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.head_size,
-                         rope_theta=cfg.rope_theta if cfg.position_embedding == "rope" else None,
-                         rope_scaling=cfg.rope_scaling, mask=self.mask, sm_scale=cfg.attn_scale,
-                         logit_soft_cap=cfg.attn_logit_soft_cap,
-                         implementation=cfg.attention_impl, interpret=cfg.attention_interpret,
-                         decode=self.decode, dtype=dtype, quant=cfg.quant,
-                         qkv_bias=cfg.biases != "none", out_bias=cfg.biases == "all",
-                         name="attn")(h, segment_ids_BL, positions_BL)
+    h = layers.Attention(
+      cfg.num_heads,
+      cfg.kv_heads,
+      cfg.head_size,
+      rope_theta=cfg.rope_theta if cfg.position_embedding == "rope" else None,
+      rope_scaling=cfg.rope_scaling,
+      mask=self.mask,
+      sm_scale=cfg.attn_scale,
+      logit_soft_cap=cfg.attn_logit_soft_cap,
+      implementation=cfg.attention_impl,
+      interpret=cfg.attention_interpret,
+      decode=self.decode,
+      dtype=dtype,
+      quant=cfg.quant,
+      qkv_bias=cfg.biases != "none",
+      out_bias=cfg.biases == "all",
+      name="attn",
+    )(h, segment_ids_BL, positions_BL)
     if cfg.post_norms:
       h = norm(cfg, "attn_post_norm")(h)
     x_BLD = x_BLD + h
     h = norm(cfg, "mlp_norm")(x_BLD)
-    h = layers.Mlp(cfg.d_model, cfg.mlp_dim, cfg.mlp_activation, dtype, quant=cfg.quant,
-                   use_bias=cfg.biases == "all", name="mlp")(h)
+    h = layers.Mlp(
+      cfg.d_model,
+      cfg.mlp_dim,
+      cfg.mlp_activation,
+      dtype,
+      quant=cfg.quant,
+      use_bias=cfg.biases == "all",
+      name="mlp",
+    )(h)
     if cfg.post_norms:
       h = norm(cfg, "mlp_post_norm")(h)
     x_BLD = sh.constrain(x_BLD + h, (sh.BATCH, sh.LENGTH, sh.EMBED))
@@ -355,7 +468,8 @@ class BlockGroup(nn.Module):
     cfg = self.config
     for j in range(len(cfg.attention_pattern)):
       x_BLD, _ = _block_class(cfg)(cfg, self.decode, cfg.layer_mask(j), name=f"block_{j}")(
-          x_BLD, segment_ids_BL, positions_BL)
+        x_BLD, segment_ids_BL, positions_BL
+      )
     return x_BLD, None
 
 
@@ -373,19 +487,21 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BL, *, segment_ids=None, positions=None, decode: bool = False):
     """Args:
-      tokens_BL: int tokens.
-      segment_ids: ``[B, L]`` document ids of packed rows (0 usually marks padding); ``None``:
-        one document per row.
-      positions: ``[B, L]`` RoPE positions; ``None``: ``0..L-1`` (or, when decoding, continuing
-        from the cache index).
-      decode: read and write the ``cache`` collection (see ``sampling.init_cache``).
+    tokens_BL: int tokens.
+    segment_ids: ``[B, L]`` document ids of packed rows (0 usually marks padding); ``None``:
+      one document per row.
+    positions: ``[B, L]`` RoPE positions; ``None``: ``0..L-1`` (or, when decoding, continuing
+      from the cache index).
+    decode: read and write the ``cache`` collection (see ``sampling.init_cache``).
     """
     cfg = self.config
     if decode and not cfg.causal:
       raise ValueError("decode=True needs a causal model (config.causal=False)")
     if cfg.max_positions is not None and tokens_BL.shape[1] > cfg.max_positions:
-      raise ValueError(f"{tokens_BL.shape[1]} tokens exceed max_positions={cfg.max_positions} "
-                       "(the learned position table)")
+      raise ValueError(
+        f"{tokens_BL.shape[1]} tokens exceed max_positions={cfg.max_positions} "
+        "(the learned position table)"
+      )
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, name="embed")
@@ -402,27 +518,32 @@ class Transformer(nn.Module):
         unit, unit_args = _block_class(cfg), (cfg, decode, cfg.layer_mask(0))
       else:
         unit, unit_args = BlockGroup, (cfg, decode)
-      stack = nn.scan(unit, variable_axes={"params": 0, "cache": 0},
-                      split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers // period,
-                      metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+      stack = nn.scan(
+        unit,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.num_layers // period,
+        metadata_params={nn.PARTITION_NAME: sh.LAYERS},
+      )
       x_BLD, _ = stack(*unit_args, name="layers")(x_BLD, segment_ids, positions)
     else:
       for i in range(cfg.num_layers):
         x_BLD, _ = _block_class(cfg)(cfg, decode, cfg.layer_mask(i), name=f"layers_{i}")(
-            x_BLD, segment_ids, positions)
+          x_BLD, segment_ids, positions
+        )
 
     x_BLD = norm(cfg, "final_norm")(x_BLD)
     if cfg.tie_embeddings:
       logits = embed.attend(x_BLD)
     else:
-      logits = layers.Dense((cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB),
-                            dtype=cfg.compute_dtype, name="unembed")(x_BLD)
+      logits = layers.Dense(
+        (cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=cfg.compute_dtype, name="unembed"
+      )(x_BLD)
     logits = logits.astype(jnp.float32)
     if cfg.logit_soft_cap is not None:
       logits = cfg.logit_soft_cap * jnp.tanh(logits / cfg.logit_soft_cap)
     return sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.VOCAB))
-
 
   def _learned_positions(self, tokens_BL, positions_BL, decode: bool):
     """Rows of the learned position table; when decoding without explicit positions, the
@@ -431,10 +552,14 @@ class Transformer(nn.Module):
     if positions_BL is None:  # decode: count in the cache, as the attention layers do
       initialized = self.has_variable("cache", "position_index")
       index = self.variable("cache", "position_index", lambda: jnp.zeros((), jnp.int32))
-      positions_BL = jnp.broadcast_to(index.value + jnp.arange(tokens_BL.shape[1]),
-                                      tokens_BL.shape)
+      positions_BL = jnp.broadcast_to(index.value + jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
       if initialized:
         index.value = index.value + tokens_BL.shape[1]
-    table = layers.Embed(cfg.max_positions, cfg.d_model, cfg.compute_dtype,
-                         axes=(sh.LENGTH, sh.EMBED), name="pos_embed")
+    table = layers.Embed(
+      cfg.max_positions,
+      cfg.d_model,
+      cfg.compute_dtype,
+      axes=(sh.LENGTH, sh.EMBED),
+      name="pos_embed",
+    )
     return table(positions_BL)

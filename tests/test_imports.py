@@ -13,12 +13,12 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What each top-level folder may import (besides itself).
 ALLOWED = {
-    "kernels": set(),
-    "data": set(),
-    "models": {"kernels", "data"},
-    "training": {"kernels", "data", "models"},
-    "configs": {"models"},
-    "experiments": {"kernels", "data", "models", "training", "configs"},
+  "kernels": set(),
+  "data": set(),
+  "models": {"kernels", "data"},
+  "training": {"kernels", "data", "models"},
+  "configs": {"models"},
+  "experiments": {"kernels", "data", "models", "training", "configs"},
 }
 
 
@@ -61,8 +61,12 @@ def _top(module: str) -> str:
 
 
 def upward(graph) -> list[str]:
-  return sorted(f"{m} -> {dep}" for m, deps in graph.items() for dep in deps
-                if _top(dep) != _top(m) and _top(dep) not in ALLOWED[_top(m)])
+  return sorted(
+    f"{m} -> {dep}"
+    for m, deps in graph.items()
+    for dep in deps
+    if _top(dep) != _top(m) and _top(dep) not in ALLOWED[_top(m)]
+  )
 
 
 def cycles(graph) -> list[str]:
@@ -72,7 +76,7 @@ def cycles(graph) -> list[str]:
     state[m] = 1
     for dep in sorted(graph.get(m, ())):
       if state.get(dep) == 1:
-        found.append(" -> ".join(path[path.index(dep):] + [dep]))
+        found.append(" -> ".join(path[path.index(dep) :] + [dep]))
       elif dep in graph and not state.get(dep):
         visit(dep, path + [dep])
     state[m] = 2
@@ -103,4 +107,5 @@ def test_the_checks_see_what_they_guard(graph):
   circle = {"flaxseed.models.a": {"flaxseed.models.b"}, "flaxseed.models.b": {"flaxseed.models.a"}}
   assert cycles(circle) == ["flaxseed.models.a -> flaxseed.models.b -> flaxseed.models.a"]
   assert upward({"flaxseed.models.hf": {"flaxseed.training.tokenizers"}}) == [
-      "flaxseed.models.hf -> flaxseed.training.tokenizers"]
+    "flaxseed.models.hf -> flaxseed.training.tokenizers"
+  ]

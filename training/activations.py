@@ -37,30 +37,42 @@ def write(config, directory: str, *, max_rows: int | None = None) -> dict:
     take = n if max_rows is None else min(n, max_rows)
     index = np.arange(take, dtype=np.int64) * n // max(take, 1)
     np.save(os.path.join(directory, f"{name}.rows.npy"), index)
-    out = {k: np.lib.format.open_memmap(os.path.join(directory, f"{name}.{k}.npy"), mode="w+",
-                                        dtype=np.int32, shape=(take, seq_len))
-           for k in cache_lib.KEYS}
+    out = {
+      k: np.lib.format.open_memmap(
+        os.path.join(directory, f"{name}.{k}.npy"), mode="w+", dtype=np.int32, shape=(take, seq_len)
+      )
+      for k in cache_lib.KEYS
+    }
     out["acts"] = np.lib.format.open_memmap(
-        os.path.join(directory, f"{name}.acts.npy"), mode="w+", dtype=np.float32,
-        shape=(take, seq_len, task.model.config.d_in))
+      os.path.join(directory, f"{name}.acts.npy"),
+      mode="w+",
+      dtype=np.float32,
+      shape=(take, seq_len, task.model.config.d_in),
+    )
     for start in range(0, take, rows_per_call):
-      chunk = index[start:start + rows_per_call]
+      chunk = index[start : start + rows_per_call]
       padded = np.concatenate([chunk, np.full(rows_per_call - len(chunk), chunk[-1])])
       rows = [stream.row(int(k), seq_len, seq_len) for k in padded]
       batch = {k: np.stack([r[k] for r in rows]) for k in cache_lib.KEYS}
       with s.context():
-        acts = capture(frozen, {k: jax.device_put(v, s.batch_spec[k].sharding)
-                                for k, v in batch.items()})
+        acts = capture(
+          frozen, {k: jax.device_put(v, s.batch_spec[k].sharding) for k, v in batch.items()}
+        )
       acts = np.asarray(acts).reshape(rows_per_call, seq_len, -1)
       for k in cache_lib.KEYS:
-        out[k][start:start + len(chunk)] = batch[k][:len(chunk)]
-      out["acts"][start:start + len(chunk)] = acts[:len(chunk)]
+        out[k][start : start + len(chunk)] = batch[k][: len(chunk)]
+      out["acts"][start : start + len(chunk)] = acts[: len(chunk)]
     for a in out.values():
       a.flush()
     counts[name] = take
-  meta = {"site": config.sae.site, "seq_len": seq_len, "d_in": task.model.config.d_in,
-          "lm_workdir": config.sae.lm_workdir, "lm_family": config.sae.lm_family,
-          "rows": counts}
+  meta = {
+    "site": config.sae.site,
+    "seq_len": seq_len,
+    "d_in": task.model.config.d_in,
+    "lm_workdir": config.sae.lm_workdir,
+    "lm_family": config.sae.lm_family,
+    "rows": counts,
+  }
   with open(os.path.join(directory, "meta.json"), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=2)
   return meta

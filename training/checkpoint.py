@@ -16,12 +16,11 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                          options=options)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+    )
+    self._manager = ocp.CheckpointManager(directory, item_names=("state", "data"), options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -30,9 +29,13 @@ class Checkpointer:
     """Starts saving ``state`` and the iterator position at ``step`` (no-op if already saved)."""
     if step in self._manager.all_steps():
       return False
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+    return self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+      ),
+      force=True,
+    )
 
   def restore_latest(self, abstract_state, data_iterator):
     """(state, step) from the latest complete checkpoint, or ``(None, None)`` if there is none.
@@ -43,9 +46,13 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return None, None
-    restored = self._manager.restore(step, args=ocp.args.Composite(
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+      ),
+    )
     return restored["state"], step
 
   def wait(self):
@@ -72,16 +79,24 @@ def restore_params(workdir: str, abstract_params):
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"no checkpoint in {directory}")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(create=False))
+  manager = ocp.CheckpointManager(
+    directory, item_names=("state", "data"), options=ocp.CheckpointManagerOptions(create=False)
+  )
   try:
     step = manager.latest_step()
     if step is None:
       raise ValueError(f"no checkpoint in {directory}")
     item = {"params": abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
+        )
+      ),
+    )
   finally:
     manager.close()
   return restored["state"]["params"], step

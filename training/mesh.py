@@ -7,14 +7,18 @@ devices, a multi-process CPU cluster, a GPU host or a TPU pod slice; it also bui
 abstract TPU devices for ahead-of-time compilation (``experiments/aot.py``).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 import math
 
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
@@ -33,8 +37,10 @@ def resolve_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int
     raise ValueError(f"config.mesh={dict(zip(AXES, sizes))}: at most one axis may be -1")
   fixed = math.prod(s for s in sizes if s != -1)
   if num_devices % fixed:
-    raise ValueError(f"config.mesh={dict(zip(AXES, sizes))} needs a multiple of {fixed} devices; "
-                     f"there are {num_devices}")
+    raise ValueError(
+      f"config.mesh={dict(zip(AXES, sizes))} needs a multiple of {fixed} devices; "
+      f"there are {num_devices}"
+    )
   return tuple(num_devices // fixed if s == -1 else s for s in sizes)
 
 
@@ -49,8 +55,10 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence | None = None) -
   used = math.prod(shape)
   if used < len(devices):
     if jax.process_count() > 1:
-      raise ValueError(f"config.mesh {dict(zip(AXES, shape))} uses {used} of {len(devices)} "
-                       "devices; a multi-process run must use them all (set one axis to -1)")
+      raise ValueError(
+        f"config.mesh {dict(zip(AXES, shape))} uses {used} of {len(devices)} "
+        "devices; a multi-process run must use them all (set one axis to -1)"
+      )
     logging.warning("mesh %s uses %d of %d devices", dict(zip(AXES, shape)), used, len(devices))
     devices = devices[:used]
   if devices[0].platform in ("tpu", "gpu") and used == len(devices):
@@ -82,6 +90,8 @@ def check_divisible(abstract_tree, shardings, *, what: str = "parameter") -> Non
       axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
       parts = math.prod(sharding.mesh.shape[a] for a in axes)
       if dim % parts:
-        raise ValueError(f"{what} {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be "
-                         f"split {parts} ways over mesh axes {axes} (spec {sharding.spec}); "
-                         "change config.mesh or config.logical_axis_rules")
+        raise ValueError(
+          f"{what} {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be "
+          f"split {parts} ways over mesh axes {axes} (spec {sharding.spec}); "
+          "change config.mesh or config.logical_axis_rules"
+        )

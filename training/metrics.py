@@ -16,13 +16,13 @@ import numpy as np
 
 # Dense bf16 matmul peaks per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5": 459e12,  # v5p
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,  # v5e
+  "TPU v5": 459e12,  # v5p
+  "TPU v6 lite": 918e12,  # v6e (Trillium)
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100": 312e12,
 }
 
 
@@ -58,8 +58,10 @@ def peak_flops(devices, dtype) -> tuple[float, str]:
     if kind.startswith(prefix):
       return flops * len(devices), f"{kind} bf16 data sheet"
   # CPU (and unknown devices): measure, since CPU devices share the host's cores.
-  return (measure_matmul_flops(devices, dtype),
-          f"measured {jnp.dtype(dtype).name} matmuls on {len(devices)} x {kind}")
+  return (
+    measure_matmul_flops(devices, dtype),
+    f"measured {jnp.dtype(dtype).name} matmuls on {len(devices)} x {kind}",
+  )
 
 
 def _drop_rows_after(path: str, step: int) -> None:
@@ -92,6 +94,7 @@ class MetricsWriter:
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
       _drop_rows_after(path, start_step)
@@ -118,8 +121,15 @@ class MetricsWriter:
       self._tb.close()
 
 
-def progress_line(step: int, total: int, metrics: dict[str, float], *, tokens_per_s: float,
-                  step_time: float, mfu: float | None) -> str:
+def progress_line(
+  step: int,
+  total: int,
+  metrics: dict[str, float],
+  *,
+  tokens_per_s: float,
+  step_time: float,
+  mfu: float | None,
+) -> str:
   parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}"]
   parts.append(f"{tokens_per_s / 1e3:.1f}k tok/s")
   parts.append(f"{step_time * 1e3:.0f} ms/step")

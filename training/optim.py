@@ -9,8 +9,9 @@ changing its learning rates) and ``accum_steps`` (gradient accumulation inside t
 """
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 
 def schedule(optim_config, total_steps: int) -> optax.Schedule:
@@ -18,9 +19,12 @@ def schedule(optim_config, total_steps: int) -> optax.Schedule:
   total_steps = optim_config.decay_steps or total_steps
   warmup = min(optim_config.warmup_steps, total_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim_config.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1),
-      end_value=optim_config.lr * optim_config.final_lr_fraction)
+    init_value=0.0,
+    peak_value=optim_config.lr,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=optim_config.lr * optim_config.final_lr_fraction,
+  )
 
 
 def decay_mask(params):
@@ -31,9 +35,16 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
   parts = []
   if optim_config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
-  parts.append(optax.adamw(schedule(optim_config, total_steps), b1=optim_config.b1,
-                           b2=optim_config.b2, eps=optim_config.eps,
-                           weight_decay=optim_config.weight_decay, mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule(optim_config, total_steps),
+      b1=optim_config.b1,
+      b2=optim_config.b2,
+      eps=optim_config.eps,
+      weight_decay=optim_config.weight_decay,
+      mask=decay_mask,
+    )
+  )
   return optax.chain(*parts)
 
 
@@ -41,24 +52,28 @@ def state_shardings(optimizer, abstract_opt_state, param_shardings, mesh):
   """Optimizer-state shardings: param-shaped leaves follow their parameter, the rest replicate."""
   replicated = NamedSharding(mesh, PartitionSpec())
   return optax.tree_utils.tree_map_params(
-      optimizer, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+    optimizer,
+    lambda _, sharding: sharding,
+    abstract_opt_state,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+    is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
 
 
 def validate(optim_config) -> None:
   """Bad values raise a ValueError naming the key."""
   checks = {
-      "lr": optim_config.lr > 0,
-      "warmup_steps": optim_config.warmup_steps >= 0,
-      "final_lr_fraction": 0 <= optim_config.final_lr_fraction <= 1,
-      "b1": 0 <= optim_config.b1 < 1,
-      "b2": 0 <= optim_config.b2 < 1,
-      "eps": optim_config.eps > 0,
-      "weight_decay": optim_config.weight_decay >= 0,
-      "grad_clip": optim_config.grad_clip >= 0,
-      "decay_steps": optim_config.decay_steps >= 0,
-      "accum_steps": optim_config.accum_steps >= 1,
+    "lr": optim_config.lr > 0,
+    "warmup_steps": optim_config.warmup_steps >= 0,
+    "final_lr_fraction": 0 <= optim_config.final_lr_fraction <= 1,
+    "b1": 0 <= optim_config.b1 < 1,
+    "b2": 0 <= optim_config.b2 < 1,
+    "eps": optim_config.eps > 0,
+    "weight_decay": optim_config.weight_decay >= 0,
+    "grad_clip": optim_config.grad_clip >= 0,
+    "decay_steps": optim_config.decay_steps >= 0,
+    "accum_steps": optim_config.accum_steps >= 1,
   }
   for key, ok in checks.items():
     if not ok:

@@ -3,9 +3,10 @@
 Order of work (everything that can reject the config runs before anything compiles):
 
 1. ``setup``: the mesh, the config validated, the task (and its model config) built; abstract
-   init -> shardings -> jitted init with ``out_shardings`` (params are born sharded); the step is jitted with in/out shardings, donates the old state, and is
-   compiled ahead of time once (its per-device memory is printed); ``Setup.datasets`` gives
-   this process's rows of every batch;
+   init -> shardings -> jitted init with ``out_shardings`` (params are born sharded); the step
+   is jitted with in/out shardings, donates the old state, and is compiled ahead of time once
+   (its per-device memory is printed); ``Setup.datasets`` gives this process's rows of every
+   batch;
 2. load the frozen parameters (``Setup.frozen``); restore the latest checkpoint of ``workdir``
    (state and data position) or initialize: from ``config.init_from``'s parameters if set, then
    the task's ``prepare`` on the first batch;
@@ -29,10 +30,12 @@ from typing import Any
 from absl import logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+import numpy as np
 
 from flaxseed.data import pipeline
 from flaxseed.training import checkpoint as checkpoint_lib
@@ -65,9 +68,10 @@ def validate(config, mesh: Mesh) -> None:
   divisor = mesh_lib.batch_divisor(mesh) * config.optim.accum_steps
   if config.batch_size % divisor:
     raise ValueError(
-        f"config.batch_size={config.batch_size} must be divisible by mesh.data x mesh.fsdp x "
-        f"optim.accum_steps = {mesh.shape['data']} x {mesh.shape['fsdp']} x "
-        f"{config.optim.accum_steps} = {divisor}")
+      f"config.batch_size={config.batch_size} must be divisible by mesh.data x mesh.fsdp x "
+      f"optim.accum_steps = {mesh.shape['data']} x {mesh.shape['fsdp']} x "
+      f"{config.optim.accum_steps} = {divisor}"
+    )
 
 
 @dataclasses.dataclass
@@ -103,9 +107,13 @@ class Setup:
     """This process's (train, eval) grain datasets: its rows of every global batch."""
     config = self.config
     rows = pipeline.process_rows(self.batch_spec["tokens"].sharding, config.batch_size)
-    return self.task.datasets(global_batch=config.batch_size, rows=rows,
-                              train_batches=config.steps, eval_batches=config.eval_batches,
-                              seed=config.seed)
+    return self.task.datasets(
+      global_batch=config.batch_size,
+      rows=rows,
+      train_batches=config.steps,
+      eval_batches=config.eval_batches,
+      seed=config.seed,
+    )
 
 
 @contextlib.contextmanager
@@ -115,8 +123,9 @@ def _context(mesh: Mesh, rules):
 
 
 def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def setup(config, *, devices=None) -> Setup:
@@ -137,8 +146,10 @@ def _setup(config, task: tasks_lib.Task, mesh: Mesh) -> Setup:
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-                for k, v in task.batch_spec(config.batch_size).items()}
+  batch_spec = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+    for k, v in task.batch_spec(config.batch_size).items()
+  }
   schedule = optim.schedule(config.optim, config.steps)
   optimizer = optim.make_optimizer(config.optim, config.steps)
   optimizer = task.wrap_optimizer(optimizer)
@@ -159,16 +170,22 @@ def _setup(config, task: tasks_lib.Task, mesh: Mesh) -> Setup:
   mesh_lib.check_divisible(nn.unbox(boxed_frozen), frozen_shardings, what="frozen parameter")
   abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
   state_shardings = TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=optim.state_shardings(optimizer, abstract_opt_state, param_shardings, mesh),
-      rng=replicated,
-      task_state=jax.tree.map(lambda _: replicated, jax.eval_shape(init_task_state)))
+    step=replicated,
+    params=param_shardings,
+    opt_state=optim.state_shardings(optimizer, abstract_opt_state, param_shardings, mesh),
+    rng=replicated,
+    task_state=jax.tree.map(lambda _: replicated, jax.eval_shape(init_task_state)),
+  )
 
   def init():
     params = nn.unbox(init_boxed()[0])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=train_rng,
-                      task_state=init_task_state())
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=train_rng,
+      task_state=init_task_state(),
+    )
 
   def prepare(state, frozen, batch):
     params, task_state = task.prepare(state.params, state.task_state, frozen, batch)
@@ -180,27 +197,49 @@ def _setup(config, task: tasks_lib.Task, mesh: Mesh) -> Setup:
   abstract_state = _with_shardings(jax.eval_shape(init), state_shardings)
   abstract_frozen = _with_shardings(nn.unbox(boxed_frozen), frozen_shardings)
 
-  train_step = step_lib.make_train_step(task, optimizer, schedule,
-                                        accum_steps=config.optim.accum_steps)
+  train_step = step_lib.make_train_step(
+    task, optimizer, schedule, accum_steps=config.optim.accum_steps
+  )
   batch_shardings = {k: batch_sharding for k in batch_spec}
   return Setup(
-      config=config, mesh=mesh, task=task, rules=rules, schedule=schedule, batch_spec=batch_spec,
-      abstract_state=abstract_state, abstract_frozen=abstract_frozen,
-      init=jax.jit(init, out_shardings=state_shardings),
-      init_frozen=jax.jit(lambda: nn.unbox(init_boxed()[1]), out_shardings=frozen_shardings),
-      prepare=(jax.jit(prepare, in_shardings=(state_shardings, frozen_shardings,
-                                              batch_shardings),
-                       out_shardings=state_shardings, donate_argnums=(0,))
-               if tasks_lib.overrides(task, "prepare") else None),
-      with_params=jax.jit(with_params, in_shardings=(state_shardings, param_shardings),
-                          out_shardings=state_shardings, donate_argnums=(0,)),
-      train_step=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings,
-                                                   batch_shardings),
-                         out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
-      eval_step=jax.jit(task.evaluate,
-                        in_shardings=(param_shardings, frozen_shardings, batch_shardings,
-                                      state_shardings.task_state),
-                        out_shardings=replicated))
+    config=config,
+    mesh=mesh,
+    task=task,
+    rules=rules,
+    schedule=schedule,
+    batch_spec=batch_spec,
+    abstract_state=abstract_state,
+    abstract_frozen=abstract_frozen,
+    init=jax.jit(init, out_shardings=state_shardings),
+    init_frozen=jax.jit(lambda: nn.unbox(init_boxed()[1]), out_shardings=frozen_shardings),
+    prepare=(
+      jax.jit(
+        prepare,
+        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+        out_shardings=state_shardings,
+        donate_argnums=(0,),
+      )
+      if tasks_lib.overrides(task, "prepare")
+      else None
+    ),
+    with_params=jax.jit(
+      with_params,
+      in_shardings=(state_shardings, param_shardings),
+      out_shardings=state_shardings,
+      donate_argnums=(0,),
+    ),
+    train_step=jax.jit(
+      train_step,
+      in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,),
+    ),
+    eval_step=jax.jit(
+      task.evaluate,
+      in_shardings=(param_shardings, frozen_shardings, batch_shardings, state_shardings.task_state),
+      out_shardings=replicated,
+    ),
+  )
 
 
 def compile_train_step(s: Setup):
@@ -217,10 +256,17 @@ def memory_report(compiled) -> dict[str, int] | None:
     return None
   if stats is None:
     return None
-  report = {k: int(getattr(stats, f"{k}_size_in_bytes", 0))
-            for k in ("argument", "output", "alias", "temp", "generated_code")}
-  report["total"] = (report["argument"] + report["output"] - report["alias"] + report["temp"]
-                     + report["generated_code"])
+  report = {
+    k: int(getattr(stats, f"{k}_size_in_bytes", 0))
+    for k in ("argument", "output", "alias", "temp", "generated_code")
+  }
+  report["total"] = (
+    report["argument"]
+    + report["output"]
+    - report["alias"]
+    + report["temp"]
+    + report["generated_code"]
+  )
   return report
 
 
@@ -249,26 +295,33 @@ class _Preemption:
 
 
 def _global_batch(local: dict[str, np.ndarray], spec: dict) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(spec[k].sharding, local[k], spec[k].shape)
-          for k in spec}
+  return {
+    k: jax.make_array_from_process_local_data(spec[k].sharding, local[k], spec[k].shape)
+    for k in spec
+  }
 
 
 def _check_finite(step: int, metrics: dict[str, float], last_checkpoint: int | None):
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
-    where = ("no checkpoint was written" if last_checkpoint is None else
-             f"the last good checkpoint (step {last_checkpoint}) is intact")
+    where = (
+      "no checkpoint was written"
+      if last_checkpoint is None
+      else f"the last good checkpoint (step {last_checkpoint}) is intact"
+    )
     raise NonFiniteLossError(f"non-finite values at step {step}: {bad}; stopping; {where}")
 
 
-def evaluate(s: Setup, params, frozen, eval_batches: list, task_state, eval_step=None
-             ) -> dict[str, float]:
+def evaluate(
+  s: Setup, params, frozen, eval_batches: list, task_state, eval_step=None
+) -> dict[str, float]:
   """Mean eval metrics over ``eval_batches`` (``eval_step``: default the setup's, compiled for
   the training parameters' shardings)."""
   totals = {}
   for batch in eval_batches:
-    for name, (total, count) in (eval_step or s.eval_step)(params, frozen, batch,
-                                                           task_state).items():
+    for name, (total, count) in (eval_step or s.eval_step)(
+      params, frozen, batch, task_state
+    ).items():
       prev = totals.get(name, (0.0, 0.0))
       totals[name] = (prev[0] + total, prev[1] + count)
   totals = jax.device_get(totals)
@@ -292,8 +345,14 @@ class Restored:
     # Any parameter pytree: shardings are inferred.
     eval_step = jax.jit(self.setup.task.evaluate)
     with self.setup.context():
-      return evaluate(self.setup, self.params if params is None else params, self.frozen,
-                      self.eval_batches, self.task_state, eval_step=eval_step)
+      return evaluate(
+        self.setup,
+        self.params if params is None else params,
+        self.frozen,
+        self.eval_batches,
+        self.task_state,
+        eval_step=eval_step,
+      )
 
 
 def restore(config, workdir: str) -> Restored:
@@ -301,17 +360,23 @@ def restore(config, workdir: str) -> Restored:
   evaluation scripts). Raises ``ValueError`` if there is no checkpoint."""
   s = setup(config)
   train_data, eval_data = s.datasets()
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     max_to_keep=config.max_to_keep)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), max_to_keep=config.max_to_keep
+  )
   try:
     state, step = ckpt.restore_latest(s.abstract_state, pipeline.train_iterator(train_data))
   finally:
     ckpt.close()
   if state is None:
     raise ValueError(f"no checkpoint in {workdir}")
-  return Restored(setup=s, params=state.params, frozen=s.frozen(), task_state=state.task_state,
-                  step=step,
-                  eval_batches=[_global_batch(b, s.batch_spec) for b in eval_data])
+  return Restored(
+    setup=s,
+    params=state.params,
+    frozen=s.frozen(),
+    task_state=state.task_state,
+    step=step,
+    eval_batches=[_global_batch(b, s.batch_spec) for b in eval_data],
+  )
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -338,27 +403,36 @@ class _Loop:
     self.config, self.s, self.task = config, s, s.task
     self.lead = jax.process_index() == 0
     self.train_iter = pipeline.train_iterator(train_data)
-    self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            max_to_keep=config.max_to_keep)
+    self.ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.max_to_keep
+    )
     num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
-    self._print(f"task {config.task}: {type(self.task.model).__name__} with {num_params:,} "
-                f"trainable params; mesh {dict(s.mesh.shape)} over "
-                f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}")
+    self._print(
+      f"task {config.task}: {type(self.task.model).__name__} with {num_params:,} "
+      f"trainable params; mesh {dict(s.mesh.shape)} over "
+      f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}"
+    )
     t = time.perf_counter()
     self.compiled = compile_train_step(s)
     report = memory_report(self.compiled)
-    self._print(f"compiled the train step in {time.perf_counter() - t:.1f} s" + (
+    self._print(
+      f"compiled the train step in {time.perf_counter() - t:.1f} s"
+      + (
         f"; per device: {report['total'] / 2**20:.1f} MiB (arguments "
         f"{report['argument'] / 2**20:.1f}, temporaries {report['temp'] / 2**20:.1f})"
-        if report else ""))
+        if report
+        else ""
+      )
+    )
     self.state, self.step = self.ckpt.restore_latest(s.abstract_state, self.train_iter)
     self.frozen = s.frozen()
     if self.state is None:
       self.state, self.step = s.init(), 0
       if config.get("init_from"):
         try:
-          params, from_step = checkpoint_lib.restore_params(config.init_from,
-                                                            s.abstract_state.params)
+          params, from_step = checkpoint_lib.restore_params(
+            config.init_from, s.abstract_state.params
+          )
         except ValueError as e:
           raise ValueError(f"config.init_from={config.init_from!r}: {e}") from e
         self.state = s.with_params(self.state, params)
@@ -372,7 +446,8 @@ class _Loop:
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.lead, start_step=self.step)
     self.flops_per_token = self.task.flops_per_token()
     self.peak, source = metrics_lib.peak_flops(
-        s.mesh.devices.flat, getattr(self.task.model.config, "compute_dtype", jnp.float32))
+      s.mesh.devices.flat, getattr(self.task.model.config, "compute_dtype", jnp.float32)
+    )
     self._print(f"MFU denominator: {self.peak:.3g} FLOP/s ({source})")
     self.last_checkpoint = self.ckpt.latest_step()
     self.summary: dict[str, float] = {}
@@ -428,9 +503,11 @@ class _Loop:
       host["mfu"] = mfu
     self.writer.write(step, host)
     self.summary.update(host)
-    self._print(metrics_lib.progress_line(step, self.config.steps, host,
-                                          tokens_per_s=tokens_per_s, step_time=step_time,
-                                          mfu=mfu))
+    self._print(
+      metrics_lib.progress_line(
+        step, self.config.steps, host, tokens_per_s=tokens_per_s, step_time=step_time, mfu=mfu
+      )
+    )
     self.window = (time.perf_counter(), step)
 
   def save(self):
@@ -441,22 +518,28 @@ class _Loop:
   def evaluate(self):
     self.finish_pending()
     t = time.perf_counter()
-    metrics = evaluate(self.s, self.state.params, self.frozen, self.eval_batches,
-                       self.state.task_state)
+    metrics = evaluate(
+      self.s, self.state.params, self.frozen, self.eval_batches, self.state.task_state
+    )
     self.writer.write(self.step, metrics)
     self.summary.update(metrics)
-    self._print(f"eval at step {self.step} | " + " | ".join(
-        f"{k} {v:.4f}" for k, v in metrics.items()))
+    self._print(
+      f"eval at step {self.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    )
     self.window = (self.window[0] + time.perf_counter() - t, self.window[1])  # not train time
 
   def sample(self):
     config = self.config
     if not config.sample_tokens:
       return
-    text = self.task.sample(self.state.params, config.sample_prompt,
-                            max_new_tokens=config.sample_tokens,
-                            temperature=config.sample_temperature,
-                            rng=jax.random.PRNGKey(config.seed), frozen=self.frozen)
+    text = self.task.sample(
+      self.state.params,
+      config.sample_prompt,
+      max_new_tokens=config.sample_tokens,
+      temperature=config.sample_temperature,
+      rng=jax.random.PRNGKey(config.seed),
+      frozen=self.frozen,
+    )
     if text is None:  # a task with nothing to say in text (needle, SAE)
       return
     self.writer.text("sample", self.step, text)

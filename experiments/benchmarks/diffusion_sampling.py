@@ -48,24 +48,48 @@ def main(argv):
   ar = models.get(f"transformer-{size}")
   ar_params = ar.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
 
-  ar_s = _median_s(lambda: sampling.generate(ar, ar_params, prompt, max_new_tokens=gen,
-                                             temperature=0.0))
+  ar_s = _median_s(
+    lambda: sampling.generate(ar, ar_params, prompt, max_new_tokens=gen, temperature=0.0)
+  )
   rows = []
   for steps in map(int, _STEPS.value):
     before = diffusion_lm._denoise._cache_size()  # pylint: disable=protected-access
-    seconds = _median_s(lambda steps=steps: diffusion_lm.generate(
-        dlm, dlm_params, prompt, gen_length=gen, steps=steps, block_length=gen,
-        rng=jax.random.key(2)))
+    seconds = _median_s(
+      lambda steps=steps: diffusion_lm.generate(
+        dlm,
+        dlm_params,
+        prompt,
+        gen_length=gen,
+        steps=steps,
+        block_length=gen,
+        rng=jax.random.key(2),
+      )
+    )
     compiles = diffusion_lm._denoise._cache_size() - before  # pylint: disable=protected-access
-    rows.append({"steps": steps, "seconds": seconds, "ms_per_step": 1e3 * seconds / steps,
-                 "vs_ar": seconds / ar_s, "compiles": compiles})
-    print(f"diffusion steps={steps}: {seconds:.3f} s ({1e3 * seconds / steps:.2f} ms/step, "
-          f"{seconds / ar_s:.2f}x AR), compiles {compiles}", flush=True)
+    rows.append(
+      {
+        "steps": steps,
+        "seconds": seconds,
+        "ms_per_step": 1e3 * seconds / steps,
+        "vs_ar": seconds / ar_s,
+        "compiles": compiles,
+      }
+    )
+    print(
+      f"diffusion steps={steps}: {seconds:.3f} s ({1e3 * seconds / steps:.2f} ms/step, "
+      f"{seconds / ar_s:.2f}x AR), compiles {compiles}",
+      flush=True,
+    )
   print(f"AR with KV cache: {ar_s:.3f} s for {gen} tokens ({1e3 * ar_s / gen:.2f} ms/token)")
   result = {
-      "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
-      "jax": jax.__version__, "size": size, "gen_length": gen, "prompt_len": _PROMPT.value,
-      "batch": batch, "ar_seconds": ar_s, "diffusion": rows,
+    "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+    "jax": jax.__version__,
+    "size": size,
+    "gen_length": gen,
+    "prompt_len": _PROMPT.value,
+    "batch": batch,
+    "ar_seconds": ar_s,
+    "diffusion": rows,
   }
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:

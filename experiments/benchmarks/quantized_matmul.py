@@ -32,8 +32,12 @@ _SIZES = flags.DEFINE_list("sizes", ["4096", "8192"], "K = N.")
 _INNER = flags.DEFINE_integer("inner", 100, "Matmuls per timed call (one jitted loop).")
 _SWEEP = flags.DEFINE_bool("sweep", False, "GPU: time tile choices at M = 1.")
 
-FORMATS = {"int8": ("int8", None), "int4_g128": ("int4", 128), "nf4_g64": ("nf4", 64),
-           "ternary": ("ternary", None)}
+FORMATS = {
+  "int8": ("int8", None),
+  "int4_g128": ("int4", 128),
+  "nf4_g64": ("nf4", 64),
+  "ternary": ("ternary", None),
+}
 
 
 def _median_ms(fn, x, w):
@@ -46,6 +50,7 @@ def _median_ms(fn, x, w):
   def loop(x, w):
     def body(i, acc):
       return acc + fn(x * (1 + i.astype(x.dtype) * 1e-3), w).astype(jnp.float32)
+
     return jax.lax.fori_loop(0, inner, body, jnp.zeros((x.shape[0], w.shape[-1]), jnp.float32))
 
   jax.block_until_ready(loop(x, w))
@@ -56,6 +61,7 @@ def _median_ms(fn, x, w):
 def sweep(sizes):
   """Median ms of the GPU kernel at M = 1 for each (bn, splits), int8 and int4 g128."""
   from flaxseed.kernels.quant import pallas_gpu  # pylint: disable=g-import-not-at-top
+
   rows = []
   print("\n[sweep] pallas_gpu at M=1: ms by (bn, splits); default plan marked *")
   for size in sizes:
@@ -66,8 +72,13 @@ def sweep(sizes):
       default = pallas_gpu.plan(qw.layout, 1)
       for bn in (32, 64, 128):
         for splits in (1, 2, 4, 8, 16):
-          row = {"size": size, "format": name, "bn": bn, "splits": splits,
-                 "default": (bn, splits) == (default.bn, default.splits)}
+          row = {
+            "size": size,
+            "format": name,
+            "bn": bn,
+            "splits": splits,
+            "default": (bn, splits) == (default.bn, default.splits),
+          }
           try:
             fn = functools.partial(pallas_gpu.matmul, bn=bn, splits=splits)
             row["ms"] = _median_ms(fn, x, qw)
@@ -76,9 +87,13 @@ def sweep(sizes):
           rows.append(row)
       done = [r for r in rows if r["size"] == size and r["format"] == name and "ms" in r]
       best = min(done, key=lambda r: r["ms"])
-      print(f"K=N={size} {name:10s} " + " ".join(
-          f"{r['bn']}/{r['splits']}:{r['ms']:.3f}{'*' if r['default'] else ''}" for r in done)
-          + f"  best bn={best['bn']} splits={best['splits']}")
+      print(
+        f"K=N={size} {name:10s} "
+        + " ".join(
+          f"{r['bn']}/{r['splits']}:{r['ms']:.3f}{'*' if r['default'] else ''}" for r in done
+        )
+        + f"  best bn={best['bn']} splits={best['splits']}"
+      )
   return rows
 
 
@@ -100,27 +115,37 @@ def main(argv):
         x = jax.random.normal(jax.random.key(m), (m, size), jnp.bfloat16)
         want = jnp.dot(x.astype(jnp.float32), kernels.dequantize_weight(qw))
         try:
-          got = kernels.quantized_matmul(x, qw, implementation=impl or "pallas_tpu",
-                                         interpret=impl is None)
+          got = kernels.quantized_matmul(
+            x, qw, implementation=impl or "pallas_tpu", interpret=impl is None
+          )
         except Exception as err:  # pylint: disable=broad-except  (e.g. shared memory)
           rows.append({"size": size, "format": name, "m": m, "error": str(err).splitlines()[0]})
           print(f"K=N={size} {name:10s} M={m:3d}  ERROR {rows[-1]['error'][:150]}")
           continue
         err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
-        row = {"size": size, "format": name, "m": m, "weight_bytes": qw.nbytes,
-               "bf16_bytes": bf16_bytes, "bytes_ratio": bf16_bytes / qw.nbytes,
-               "max_rel_error": err}
+        row = {
+          "size": size,
+          "format": name,
+          "m": m,
+          "weight_bytes": qw.nbytes,
+          "bf16_bytes": bf16_bytes,
+          "bytes_ratio": bf16_bytes / qw.nbytes,
+          "max_rel_error": err,
+        }
         timing = ""
         if impl:
           quantized = lambda x, qw: kernels.quantized_matmul(x, qw, implementation=impl)  # noqa
           row["ms"] = _median_ms(quantized, x, qw)
           row["bf16_ms"] = _median_ms(jnp.dot, x, w_bf16)
           row["speedup_vs_bf16"] = row["bf16_ms"] / row["ms"]
-          timing = (f"  {row['ms']:.3f} ms vs bf16 {row['bf16_ms']:.3f} ms: "
-                    f"{row['speedup_vs_bf16']:.2f}x")
+          timing = (
+            f"  {row['ms']:.3f} ms vs bf16 {row['bf16_ms']:.3f} ms: {row['speedup_vs_bf16']:.2f}x"
+          )
         rows.append(row)
-        print(f"K=N={size} {name:10s} M={m:3d}  bytes 1/{row['bytes_ratio']:.2f} of bf16  "
-              f"max rel err {err:.1e}" + timing)
+        print(
+          f"K=N={size} {name:10s} M={m:3d}  bytes 1/{row['bytes_ratio']:.2f} of bf16  "
+          f"max rel err {err:.1e}" + timing
+        )
   results = {"device": device, "backend": backend, "jax": jax.__version__, "rows": rows}
   if _SWEEP.value and impl == "pallas_gpu":
     results["sweep"] = sweep(sizes)

@@ -45,10 +45,13 @@ def _config(preset: str):
 def _random_batch(config, rng):
   tokens = rng.integers(0, config.model.vocab_size, (config.batch_size, config.seq_len + 1))
   length = config.seq_len + 1
-  return {"tokens": tokens.astype(np.int32),
-          "segment_ids": np.ones((config.batch_size, length), np.int32),
-          "positions": np.broadcast_to(np.arange(length, dtype=np.int32),
-                                       (config.batch_size, length)).copy()}
+  return {
+    "tokens": tokens.astype(np.int32),
+    "segment_ids": np.ones((config.batch_size, length), np.int32),
+    "positions": np.broadcast_to(
+      np.arange(length, dtype=np.int32), (config.batch_size, length)
+    ).copy(),
+  }
 
 
 def time_flaxseed(config) -> dict:
@@ -56,8 +59,9 @@ def time_flaxseed(config) -> dict:
   compiled = trainer.compile_train_step(s)
   with s.context():
     state, frozen = s.init(), s.frozen()
-  batch = jax.device_put(_random_batch(config, np.random.default_rng(0)),
-                         s.batch_spec["tokens"].sharding)
+  batch = jax.device_put(
+    _random_batch(config, np.random.default_rng(0)), s.batch_spec["tokens"].sharding
+  )
   holder = {"state": state}
 
   def step():
@@ -83,7 +87,6 @@ def time_torch(config) -> dict | None:
   head_dim = m.head_dim or m.d_model // heads
 
   class Block(torch.nn.Module):
-
     def __init__(self):
       super().__init__()
       self.attn_norm = torch.nn.RMSNorm(m.d_model, eps=m.norm_eps)
@@ -103,8 +106,9 @@ def time_torch(config) -> dict | None:
       k = self.k(h).view(b, length, kv_heads, head_dim).transpose(1, 2)
       v = self.v(h).view(b, length, kv_heads, head_dim).transpose(1, 2)
       q, k = rope(q, cos, sin), rope(k, cos, sin)
-      a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                           enable_gqa=kv_heads != heads)
+      a = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=kv_heads != heads
+      )
       x = x + self.o(a.transpose(1, 2).reshape(b, length, heads * head_dim))
       h = self.mlp_norm(x)
       return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
@@ -114,7 +118,6 @@ def time_torch(config) -> dict | None:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
   class Model(torch.nn.Module):
-
     def __init__(self):
       super().__init__()
       self.embed = torch.nn.Embedding(m.vocab_size, m.d_model)
@@ -134,15 +137,22 @@ def time_torch(config) -> dict | None:
   model = Model()
   decay = [p for p in model.parameters() if p.ndim >= 2]
   no_decay = [p for p in model.parameters() if p.ndim < 2]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=config.optim.lr,
-                          betas=(config.optim.b1, config.optim.b2), eps=config.optim.eps)
+  opt = torch.optim.AdamW(
+    [
+      {"params": decay, "weight_decay": config.optim.weight_decay},
+      {"params": no_decay, "weight_decay": 0.0},
+    ],
+    lr=config.optim.lr,
+    betas=(config.optim.b1, config.optim.b2),
+    eps=config.optim.eps,
+  )
   tokens = torch.from_numpy(_random_batch(config, np.random.default_rng(0))["tokens"]).long()
 
   def step():
     logits = model(tokens[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, m.vocab_size),
-                                             tokens[:, 1:].reshape(-1))
+    loss = torch.nn.functional.cross_entropy(
+      logits.reshape(-1, m.vocab_size), tokens[:, 1:].reshape(-1)
+    )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
@@ -151,17 +161,26 @@ def time_torch(config) -> dict | None:
   for _ in range(3):
     step()
   seconds = metrics_lib.median_seconds(step, _STEPS.value)
-  return {"torch_step_time_s": seconds, "torch_version": torch.__version__,
-          "torch_threads": torch.get_num_threads(),
-          "torch_tokens_per_s": config.batch_size * config.seq_len / seconds}
+  return {
+    "torch_step_time_s": seconds,
+    "torch_version": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "torch_tokens_per_s": config.batch_size * config.seq_len / seconds,
+  }
 
 
 def main(argv):
   del argv
   device = jax.devices()[0]
   peak = metrics_lib.measure_matmul_flops([device], jnp.float32)
-  results = {"device": device.device_kind, "jax": jax.__version__, "matmul_flops_per_s": peak,
-             "batch_size": _BATCH.value, "seq_len": _SEQ.value, "presets": {}}
+  results = {
+    "device": device.device_kind,
+    "jax": jax.__version__,
+    "matmul_flops_per_s": peak,
+    "batch_size": _BATCH.value,
+    "seq_len": _SEQ.value,
+    "presets": {},
+  }
   print(f"device {device.device_kind}; measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
   print(f"{'preset':8} {'flaxseed tok/s':>15} {'MFU':>6} {'torch tok/s':>12} {'ratio':>6}")
   for preset in _PRESETS.value:
@@ -172,9 +191,11 @@ def main(argv):
       row.update(torch_row)
       row["ratio_vs_torch"] = row["tokens_per_s"] / row["torch_tokens_per_s"]
     results["presets"][preset] = row
-    print(f"{preset:8} {row['tokens_per_s']:15,.0f} {100 * row['mfu']:5.1f}% "
-          f"{row.get('torch_tokens_per_s', math.nan):12,.0f} "
-          f"{row.get('ratio_vs_torch', math.nan):6.2f}")
+    print(
+      f"{preset:8} {row['tokens_per_s']:15,.0f} {100 * row['mfu']:5.1f}% "
+      f"{row.get('torch_tokens_per_s', math.nan):12,.0f} "
+      f"{row.get('ratio_vs_torch', math.nan):6.2f}"
+    )
   # Top-level keys of the first preset, for scripts that read one number.
   first = results["presets"][_PRESETS.value[0]]
   for key in ("tokens_per_s", "mfu", "torch_tokens_per_s", "ratio_vs_torch"):

@@ -41,8 +41,12 @@ def export(workdir: str, out: str) -> None:
     base_config = checkpoint.run_config(task.base_workdir)
     base = trainer.restore(base_config, task.base_workdir).params
   hf.to_pretrained(task.model, base, os.path.join(out, "base"))
-  hf.to_peft(restored.params, task.cfg, os.path.join(out, "adapter"),
-             base_model_name_or_path=os.path.abspath(os.path.join(out, "base")))
+  hf.to_peft(
+    restored.params,
+    task.cfg,
+    os.path.join(out, "adapter"),
+    base_model_name_or_path=os.path.abspath(os.path.join(out, "base")),
+  )
 
 
 def main(argv):

@@ -43,27 +43,31 @@ from flaxseed.models import quantize
 from flaxseed.training import trainer
 
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: a few steps per model.")
-_BASE = flags.DEFINE_enum("base", "tiny", ["tiny", "small"],
-                          "The configs/lm.py variant to pre-train (small: width 256, 6 layers, "
-                          "and only the full and r=8 runs; writes *_small.*).")
+_BASE = flags.DEFINE_enum(
+  "base",
+  "tiny",
+  ["tiny", "small"],
+  "The configs/lm.py variant to pre-train (small: width 256, 6 layers, "
+  "and only the full and r=8 runs; writes *_small.*).",
+)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/lora_study", "Checkpoints and logs.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE_STEPS, TUNE_STEPS = 1000, 600
 ATTENTION = r".*attn/(q|k|v|o)/kernel"
 RUNS = {  # name -> config.lora overrides (LoRA task) or None (full fine-tuning)
-    "full_lr1e-3": {"optim.lr": 1e-3},
-    "full_lr3e-3": {"optim.lr": 3e-3},
-    "lora_r4": {"lora.rank": 4, "lora.alpha": 8.0},
-    "lora_r8": {},
-    "lora_r8_lr1e-2": {"optim.lr": 1e-2},
-    "lora_r16": {"lora.rank": 16, "lora.alpha": 32.0},
-    "rslora_r8": {"lora.variant": "rslora"},
-    "dora_r8": {"lora.variant": "dora"},
-    "pissa_r8": {"lora.init": "pissa"},
-    "qlora_int4_r8": {"lora.quantize": "int4", "lora.quantize_group_size": 64},
-    "lora_r8_all_kernels": {"lora.targets": r".*(attn|mlp)/\w+/kernel"},
-    "lora_r8_all_kernels_lr1e-2": {"lora.targets": r".*(attn|mlp)/\w+/kernel", "optim.lr": 1e-2},
+  "full_lr1e-3": {"optim.lr": 1e-3},
+  "full_lr3e-3": {"optim.lr": 3e-3},
+  "lora_r4": {"lora.rank": 4, "lora.alpha": 8.0},
+  "lora_r8": {},
+  "lora_r8_lr1e-2": {"optim.lr": 1e-2},
+  "lora_r16": {"lora.rank": 16, "lora.alpha": 32.0},
+  "rslora_r8": {"lora.variant": "rslora"},
+  "dora_r8": {"lora.variant": "dora"},
+  "pissa_r8": {"lora.init": "pissa"},
+  "qlora_int4_r8": {"lora.quantize": "int4", "lora.quantize_group_size": 64},
+  "lora_r8_all_kernels": {"lora.targets": r".*(attn|mlp)/\w+/kernel"},
+  "lora_r8_all_kernels_lr1e-2": {"lora.targets": r".*(attn|mlp)/\w+/kernel", "optim.lr": 1e-2},
 }
 
 
@@ -74,13 +78,19 @@ def _steps(full: int) -> int:
 # The runs of the small base (CPU time): the reference swept over three rates (the best one is
 # the reference), r = 8 on the attention projections at tiny's better rate, and r = 8 on every
 # kernel (4.6% of the parameters here) swept over three rates.
-SMALL_RUNS = ("full_lr1e-3", "full_lr3e-3", "full_lr1e-2", "lora_r8_lr1e-2",
-              "lora_r8_all_kernels_lr3e-3", "lora_r8_all_kernels_lr1e-2",
-              "lora_r8_all_kernels_lr2e-2")
+SMALL_RUNS = (
+  "full_lr1e-3",
+  "full_lr3e-3",
+  "full_lr1e-2",
+  "lora_r8_lr1e-2",
+  "lora_r8_all_kernels_lr3e-3",
+  "lora_r8_all_kernels_lr1e-2",
+  "lora_r8_all_kernels_lr2e-2",
+)
 SMALL_ONLY = {  # runs of the small base that the tiny study does not have
-    "full_lr1e-2": {"optim.lr": 1e-2},
-    "lora_r8_all_kernels_lr3e-3": {"lora.targets": r".*(attn|mlp)/\w+/kernel", "optim.lr": 3e-3},
-    "lora_r8_all_kernels_lr2e-2": {"lora.targets": r".*(attn|mlp)/\w+/kernel", "optim.lr": 2e-2},
+  "full_lr1e-2": {"optim.lr": 1e-2},
+  "lora_r8_all_kernels_lr3e-3": {"lora.targets": r".*(attn|mlp)/\w+/kernel", "optim.lr": 3e-3},
+  "lora_r8_all_kernels_lr2e-2": {"lora.targets": r".*(attn|mlp)/\w+/kernel", "optim.lr": 2e-2},
 }
 
 
@@ -89,22 +99,31 @@ def _runs() -> list[str]:
 
 
 def _schedule(config):
-  return common.override(config, **{
-      "batch_size": 16, "seq_len": 128,
-      "steps": _steps(TUNE_STEPS), "eval_every": 0, "checkpoint_every": 0, "sample_tokens": 0,
-      "log_every": 20, "optim.warmup_steps": min(50, _steps(TUNE_STEPS)),
-      "data.corpus": "default:code"})
+  return common.override(
+    config,
+    **{
+      "batch_size": 16,
+      "seq_len": 128,
+      "steps": _steps(TUNE_STEPS),
+      "eval_every": 0,
+      "checkpoint_every": 0,
+      "sample_tokens": 0,
+      "log_every": 20,
+      "optim.warmup_steps": min(50, _steps(TUNE_STEPS)),
+      "data.corpus": "default:code",
+    },
+  )
 
 
 def run_config(name: str, base_dir: str):
   overrides = {**RUNS, **SMALL_ONLY}[name]
   if name.startswith("full"):
     config = _schedule(lm_configs.get_config(_BASE.value))
-    return common.override(config, init_from=base_dir, **{"optim.weight_decay": 0.0},
-                           **overrides)
+    return common.override(config, init_from=base_dir, **{"optim.weight_decay": 0.0}, **overrides)
   config = _schedule(lora_configs.get_config("tiny"))
-  return common.override(config, **{"lora.base_workdir": base_dir, "lora.targets": ATTENTION,
-                                    **overrides})
+  return common.override(
+    config, **{"lora.base_workdir": base_dir, "lora.targets": ATTENTION, **overrides}
+  )
 
 
 def _bytes(tree) -> int:
@@ -117,11 +136,14 @@ def measure(name: str, config, workdir: str) -> dict:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     times = [row["step_time"] for row in map(json.loads, f) if "step_time" in row][1:]
   frozen = s.abstract_frozen.get("base") if isinstance(s.abstract_frozen, dict) else None
-  return {"val_loss": summary["eval/loss"],
-          "trainable_params": int(sum(x.size for x in jax.tree.leaves(s.abstract_state.params))),
-          "opt_state_bytes": _bytes(s.abstract_state.opt_state),
-          "frozen_bytes": quantize.weight_bytes(frozen) if frozen is not None else 0,
-          "step_s": statistics.median(times) if times else None, "name": name}
+  return {
+    "val_loss": summary["eval/loss"],
+    "trainable_params": int(sum(x.size for x in jax.tree.leaves(s.abstract_state.params))),
+    "opt_state_bytes": _bytes(s.abstract_state.opt_state),
+    "frozen_bytes": quantize.weight_bytes(frozen) if frozen is not None else 0,
+    "step_s": statistics.median(times) if times else None,
+    "name": name,
+  }
 
 
 def main(argv):
@@ -129,9 +151,18 @@ def main(argv):
   suffix = ("_small" if _BASE.value == "small" else "") + studies.suffix(_QUICK.value)
   workdir = _WORKDIR.value + ("_small" if _BASE.value == "small" else "")
   base_dir = os.path.join(workdir, "base")
-  base_config = common.override(lm_configs.get_config(_BASE.value), **{
-      "steps": _steps(BASE_STEPS), "data.corpus": "default:prose", "sample_tokens": 0,
-      "eval_every": 0, "checkpoint_every": 500, "batch_size": 16, "seq_len": 128})
+  base_config = common.override(
+    lm_configs.get_config(_BASE.value),
+    **{
+      "steps": _steps(BASE_STEPS),
+      "data.corpus": "default:prose",
+      "sample_tokens": 0,
+      "eval_every": 0,
+      "checkpoint_every": 500,
+      "batch_size": 16,
+      "seq_len": 128,
+    },
+  )
   training.train(base_config, base_dir)
   # The base, evaluated on the code validation split.
   on_code = common.override(base_config, **{"data.corpus": "default:code"})
@@ -141,8 +172,9 @@ def main(argv):
   for name in _runs():
     results[name] = measure(name, run_config(name, base_dir), os.path.join(workdir, name))
     print(json.dumps(results[name]), flush=True)
-  full_name = min((n for n in _runs() if n.startswith("full")),
-                  key=lambda n: results[n]["val_loss"])
+  full_name = min(
+    (n for n in _runs() if n.startswith("full")), key=lambda n: results[n]["val_loss"]
+  )
   full = results["full"] = {**results[full_name]}
   gain = base_val - full["val_loss"]
   for name in _runs():
@@ -151,20 +183,28 @@ def main(argv):
     r["params_fraction"] = r["trainable_params"] / full["trainable_params"]
     r["opt_state_fraction"] = r["opt_state_bytes"] / full["opt_state_bytes"]
   # The best r=8 run within the budget (under 5% of the parameters), any targets or rate.
-  r8_name = min((n for n in _runs() if n.startswith("lora_r8")
-                 and results[n]["params_fraction"] < 0.05), key=lambda n: results[n]["val_loss"])
+  r8_name = min(
+    (n for n in _runs() if n.startswith("lora_r8") and results[n]["params_fraction"] < 0.05),
+    key=lambda n: results[n]["val_loss"],
+  )
   r8 = results[r8_name]
-  results["goal"] = {"lora_r8_run": r8_name, "lora_r8_recovered": r8["recovered"],
-                     "lora_r8_params_fraction": r8["params_fraction"],
-                     "lora_r8_opt_state_fraction": r8["opt_state_fraction"],
-                     "met": r8["recovered"] >= 0.9 and r8["params_fraction"] < 0.05
-                            and r8["opt_state_fraction"] < 0.05}
+  results["goal"] = {
+    "lora_r8_run": r8_name,
+    "lora_r8_recovered": r8["recovered"],
+    "lora_r8_params_fraction": r8["params_fraction"],
+    "lora_r8_opt_state_fraction": r8["opt_state_fraction"],
+    "met": r8["recovered"] >= 0.9
+    and r8["params_fraction"] < 0.05
+    and r8["opt_state_fraction"] < 0.05,
+  }
   with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
 
-  studies.write_report(os.path.join(HERE, f"report{suffix}.md"),
-                       report(results, base=_BASE.value, quick=_QUICK.value),
-                       script="experiments/lora/run.py")
+  studies.write_report(
+    os.path.join(HERE, f"report{suffix}.md"),
+    report(results, base=_BASE.value, quick=_QUICK.value),
+    script="experiments/lora/run.py",
+  )
 
 
 def report(results, *, base: str, quick: bool) -> str:
@@ -176,11 +216,13 @@ def report(results, *, base: str, quick: bool) -> str:
   r8_name = results["goal"]["lora_r8_run"]
   r8 = results[r8_name]
   rows = "\n".join(
-      f"| {n} | {results[n]['val_loss']:.4f} | {results[n]['recovered']:.3f} | "
-      f"{results[n]['trainable_params']:,} ({100 * results[n]['params_fraction']:.1f}%) | "
-      f"{results[n]['opt_state_bytes'] / 2**10:.0f} KiB | "
-      f"{results[n]['frozen_bytes'] / 2**10:.0f} KiB | "
-      f"{1e3 * results[n]['step_s']:.0f} ms |" for n in runs)
+    f"| {n} | {results[n]['val_loss']:.4f} | {results[n]['recovered']:.3f} | "
+    f"{results[n]['trainable_params']:,} ({100 * results[n]['params_fraction']:.1f}%) | "
+    f"{results[n]['opt_state_bytes'] / 2**10:.0f} KiB | "
+    f"{results[n]['frozen_bytes'] / 2**10:.0f} KiB | "
+    f"{1e3 * results[n]['step_s']:.0f} ms |"
+    for n in runs
+  )
   flags_used = (" --base=small" if base == "small" else "") + (" --quick" if quick else "")
   prose_steps, tune_steps = results["base"]["prose_steps"], studies.steps(TUNE_STEPS, quick=quick)
   met = "met" if results["goal"]["met"] else "NOT met"

@@ -26,8 +26,12 @@ from flaxseed.models import quantize
 _QUICK = flags.DEFINE_bool("quick", False, "A short run (CI-sized), written to results_quick.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/flaxseed_quantization", "Checkpoints go here.")
 
-PTQ = {"int8": ("int8", None), "int4_g128": ("int4", 128), "int4_g64": ("int4", 64),
-       "nf4": ("nf4", 64)}
+PTQ = {
+  "int8": ("int8", None),
+  "int4_g128": ("int4", 128),
+  "int4_g64": ("int4", 64),
+  "nf4": ("nf4", 64),
+}
 
 
 def _config(quant=None):
@@ -55,26 +59,38 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   results = {}
   base = _train_and_restore(_config(), os.path.join(_WORKDIR.value, "fp32"))
-  results["fp32"] = {"bpb": base.evaluate()["eval/bpb"],
-                     "weight_bytes": quantize.weight_bytes(base.params)}
+  results["fp32"] = {
+    "bpb": base.evaluate()["eval/bpb"],
+    "weight_bytes": quantize.weight_bytes(base.params),
+  }
   for name, (fmt, group) in PTQ.items():
     qparams = quantize.quantize_params(base.params, fmt=fmt, group_size=group)
-    results[name] = {"bpb": base.evaluate(qparams)["eval/bpb"],
-                     "weight_bytes": quantize.weight_bytes(qparams)}
+    results[name] = {
+      "bpb": base.evaluate(qparams)["eval/bpb"],
+      "weight_bytes": quantize.weight_bytes(qparams),
+    }
   bitnet = _train_and_restore(_config("ternary"), os.path.join(_WORKDIR.value, "ternary"))
   exported = quantize.quantize_params(bitnet.params, fmt="ternary")
-  results["ternary_qat"] = {"bpb": bitnet.evaluate(exported)["eval/bpb"],
-                            "bpb_before_export": bitnet.evaluate()["eval/bpb"],
-                            "weight_bytes": quantize.weight_bytes(exported)}
+  results["ternary_qat"] = {
+    "bpb": bitnet.evaluate(exported)["eval/bpb"],
+    "bpb_before_export": bitnet.evaluate()["eval/bpb"],
+    "weight_bytes": quantize.weight_bytes(exported),
+  }
   fp32 = results["fp32"]["bpb"]
   for name, r in results.items():
     r["bpb_vs_fp32"] = r["bpb"] / fp32
-    print(f"{name:12s} bpb {r['bpb']:.4f} ({100 * (r['bpb_vs_fp32'] - 1):+.2f}% vs fp32)  "
-          f"weights {r['weight_bytes'] / 1024:.0f} KiB")
-  print(f"configs/lm.py:tiny, {_config().steps} steps, {jax.devices()[0].device_kind}, "
-        f"jax {jax.__version__}")
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                     "results_quick.json" if _QUICK.value else "results.json")
+    print(
+      f"{name:12s} bpb {r['bpb']:.4f} ({100 * (r['bpb_vs_fp32'] - 1):+.2f}% vs fp32)  "
+      f"weights {r['weight_bytes'] / 1024:.0f} KiB"
+    )
+  print(
+    f"configs/lm.py:tiny, {_config().steps} steps, {jax.devices()[0].device_kind}, "
+    f"jax {jax.__version__}"
+  )
+  out = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "results_quick.json" if _QUICK.value else "results.json",
+  )
   with open(out, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   print(f"wrote {out}")

@@ -57,21 +57,24 @@ def encode_rows(workdir: str, num_rows: int):
   tokens, out = [], []
   with restored.setup.context():
     for start in range(0, len(index), batch_size):
-      rows = [stream.row(int(k), seq_len, seq_len) for k in index[start:start + batch_size]]
-      batch = {k: jnp.asarray(np.stack([r[k] for r in rows]))
-               for k in ("tokens", "segment_ids", "positions")}
+      rows = [stream.row(int(k), seq_len, seq_len) for k in index[start : start + batch_size]]
+      batch = {
+        k: jnp.asarray(np.stack([r[k] for r in rows]))
+        for k in ("tokens", "segment_ids", "positions")
+      }
       f = encode(restored.params, restored.frozen, batch, restored.task_state)
       tokens.append(np.asarray(batch["tokens"]))
       out.append(np.asarray(f).reshape(len(rows), seq_len, -1))
   num = min(num_rows, n)
-  return (np.concatenate(tokens)[:num], np.concatenate(out)[:num], task.corpus.tokenizer,
-          config)
+  return (np.concatenate(tokens)[:num], np.concatenate(out)[:num], task.corpus.tokenizer, config)
 
 
 def _png(path: str, draw) -> str:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(3.6, 1.6), dpi=90)
   draw(ax)
   ax.spines[["top", "right"]].set_visible(False)
@@ -93,13 +96,16 @@ def _context_html(tokenizer, tokens_L, acts_L, pos: int, scale: float) -> str:
     a = float(acts_L[i])
     style = f"background: rgba(255, 110, 0, {min(a / scale, 1.0):.2f})" if a > 0 else ""
     cls = ' class="max"' if i == pos else ""
-    spans.append(f'<span{cls} style="{style}" title="{a:.3f}" data-act="{a:.4f}">'
-                 f"{_token_text(tokenizer, int(tokens_L[i]))}</span>")
+    spans.append(
+      f'<span{cls} style="{style}" title="{a:.3f}" data-act="{a:.4f}">'
+      f"{_token_text(tokenizer, int(tokens_L[i]))}</span>"
+    )
   return "".join(spans)
 
 
-def write(workdir: str, out_dir: str, *, num_features: int, num_rows: int,
-          num_contexts: int) -> dict:
+def write(
+  workdir: str, out_dir: str, *, num_features: int, num_rows: int, num_contexts: int
+) -> dict:
   """Writes the browser; returns a summary (features shown, densities, counts)."""
   tokens, codes, tokenizer, config = encode_rows(workdir, num_rows)
   os.makedirs(out_dir, exist_ok=True)
@@ -112,8 +118,7 @@ def write(workdir: str, out_dir: str, *, num_features: int, num_rows: int,
 
   def density_plot(ax):
     ax.hist(np.log10(density[alive]), bins=40, color="#e66a00")
-    ax.set_xlabel(f"log10 density ({int((~alive).sum())} of {len(density)} never fire)",
-                  fontsize=7)
+    ax.set_xlabel(f"log10 density ({int((~alive).sum())} of {len(density)} never fire)", fontsize=7)
     ax.tick_params(labelsize=7)
 
   density_png = _png(os.path.join(out_dir, "density.png"), density_plot)
@@ -123,22 +128,30 @@ def write(workdir: str, out_dir: str, *, num_features: int, num_rows: int,
     order = np.argsort(-acts.reshape(-1))[:num_contexts]
     scale = float(acts.max())
     nonzero = flat[fires[:, feature], feature]
-    png = _png(os.path.join(out_dir, f"feature_{feature}.png"),
-               lambda ax, v=nonzero: (ax.hist(v, bins=30, color="#e66a00"),
-                                      ax.set_xlabel("activation", fontsize=7),
-                                      ax.tick_params(labelsize=7)))
+    png = _png(
+      os.path.join(out_dir, f"feature_{feature}.png"),
+      lambda ax, v=nonzero: (
+        ax.hist(v, bins=30, color="#e66a00"),
+        ax.set_xlabel("activation", fontsize=7),
+        ax.tick_params(labelsize=7),
+      ),
+    )
     contexts = "\n".join(
-        f'<li>{_context_html(tokenizer, tokens[r], acts[r], p, scale)}</li>'
-        for r, p in (divmod(int(k), tokens.shape[1]) for k in order))
+      f'<li>{_context_html(tokenizer, tokens[r], acts[r], p, scale)}</li>'
+      for r, p in (divmod(int(k), tokens.shape[1]) for k in order)
+    )
     sections.append(
-        f'<section id="f{feature}"><h2>Feature {feature}</h2>'
-        f"<p>density {100 * density[feature]:.3f}% of tokens, max activation {scale:.3f}, "
-        f"mean when active {nonzero.mean():.3f}</p>"
-        f'<img src="{png}" alt="activation histogram of feature {feature}">'
-        f'<ol class="contexts">{contexts}</ol></section>')
+      f'<section id="f{feature}"><h2>Feature {feature}</h2>'
+      f"<p>density {100 * density[feature]:.3f}% of tokens, max activation {scale:.3f}, "
+      f"mean when active {nonzero.mean():.3f}</p>"
+      f'<img src="{png}" alt="activation histogram of feature {feature}">'
+      f'<ol class="contexts">{contexts}</ol></section>'
+    )
   model = config.model
-  title = (f"SAE features: {model.arch}, {model.num_latents} latents on {config.sae.site} "
-           f"({html.escape(config.sae.lm_workdir or 'random model')})")
+  title = (
+    f"SAE features: {model.arch}, {model.num_latents} latents on {config.sae.site} "
+    f"({html.escape(config.sae.lm_workdir or 'random model')})"
+  )
   page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -158,8 +171,12 @@ fire on them. Features ordered by activation mass (density x mean activation); e
 """
   with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
     f.write(page)
-  summary = {"features": shown, "num_tokens": int(flat.shape[0]),
-             "alive": int(alive.sum()), "num_latents": int(len(density))}
+  summary = {
+    "features": shown,
+    "num_tokens": int(flat.shape[0]),
+    "alive": int(alive.sum()),
+    "num_latents": int(len(density)),
+  }
   with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f)
   return summary
@@ -169,10 +186,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   out = _OUT.value or os.path.join(_WORKDIR.value, "browser")
-  summary = write(_WORKDIR.value, out, num_features=_FEATURES.value, num_rows=_ROWS.value,
-                  num_contexts=_CONTEXTS.value)
-  print(f"{len(summary['features'])} features over {summary['num_tokens']:,} tokens: "
-        f"{os.path.join(out, 'index.html')}")
+  summary = write(
+    _WORKDIR.value,
+    out,
+    num_features=_FEATURES.value,
+    num_rows=_ROWS.value,
+    num_contexts=_CONTEXTS.value,
+  )
+  print(
+    f"{len(summary['features'])} features over {summary['num_tokens']:,} tokens: "
+    f"{os.path.join(out, 'index.html')}"
+  )
 
 
 if __name__ == "__main__":

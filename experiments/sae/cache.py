@@ -17,11 +17,11 @@ from ml_collections import config_flags
 
 from flaxseed.training import activations
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "An SAE config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "An SAE config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "The cache directory.")
-_MAX_ROWS = flags.DEFINE_integer("max_rows", None, "At most this many rows per split "
-                                 "(evenly spaced); default: all of them.")
+_MAX_ROWS = flags.DEFINE_integer(
+  "max_rows", None, "At most this many rows per split (evenly spaced); default: all of them."
+)
 flags.mark_flags_as_required(["config", "out"])
 
 

@@ -48,11 +48,13 @@ SITE, LM_STEPS, SAE_STEPS, CACHE_ROWS = "layers_1/resid_post", 2000, 1000, 8192
 # (arch, sparsity knob, value, other SAEConfig fields). JumpReLU's threshold starts at 0.5, not
 # SAELens' 0.01: after constant_norm_rescale pre-activations are O(1), and Adam moves
 # log(theta) by about lr per step, so from 0.01 it cannot reach a useful threshold in 1000 steps.
-SWEEP = [("topk", "k", k, {}) for k in (8, 16, 32, 64)] + [
-    ("batch_topk", "k", k, {}) for k in (16, 32)] + [
-    ("relu_l1", "l1_coefficient", c, {}) for c in (0.5, 2.0)] + [
-    ("jumprelu", "l0_coefficient", c, {"jumprelu_init_threshold": 0.5}) for c in (0.1, 1.0)] + [
-    ("gated", "l1_coefficient", c, {}) for c in (0.5, 2.0)]
+SWEEP = (
+  [("topk", "k", k, {}) for k in (8, 16, 32, 64)]
+  + [("batch_topk", "k", k, {}) for k in (16, 32)]
+  + [("relu_l1", "l1_coefficient", c, {}) for c in (0.5, 2.0)]
+  + [("jumprelu", "l0_coefficient", c, {"jumprelu_init_threshold": 0.5}) for c in (0.1, 1.0)]
+  + [("gated", "l1_coefficient", c, {}) for c in (0.5, 2.0)]
+)
 
 
 def _steps(full: int) -> int:
@@ -75,26 +77,42 @@ def _last_rows(workdir: str) -> tuple[dict, dict]:
 def train_lm() -> str:
   workdir = _LM_WORKDIR.value or os.path.join(_WORKDIR.value, "lm")
   if not _LM_WORKDIR.value:
-    config = common.override(lm_configs.get_config("tiny"), steps=_steps(LM_STEPS),
-                             sample_tokens=0, eval_every=0, checkpoint_every=500)
+    config = common.override(
+      lm_configs.get_config("tiny"),
+      steps=_steps(LM_STEPS),
+      sample_tokens=0,
+      eval_every=0,
+      checkpoint_every=500,
+    )
     training.train(config, workdir)
   return workdir
 
 
 def sae_config(lm_workdir: str, cache: str, arch: str, knob: str, value, extra=None) -> object:
   config = sae_configs.get_config("tiny")
-  return common.override(config, **{
-      "steps": _steps(SAE_STEPS), "eval_every": 0, "checkpoint_every": 1000,
-      "sae.lm_workdir": lm_workdir, "sae.site": SITE, "sae.activations": cache,
-      "model.arch": arch, f"model.{knob}": value,
+  return common.override(
+    config,
+    **{
+      "steps": _steps(SAE_STEPS),
+      "eval_every": 0,
+      "checkpoint_every": 1000,
+      "sae.lm_workdir": lm_workdir,
+      "sae.site": SITE,
+      "sae.activations": cache,
+      "model.arch": arch,
+      f"model.{knob}": value,
       "model.normalize_activations": "constant_norm_rescale",
-      **{f"model.{k}": v for k, v in (extra or {}).items()}})
+      **{f"model.{k}": v for k, v in (extra or {}).items()},
+    },
+  )
 
 
 def frontier_png(saes: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
   for arch in dict.fromkeys(s["arch"] for s in saes):
     pts = sorted((s["l0"], s["fvu"]) for s in saes if s["arch"] == arch)
@@ -116,27 +134,54 @@ def main(argv):
   lm_workdir = train_lm()
   cache = os.path.join(_WORKDIR.value, "activations")
   if not os.path.exists(os.path.join(cache, "meta.json")):
-    activations.write(sae_config(lm_workdir, "", "topk", "k", 32), cache,
-                      max_rows=256 if _QUICK.value else CACHE_ROWS)
+    activations.write(
+      sae_config(lm_workdir, "", "topk", "k", 32),
+      cache,
+      max_rows=256 if _QUICK.value else CACHE_ROWS,
+    )
   saes = []
   for arch, knob, value, extra in SWEEP:
     name = "_".join([arch, knob, str(value)] + [f"{k}_{v}" for k, v in extra.items()])
     workdir = os.path.join(_WORKDIR.value, "saes", name)
     training.train(sae_config(lm_workdir, cache, arch, knob, value, extra), workdir)
     train_row, eval_row = _last_rows(workdir)
-    saes.append({"arch": arch, knob: value, **extra, "l0": eval_row["eval/l0"],
-                 "fvu": eval_row["eval/fvu"], "dead_frac": train_row["dead_frac"],
-                 "ce_loss_recovered": eval_row["eval/ce_loss_recovered"],
-                 "kl": eval_row["eval/kl"], "cossim": eval_row["eval/cossim"],
-                 "ce_clean": eval_row["eval/ce_clean"], "ce_sae": eval_row["eval/ce_sae"],
-                 "ce_zero": eval_row["eval/ce_zero"], "workdir": workdir})
+    saes.append(
+      {
+        "arch": arch,
+        knob: value,
+        **extra,
+        "l0": eval_row["eval/l0"],
+        "fvu": eval_row["eval/fvu"],
+        "dead_frac": train_row["dead_frac"],
+        "ce_loss_recovered": eval_row["eval/ce_loss_recovered"],
+        "kl": eval_row["eval/kl"],
+        "cossim": eval_row["eval/cossim"],
+        "ce_clean": eval_row["eval/ce_clean"],
+        "ce_sae": eval_row["eval/ce_sae"],
+        "ce_zero": eval_row["eval/ce_zero"],
+        "workdir": workdir,
+      }
+    )
     print(json.dumps(saes[-1]), flush=True)
 
-  goal = [s for s in saes if s["arch"] == "topk" and s["l0"] <= 32 and s["fvu"] <= 0.15
-          and s["dead_frac"] <= 0.1 and s["ce_loss_recovered"] >= 0.9]
-  results = {"site": SITE, "model": lm_workdir, "sae_steps": _steps(SAE_STEPS),
-             "tokens_per_step": 16 * 128, "cache_rows": CACHE_ROWS, "saes": saes,
-             "goal_met_by": [f"topk k={s['k']}" for s in goal]}
+  goal = [
+    s
+    for s in saes
+    if s["arch"] == "topk"
+    and s["l0"] <= 32
+    and s["fvu"] <= 0.15
+    and s["dead_frac"] <= 0.1
+    and s["ce_loss_recovered"] >= 0.9
+  ]
+  results = {
+    "site": SITE,
+    "model": lm_workdir,
+    "sae_steps": _steps(SAE_STEPS),
+    "tokens_per_step": 16 * 128,
+    "cache_rows": CACHE_ROWS,
+    "saes": saes,
+    "goal_met_by": [f"topk k={s['k']}" for s in goal],
+  }
   with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   frontier_png(saes, os.path.join(HERE, f"frontier{suffix}.png"))
@@ -144,12 +189,24 @@ def main(argv):
   main_sae = next(s for s in saes if s["arch"] == "topk" and s.get("k") == 32)
   browser = os.path.join(HERE, f"browser{suffix}")
   shutil.rmtree(browser, ignore_errors=True)
-  subprocess.run([sys.executable, os.path.join(HERE, "browse.py"),
-                  f"--workdir={main_sae['workdir']}", f"--out={browser}", "--features=24",
-                  "--rows=256", "--contexts=8"], check=True)
+  subprocess.run(
+    [
+      sys.executable,
+      os.path.join(HERE, "browse.py"),
+      f"--workdir={main_sae['workdir']}",
+      f"--out={browser}",
+      "--features=24",
+      "--rows=256",
+      "--contexts=8",
+    ],
+    check=True,
+  )
 
-  studies.write_report(os.path.join(HERE, f"report{suffix}.md"),
-                       report(results, quick=_QUICK.value), script="experiments/sae/run.py")
+  studies.write_report(
+    os.path.join(HERE, f"report{suffix}.md"),
+    report(results, quick=_QUICK.value),
+    script="experiments/sae/run.py",
+  )
 
 
 def _knobs(s: dict) -> str:
@@ -163,11 +220,12 @@ def report(results, *, quick: bool) -> str:
   suffix, saes = studies.suffix(quick), results["saes"]
   lm_steps = studies.steps(LM_STEPS, quick=quick)
   rows = "\n".join(
-      f"| {s['arch']} | {_knobs(s)} "
-      f"| {s['l0']:.1f} | {s['fvu']:.3f} | {s['dead_frac']:.3f} | {s['ce_loss_recovered']:.3f} "
-      f"| {s['kl']:.4f} |" for s in saes)
-  goal = ("met by " + ", ".join(results["goal_met_by"]) if results["goal_met_by"]
-          else "NOT met")
+    f"| {s['arch']} | {_knobs(s)} "
+    f"| {s['l0']:.1f} | {s['fvu']:.3f} | {s['dead_frac']:.3f} | {s['ce_loss_recovered']:.3f} "
+    f"| {s['kl']:.4f} |"
+    for s in saes
+  )
+  goal = "met by " + ", ".join(results["goal_met_by"]) if results["goal_met_by"] else "NOT met"
   return f"""# SAE study: {results['site']} of transformer-tiny
 
 Generated by `experiments/sae/run.py{' --quick' if quick else ''}`; numbers in

@@ -48,22 +48,32 @@ def implementations() -> tuple[str, ...]:
 
 def _xla(q, k, v, *, mask, segment_ids, sm_scale, logit_soft_cap, block_sizes, interpret):
   del block_sizes, interpret
-  return reference.attention(q, k, v, mask=mask, segment_ids=segment_ids, sm_scale=sm_scale,
-                             logit_soft_cap=logit_soft_cap)
+  return reference.attention(
+    q, k, v, mask=mask, segment_ids=segment_ids, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap
+  )
 
 
 def _check_block_sizes(block_sizes):
   if block_sizes is not None and not isinstance(block_sizes, block_common.BlockSizes):
-    raise ValueError("block_sizes must be kernels.attention.BlockSizes(block_q, block_kv), "
-                     f"got {type(block_sizes).__name__}")
+    raise ValueError(
+      "block_sizes must be kernels.attention.BlockSizes(block_q, block_kv), "
+      f"got {type(block_sizes).__name__}"
+    )
 
 
-def _xla_chunked(q, k, v, *, mask, segment_ids, sm_scale, logit_soft_cap, block_sizes,
-                 interpret):
+def _xla_chunked(q, k, v, *, mask, segment_ids, sm_scale, logit_soft_cap, block_sizes, interpret):
   del interpret
   _check_block_sizes(block_sizes)
-  return xla_chunked.attention(q, k, v, mask=mask, segment_ids=segment_ids, sm_scale=sm_scale,
-                               logit_soft_cap=logit_soft_cap, block_sizes=block_sizes)
+  return xla_chunked.attention(
+    q,
+    k,
+    v,
+    mask=mask,
+    segment_ids=segment_ids,
+    sm_scale=sm_scale,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=block_sizes,
+  )
 
 
 def _pallas(module_name: str):
@@ -71,18 +81,22 @@ def _pallas(module_name: str):
 
   def run(q, k, v, *, mask, segment_ids, sm_scale, logit_soft_cap, block_sizes, interpret):
     import importlib  # the kernel modules import Pallas backends; load them on first use
+
     module = importlib.import_module(f"flaxseed.kernels.attention.{module_name}")
     length, e = q.shape[1], q.shape[3]
     blocks = block_sizes or block_common.BlockSizes()
     _check_block_sizes(blocks)
     block_q, block_kv = blocks.resolve(length, module.default_block(q.dtype, e))
     static = block_common.Static(
-        pattern=masks.full() if mask is None else mask, length=length,
-        block_q=block_q, block_kv=block_kv,
-        sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
-        logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
-        has_segments=segment_ids is not None,
-        interpret=interpret if interpret == "generic" else bool(interpret))
+      pattern=masks.full() if mask is None else mask,
+      length=length,
+      block_q=block_q,
+      block_kv=block_kv,
+      sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
+      logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
+      has_segments=segment_ids is not None,
+      interpret=interpret if interpret == "generic" else bool(interpret),
+    )
     seg_q, seg_kv = (None, None) if segment_ids is None else segment_ids
     return module.attention(q, k, v, seg_q, seg_kv, static)
 
@@ -97,8 +111,9 @@ def _cudnn(q, k, v, *, mask, segment_ids, sm_scale, logit_soft_cap, block_sizes,
     raise ValueError("implementation='cudnn' supports neither segment_ids nor logit_soft_cap")
   if mask not in (None, masks.causal()):
     raise ValueError(f"implementation='cudnn' supports causal or no mask, got {mask}")
-  return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=mask is not None,
-                                      implementation="cudnn")
+  return jax.nn.dot_product_attention(
+    q, k, v, scale=sm_scale, is_causal=mask is not None, implementation="cudnn"
+  )
 
 
 register("xla", _xla)
@@ -155,23 +170,40 @@ def _sharded(fn, mesh, spec, has_segments):
   spec = P(*spec) if not isinstance(spec, P) else spec
   spec = P(*(tuple(spec) + (None,) * (4 - len(spec))))
   if spec[1] is not None or spec[3] is not None:
-    raise ValueError(f"attention spec {spec}: the sequence (axis 1) and head dim (axis 3) cannot "
-                     "be sharded for a kernel call")
+    raise ValueError(
+      f"attention spec {spec}: the sequence (axis 1) and head dim (axis 3) cannot "
+      "be sharded for a kernel call"
+    )
   if not has_segments:
-    sharded = jax.shard_map(lambda q, k, v: fn(q, k, v, None, None), mesh=mesh,
-                            in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    sharded = jax.shard_map(
+      lambda q, k, v: fn(q, k, v, None, None),
+      mesh=mesh,
+      in_specs=(spec,) * 3,
+      out_specs=spec,
+      check_vma=False,
+    )
     return lambda q, k, v, seg_q, seg_kv: sharded(q, k, v)
   seg_spec = P(spec[0], None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3 + (seg_spec,) * 2, out_specs=spec,
-                       check_vma=False)
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=(spec,) * 3 + (seg_spec,) * 2, out_specs=spec, check_vma=False
+  )
 
 
-def block_sparse_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array,
-                           mask: masks.Mask | None, *, segment_ids=None,
-                           sm_scale: float | None = None, logit_soft_cap: float | None = None,
-                           implementation: str | None = None, block_sizes=None,
-                           interpret: bool | str | None = None, mesh=None,
-                           spec=None) -> jax.Array:
+def block_sparse_attention(
+  q_BLHE: jax.Array,
+  k_BLKE: jax.Array,
+  v_BLKE: jax.Array,
+  mask: masks.Mask | None,
+  *,
+  segment_ids=None,
+  sm_scale: float | None = None,
+  logit_soft_cap: float | None = None,
+  implementation: str | None = None,
+  block_sizes=None,
+  interpret: bool | str | None = None,
+  mesh=None,
+  spec=None,
+) -> jax.Array:
   """Self-attention ``softmax(q k^T * sm_scale) v`` where ``mask`` (a ``kernels.masks.Mask``,
   ``None`` for none) says which key each query sees, combined with ``segment_ids``.
 
@@ -198,8 +230,10 @@ def block_sparse_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Arr
   if implementation is None:
     implementation = default_implementation(q_BLHE.shape[1], mask == masks.causal())
   if implementation not in _IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {implementation!r}; "
-                     f"available: {', '.join(implementations())}")
+    raise ValueError(
+      f"unknown attention implementation {implementation!r}; "
+      f"available: {', '.join(implementations())}"
+    )
   if (mesh is None) != (spec is None):
     raise ValueError("mesh and spec go together: give both or neither")
   segment_ids = reference.as_segment_ids(segment_ids)
@@ -207,8 +241,17 @@ def block_sparse_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Arr
 
   def call(q, k, v, seg_q, seg_kv):
     segments = None if seg_q is None else reference.SegmentIds(seg_q, seg_kv)
-    return impl(q, k, v, mask=mask, segment_ids=segments, sm_scale=sm_scale,
-                logit_soft_cap=logit_soft_cap, block_sizes=block_sizes, interpret=interpret)
+    return impl(
+      q,
+      k,
+      v,
+      mask=mask,
+      segment_ids=segments,
+      sm_scale=sm_scale,
+      logit_soft_cap=logit_soft_cap,
+      block_sizes=block_sizes,
+      interpret=interpret,
+    )
 
   if mesh is not None:
     call = _sharded(call, mesh, spec, segment_ids is not None)
@@ -216,14 +259,34 @@ def block_sparse_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Arr
   return call(q_BLHE, k_BLKE, v_BLKE, seg_q, seg_kv)
 
 
-def flash_attention(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array, *,
-                    causal: bool = False, segment_ids=None, sm_scale: float | None = None,
-                    logit_soft_cap: float | None = None, implementation: str | None = None,
-                    block_sizes=None, interpret: bool | str | None = None, mesh=None,
-                    spec=None) -> jax.Array:
+def flash_attention(
+  q_BLHE: jax.Array,
+  k_BLKE: jax.Array,
+  v_BLKE: jax.Array,
+  *,
+  causal: bool = False,
+  segment_ids=None,
+  sm_scale: float | None = None,
+  logit_soft_cap: float | None = None,
+  implementation: str | None = None,
+  block_sizes=None,
+  interpret: bool | str | None = None,
+  mesh=None,
+  spec=None,
+) -> jax.Array:
   """Dense or causal self-attention: ``block_sparse_attention`` with ``masks.causal()`` when
   ``causal`` and no mask otherwise. Arguments as there."""
   return block_sparse_attention(
-      q_BLHE, k_BLKE, v_BLKE, masks.causal() if causal else None, segment_ids=segment_ids,
-      sm_scale=sm_scale, logit_soft_cap=logit_soft_cap, implementation=implementation,
-      block_sizes=block_sizes, interpret=interpret, mesh=mesh, spec=spec)
+    q_BLHE,
+    k_BLKE,
+    v_BLKE,
+    masks.causal() if causal else None,
+    segment_ids=segment_ids,
+    sm_scale=sm_scale,
+    logit_soft_cap=logit_soft_cap,
+    implementation=implementation,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    mesh=mesh,
+    spec=spec,
+  )

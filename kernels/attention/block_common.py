@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 from flaxseed.kernels.attention import masks
 
-
 DEFAULT_BLOCK = 128
 
 
@@ -42,8 +41,9 @@ class BlockSizes:
   def __post_init__(self):
     for name in ("block_q", "block_kv"):
       value = getattr(self, name)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                or value <= 0 or value % 8):
+      if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8
+      ):
         raise ValueError(f"block_sizes.{name} must be a positive multiple of 8, got {value!r}")
 
   def resolve(self, length: int, default: int) -> tuple[int, int]:
@@ -57,7 +57,7 @@ class Static:
   """Everything about a call that is not an array (hashable: a custom_vjp nondiff argument)."""
 
   pattern: masks.Mask
-  length: int           # true sequence length (before padding)
+  length: int  # true sequence length (before padding)
   block_q: int
   block_kv: int
   sm_scale: float
@@ -81,16 +81,19 @@ class Static:
 
 def scores(q, k, static: Static):
   """``q k^T * scale`` (float32) with the soft cap; returns ``(s, tanh or None)``."""
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                          preferred_element_type=jnp.float32) * static.sm_scale
+  s = (
+    jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    * static.sm_scale
+  )
   if static.logit_soft_cap is None:
     return s, None
   t = jnp.tanh(s / static.logit_soft_cap)
   return static.logit_soft_cap * t, t
 
 
-def visible(static: Static, q_start, kv_start, shape, *, code, stored_block=None, seg_q=None,
-            seg_kv=None):
+def visible(
+  static: Static, q_start, kv_start, shape, *, code, stored_block=None, seg_q=None, seg_kv=None
+):
   """Boolean ``[block_q, block_kv]`` visibility inside one block of layout code ``code``.
 
   With segment ids every block goes through here, full ones (code 0) too: for a stored mask

@@ -4,11 +4,11 @@ A mask says which key position ``kv`` each query position ``q`` may see. Every m
 (hashable) object, evaluated elementwise on broadcastable integer index arrays, numpy or jax::
 
     masks.causal()                        kv <= q
-    masks.sliding_window(w)               q - w < kv <= q          (the w most recent, self included)
+    masks.sliding_window(w)               q - w < kv <= q          (the w most recent, self too)
     masks.sliding_window(w, causal=False) |q - kv| < w
     masks.chunked_causal(c)               kv <= q and q // c == kv // c
     masks.prefix_lm(p)                    kv < p or kv <= q        (bidirectional prefix)
-    masks.global_tokens(n)                q < n or kv < n          (the first n see and are seen by all)
+    masks.global_tokens(n)                q < n or kv < n          (the first n see and are seen)
     masks.full()                          everything
     masks.from_dense(bool [L, L])         an explicit table
 
@@ -38,7 +38,7 @@ class Mask:
   """Base class: ``mask(q, kv)`` -> bool array, elementwise over broadcastable int arrays."""
 
   computable = True  # evaluable from index arithmetic inside a kernel
-  sees_self = True   # every query sees its own position (so no query row is ever empty)
+  sees_self = True  # every query sees its own position (so no query row is ever empty)
 
   def __call__(self, q, kv):
     raise NotImplementedError
@@ -72,14 +72,12 @@ def _positive(name: str, value) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Full(Mask):
-
   def __call__(self, q, kv):
     return (q >= 0) | (kv >= 0)  # all true, broadcast to the index shape
 
 
 @dataclasses.dataclass(frozen=True)
 class _Causal(Mask):
-
   def __call__(self, q, kv):
     return kv <= q
 
@@ -144,7 +142,6 @@ class _And(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class _Or(_And):
-
   @property
   def sees_self(self):
     return self.a.sees_self or self.b.sees_self
@@ -156,7 +153,7 @@ class _Or(_And):
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Dense(Mask):
   table: np.ndarray = dataclasses.field(repr=False)  # [L, L] bool, read-only
-  digest: str        # content hash: equal tables make equal (and cache-sharing) masks
+  digest: str  # content hash: equal tables make equal (and cache-sharing) masks
 
   computable = False
 
@@ -178,8 +175,10 @@ class _Dense(Mask):
 
   def check_length(self, length):
     if self.table.shape[0] != length:
-      raise ValueError(f"mask from_dense is {self.table.shape[0]} x {self.table.shape[0]} but the "
-                       f"sequence length is {length}")
+      raise ValueError(
+        f"mask from_dense is {self.table.shape[0]} x {self.table.shape[0]} but the "
+        f"sequence length is {length}"
+      )
 
 
 def full() -> Mask:
@@ -199,7 +198,9 @@ def chunked_causal(chunk: int) -> Mask:
 
 
 def prefix_lm(prefix_len: int) -> Mask:
-  if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, np.integer)) or prefix_len < 0:
+  if (
+    isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, np.integer)) or prefix_len < 0
+  ):
     raise ValueError(f"prefix_len must be a non-negative int, got {prefix_len!r}")
   return _PrefixLM(int(prefix_len))
 
@@ -216,8 +217,9 @@ def from_dense(table) -> Mask:
   if table.dtype != bool:
     raise ValueError(f"from_dense needs a boolean table, got dtype {table.dtype}")
   table.setflags(write=False)
-  return _Dense(table, hashlib.sha1(np.packbits(table).tobytes() +
-                                    str(table.shape).encode()).hexdigest())
+  return _Dense(
+    table, hashlib.sha1(np.packbits(table).tobytes() + str(table.shape).encode()).hexdigest()
+  )
 
 
 def random_blocks(length: int, block: int, density: float, seed: int = 0) -> Mask:
@@ -229,10 +231,15 @@ def random_blocks(length: int, block: int, density: float, seed: int = 0) -> Mas
   return from_dense(np.kron(tiles, np.ones((block, block), bool))[:length, :length])
 
 
-_BY_NAME = {"full": full, "causal": causal, "sliding_window": sliding_window,
-            "bidirectional_window": lambda w: sliding_window(w, causal=False),
-            "chunked_causal": chunked_causal, "prefix_lm": prefix_lm,
-            "global_tokens": global_tokens}
+_BY_NAME = {
+  "full": full,
+  "causal": causal,
+  "sliding_window": sliding_window,
+  "bidirectional_window": lambda w: sliding_window(w, causal=False),
+  "chunked_causal": chunked_causal,
+  "prefix_lm": prefix_lm,
+  "global_tokens": global_tokens,
+}
 
 
 def parse(spec: str) -> Mask:
@@ -281,14 +288,14 @@ class BlockLayout:
   length: int
   block_q: int
   block_kv: int
-  kv_blocks: np.ndarray     # [num_q_blocks, max_kv] int32
-  kv_counts: np.ndarray     # [num_q_blocks] int32
-  kv_codes: np.ndarray      # [num_q_blocks, max_kv] int32
-  q_blocks: np.ndarray      # [num_kv_blocks, max_q] int32
-  q_counts: np.ndarray      # [num_kv_blocks] int32
-  q_codes: np.ndarray       # [num_kv_blocks, max_q] int32
+  kv_blocks: np.ndarray  # [num_q_blocks, max_kv] int32
+  kv_counts: np.ndarray  # [num_q_blocks] int32
+  kv_codes: np.ndarray  # [num_q_blocks, max_kv] int32
+  q_blocks: np.ndarray  # [num_kv_blocks, max_q] int32
+  q_counts: np.ndarray  # [num_kv_blocks] int32
+  q_codes: np.ndarray  # [num_kv_blocks, max_q] int32
   partial_blocks: np.ndarray  # [num_distinct, block_q, block_kv] bool (>= 1 entry)
-  kinds: np.ndarray         # [num_q_blocks, num_kv_blocks] EMPTY / PARTIAL / FULL
+  kinds: np.ndarray  # [num_q_blocks, num_kv_blocks] EMPTY / PARTIAL / FULL
 
   @property
   def padded_length(self) -> int:

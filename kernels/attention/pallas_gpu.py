@@ -24,10 +24,10 @@ nothing to ``q k^T``; the padded output columns are dropped) and block sizes mus
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
+import jax.numpy as jnp
+import numpy as np
 
 from flaxseed.kernels.attention import block_common
 from flaxseed.kernels.attention.reference import MASK_VALUE
@@ -60,8 +60,9 @@ def _params(e, dtype, static):
   --sections=check``): float32 tiles, and bf16 tiles wider than 64 with segment ids and a stored
   mask table."""
   heavy = static.has_segments and static.stores_blocks and e > 64
-  return pltr.CompilerParams(num_warps=4 if e <= 64 else 8,
-                             num_stages=1 if jnp.dtype(dtype).itemsize >= 4 or heavy else 2)
+  return pltr.CompilerParams(
+    num_warps=4 if e <= 64 else 8, num_stages=1 if jnp.dtype(dtype).itemsize >= 4 or heavy else 2
+  )
 
 
 def _block(static, code, full_step, partial_step, carry):
@@ -73,10 +74,15 @@ def _block(static, code, full_step, partial_step, carry):
 
 def _visible(static, q_start, kv_start, shape, stored, code, seg_q, seg_kv):
   return block_common.visible(
-      static, q_start, kv_start, shape, code=code,
-      stored_block=None if stored is None else stored[jnp.maximum(code - 1, 0)],
-      seg_q=None if seg_q is None else seg_q[:, None],
-      seg_kv=None if seg_kv is None else seg_kv[None, :])
+    static,
+    q_start,
+    kv_start,
+    shape,
+    code=code,
+    stored_block=None if stored is None else stored[jnp.maximum(code - 1, 0)],
+    seg_q=None if seg_q is None else seg_q[:, None],
+    seg_kv=None if seg_kv is None else seg_kv[None, :],
+  )
 
 
 def _split(refs, static):
@@ -91,6 +97,7 @@ def _split(refs, static):
 
 
 # ------------------------------------------------------------------------------------ forward
+
 
 def _fwd_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
   seg_q_ref, seg_kv_ref, stored, (o_ref, lse_ref) = _split(refs, static)
@@ -118,13 +125,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
 
     def masked(carry):
       seg_kv = None if seg_kv_ref is None else seg_kv_ref[pl.ds(kb * bk, bk)]
-      return step(carry, _visible(static, i * bq, kb * bk, s.shape, stored, codes[i, t],
-                                  seg_q, seg_kv))
+      return step(
+        carry, _visible(static, i * bq, kb * bk, s.shape, stored, codes[i, t], seg_q, seg_kv)
+      )
 
     return _block(static, codes[i, t], step, masked, carry)
 
-  init = (jnp.full((bq,), MASK_VALUE, _F32), jnp.zeros((bq,), _F32),
-          jnp.zeros(q.shape, _F32))
+  init = (jnp.full((bq,), MASK_VALUE, _F32), jnp.zeros((bq,), _F32), jnp.zeros(q.shape, _F32))
   m, l, acc = jax.lax.fori_loop(0, counts[i], body, init)
   safe = jnp.where(l == 0.0, 1.0, l)  # rows that saw no key: acc is 0, so out is 0
   o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
@@ -180,20 +187,27 @@ def _forward(q, k, v, seg_q, seg_kv, static):
   opt_specs, opt_arrays = _optional(static, seg_q, seg_kv, walk_q=False)
   bq = static.block_q
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, static=static),
-      grid=(length // bq, b, heads),
-      in_specs=_common_specs(static, groups, length, e, walk_q=False)
-      + [_whole(t.shape) for t in tables] + opt_specs,
-      out_specs=[pl.BlockSpec((None, bq, None, e), lambda i, b_, h: (b_, i, h, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, heads, length), _F32)],
-      compiler_params=_params(e, q.dtype, static), interpret=static.interpret,
-      name="flaxseed_flash_fwd",
+    functools.partial(_fwd_kernel, static=static),
+    grid=(length // bq, b, heads),
+    in_specs=_common_specs(static, groups, length, e, walk_q=False)
+    + [_whole(t.shape) for t in tables]
+    + opt_specs,
+    out_specs=[
+      pl.BlockSpec((None, bq, None, e), lambda i, b_, h: (b_, i, h, 0)),
+      pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((b, heads, length), _F32),
+    ],
+    compiler_params=_params(e, q.dtype, static),
+    interpret=static.interpret,
+    name="flaxseed_flash_fwd",
   )(q, k, v, *tables, *opt_arrays)
 
 
 # ------------------------------------------------------------------------------------ backward
+
 
 def _ds_and_p(q, k, v, do, lse, delta, static, vis):
   """Recomputed probabilities ``p`` and score gradients ``ds`` of one block (float32)."""
@@ -226,8 +240,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
 
     def masked(dq):
       seg_kv = None if seg_kv_ref is None else seg_kv_ref[pl.ds(kb * bk, bk)]
-      return step(dq, _visible(static, i * bq, kb * bk, (bq, bk), stored, codes[i, t],
-                               seg_q, seg_kv))
+      return step(
+        dq, _visible(static, i * bq, kb * bk, (bq, bk), stored, codes[i, t], seg_q, seg_kv)
+      )
 
     return _block(static, codes[i, t], step, masked, dq)
 
@@ -236,8 +251,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
-  seg_q_ref, seg_kv_ref, stored, (do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = _split(
-      refs, static)
+  seg_q_ref, seg_kv_ref, stored, (do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = _split(refs, static)
   j = pl.program_id(0)
   bq, bk = static.block_q, static.block_kv
   k, v = k_ref[...], v_ref[...]
@@ -258,8 +272,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, blocks, counts, codes, *refs, static):
 
     def masked(carry):
       seg_q = None if seg_q_ref is None else seg_q_ref[rows]
-      return step(carry, _visible(static, qb * bq, j * bk, (bq, bk), stored, codes[j, t],
-                                  seg_q, seg_kv))
+      return step(
+        carry, _visible(static, qb * bq, j * bk, (bq, bk), stored, codes[j, t], seg_q, seg_kv)
+      )
 
     return _block(static, codes[j, t], step, masked, carry)
 
@@ -280,16 +295,21 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
   opt_specs, opt_arrays = _optional(static, seg_q, seg_kv, walk_q=False)
   own_row = lambda i, b_, h: (b_, h, i)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, static=static),
-      grid=(length // bq, b, heads),
-      in_specs=_common_specs(static, groups, length, e, walk_q=False)
-      + [_whole(t.shape) for t in q_tables] + opt_specs
-      + [pl.BlockSpec((None, bq, None, e), lambda i, b_, h: (b_, i, h, 0)),
-         pl.BlockSpec((None, None, bq), own_row), pl.BlockSpec((None, None, bq), own_row)],
-      out_specs=pl.BlockSpec((None, bq, None, e), lambda i, b_, h: (b_, i, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(e, q.dtype, static), interpret=static.interpret,
-      name="flaxseed_flash_dq",
+    functools.partial(_dq_kernel, static=static),
+    grid=(length // bq, b, heads),
+    in_specs=_common_specs(static, groups, length, e, walk_q=False)
+    + [_whole(t.shape) for t in q_tables]
+    + opt_specs
+    + [
+      pl.BlockSpec((None, bq, None, e), lambda i, b_, h: (b_, i, h, 0)),
+      pl.BlockSpec((None, None, bq), own_row),
+      pl.BlockSpec((None, None, bq), own_row),
+    ],
+    out_specs=pl.BlockSpec((None, bq, None, e), lambda i, b_, h: (b_, i, h, 0)),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=_params(e, q.dtype, static),
+    interpret=static.interpret,
+    name="flaxseed_flash_dq",
   )(q, k, v, *q_tables, *opt_arrays, d_out, lse, delta)
 
   kv_tables = [_table(layout.q_blocks), _table(layout.q_counts), _table(layout.q_codes)]
@@ -297,21 +317,24 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
   whole_row = lambda i, b_, h: (b_, h, 0)
   per_head = pl.BlockSpec((None, bk, None, e), lambda i, b_, h: (b_, i, h, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, static=static),
-      grid=(length // bk, b, heads),
-      in_specs=_common_specs(static, groups, length, e, walk_q=True)
-      + [_whole(t.shape) for t in kv_tables] + opt_specs
-      + [pl.BlockSpec((None, length, None, e), lambda i, b_, h: (b_, 0, h, 0)),
-         pl.BlockSpec((None, None, length), whole_row),
-         pl.BlockSpec((None, None, length), whole_row)],
-      out_specs=[per_head, per_head],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, k.dtype if groups == 1 else _F32)] * 2,
-      compiler_params=_params(e, q.dtype, static), interpret=static.interpret,
-      name="flaxseed_flash_dkv",
+    functools.partial(_dkv_kernel, static=static),
+    grid=(length // bk, b, heads),
+    in_specs=_common_specs(static, groups, length, e, walk_q=True)
+    + [_whole(t.shape) for t in kv_tables]
+    + opt_specs
+    + [
+      pl.BlockSpec((None, length, None, e), lambda i, b_, h: (b_, 0, h, 0)),
+      pl.BlockSpec((None, None, length), whole_row),
+      pl.BlockSpec((None, None, length), whole_row),
+    ],
+    out_specs=[per_head, per_head],
+    out_shape=[jax.ShapeDtypeStruct(q.shape, k.dtype if groups == 1 else _F32)] * 2,
+    compiler_params=_params(e, q.dtype, static),
+    interpret=static.interpret,
+    name="flaxseed_flash_dkv",
   )(q, k, v, *kv_tables, *opt_arrays, d_out, lse, delta)
   if groups > 1:  # per-query-head partials -> per-kv-head sums
-    dk, dv = (x.reshape(b, length, k.shape[2], groups, e).sum(3).astype(k.dtype)
-              for x in (dk, dv))
+    dk, dv = (x.reshape(b, length, k.shape[2], groups, e).sum(3).astype(k.dtype) for x in (dk, dv))
   return dq, dk, dv
 
 
@@ -334,7 +357,8 @@ def attention(q_BLHE, k_BLKE, v_BLKE, seg_q, seg_kv, static: block_common.Static
     return block_common.pad_length(block_common.pad_length(x, 1, padded), 3, e_padded)
 
   if static.has_segments:
-    seg_q, seg_kv = (block_common.pad_length(s.astype(jnp.int32), 1, padded)
-                     for s in (seg_q, seg_kv))
+    seg_q, seg_kv = (
+      block_common.pad_length(s.astype(jnp.int32), 1, padded) for s in (seg_q, seg_kv)
+    )
   out = _attention(to_kernel(q_BLHE), to_kernel(k_BLKE), to_kernel(v_BLKE), seg_q, seg_kv, static)
   return out[:, :length, :, :e]

@@ -28,9 +28,9 @@ interpreter, which has no side effects and so can run inside ``nn.scan`` (the tr
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
 
 from flaxseed.kernels.attention import block_common
 from flaxseed.kernels.attention.reference import MASK_VALUE
@@ -69,9 +69,15 @@ def _visible_or_none(static, code, q_start, kv_start, shape, block, seg_q, seg_k
   if code is None:
     return None
   return block_common.visible(
-      static, q_start, kv_start, shape, code=code,
-      stored_block=None if block is None else block[...],
-      seg_q=None if seg_q is None else seg_q[...], seg_kv=None if seg_kv is None else seg_kv[...])
+    static,
+    q_start,
+    kv_start,
+    shape,
+    code=code,
+    stored_block=None if block is None else block[...],
+    seg_q=None if seg_q is None else seg_q[...],
+    seg_kv=None if seg_kv is None else seg_kv[...],
+  )
 
 
 def _for_full_and_partial(static, code, body):
@@ -92,9 +98,11 @@ def _for_full_and_partial(static, code, body):
 
 # ------------------------------------------------------------------------------------ forward
 
+
 def _fwd_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
-  (q_ref, k_ref, v_ref, seg_q, seg_kv, block), (o_ref, lse_ref, m_scr, l_scr, acc_scr) = (
-      _unpack(refs, static))
+  (q_ref, k_ref, v_ref, seg_q, seg_kv, block), (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _unpack(
+    refs, static
+  )
   i, j = pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -105,8 +113,16 @@ def _fwd_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
 
   def step(code):
     s, _ = block_common.scores(q_ref[...], k_ref[...], static)
-    vis = _visible_or_none(static, code, i * static.block_q,
-                           kv_blocks[i, j] * static.block_kv, s.shape, block, seg_q, seg_kv)
+    vis = _visible_or_none(
+      static,
+      code,
+      i * static.block_q,
+      kv_blocks[i, j] * static.block_kv,
+      s.shape,
+      block,
+      seg_q,
+      seg_kv,
+    )
     if vis is not None:
       s = jnp.where(vis, s, MASK_VALUE)
     m_prev = m_scr[...]
@@ -117,7 +133,8 @@ def _fwd_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
     correction = jnp.exp(m_prev - m_new)
     l_scr[...] = correction * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
     acc_scr[...] = correction * acc_scr[...] + jax.lax.dot_general(
-        p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+      p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=_F32
+    )
     m_scr[...] = m_new
 
   @pl.when(j < kv_counts[i])
@@ -137,14 +154,23 @@ def _specs_for_q_walk(static, heads, kv_heads, e):
   bq, bk, groups = static.block_q, static.block_kv, heads // kv_heads
   q_map = lambda b, h, i, j, blocks, *_: (b, h, i, 0)
   kv_map = lambda b, h, i, j, blocks, *_: (b, h // groups, blocks[i, j], 0)
-  specs = [pl.BlockSpec((None, None, bq, e), q_map), pl.BlockSpec((None, None, bk, e), kv_map),
-           pl.BlockSpec((None, None, bk, e), kv_map)]
+  specs = [
+    pl.BlockSpec((None, None, bq, e), q_map),
+    pl.BlockSpec((None, None, bk, e), kv_map),
+    pl.BlockSpec((None, None, bk, e), kv_map),
+  ]
   if static.has_segments:
-    specs += [pl.BlockSpec((None, bq, 1), lambda b, h, i, j, *_: (b, i, 0)),
-              pl.BlockSpec((None, 1, bk), lambda b, h, i, j, blocks, *_: (b, 0, blocks[i, j]))]
+    specs += [
+      pl.BlockSpec((None, bq, 1), lambda b, h, i, j, *_: (b, i, 0)),
+      pl.BlockSpec((None, 1, bk), lambda b, h, i, j, blocks, *_: (b, 0, blocks[i, j])),
+    ]
   if static.stores_blocks:
-    specs.append(pl.BlockSpec((None, bq, bk), lambda b, h, i, j, blocks, counts, codes:
-                              (jnp.maximum(codes[i, j] - 1, 0), 0, 0)))
+    specs.append(
+      pl.BlockSpec(
+        (None, bq, bk),
+        lambda b, h, i, j, blocks, counts, codes: (jnp.maximum(codes[i, j] - 1, 0), 0, 0),
+      )
+    )
   return specs
 
 
@@ -165,22 +191,34 @@ def _forward(q, k, v, seg_q, seg_kv, static):
   grid = (b, heads, length // bq, layout.kv_blocks.shape[1])
   row = lambda b_, h, i, j, *_: (b_, h, i, 0)
   out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, static=static),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=grid,
-          in_specs=_specs_for_q_walk(static, heads, k.shape[1], e),
-          out_specs=[pl.BlockSpec((None, None, bq, e), row),
-                     pl.BlockSpec((None, None, bq, 1), row)],
-          scratch_shapes=[pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32),
-                          pltpu.VMEM((bq, e), _F32)]),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, heads, length, 1), _F32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret(static),
-      name="flaxseed_flash_fwd",
-  )(*_tables(layout.kv_blocks, layout.kv_counts, layout.kv_codes),
-    q, k, v, *_extra_inputs(static, seg_q, seg_kv, _stored(static)))
+    functools.partial(_fwd_kernel, static=static),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=grid,
+      in_specs=_specs_for_q_walk(static, heads, k.shape[1], e),
+      out_specs=[pl.BlockSpec((None, None, bq, e), row), pl.BlockSpec((None, None, bq, 1), row)],
+      scratch_shapes=[
+        pltpu.VMEM((bq, 1), _F32),
+        pltpu.VMEM((bq, 1), _F32),
+        pltpu.VMEM((bq, e), _F32),
+      ],
+    ),
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((b, heads, length, 1), _F32),
+    ],
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    ),
+    interpret=_interpret(static),
+    name="flaxseed_flash_fwd",
+  )(
+    *_tables(layout.kv_blocks, layout.kv_counts, layout.kv_codes),
+    q,
+    k,
+    v,
+    *_extra_inputs(static, seg_q, seg_kv, _stored(static)),
+  )
   return out, lse
 
 
@@ -194,6 +232,7 @@ def _stored(static):
 
 # ------------------------------------------------------------------------------------ backward
 
+
 def _dq_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
   (q_ref, k_ref, v_ref, seg_q, seg_kv, block), rest = _unpack(refs, static)
   do_ref, lse_ref, delta_ref, dq_ref, dq_scr = rest
@@ -205,11 +244,24 @@ def _dq_kernel(kv_blocks, kv_counts, kv_codes, *refs, static):
 
   def step(code):
     k = k_ref[...]
-    ds, _ = _ds_and_p(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-                      static, code, i * static.block_q, kv_blocks[i, j] * static.block_kv,
-                      block, seg_q, seg_kv)
-    dq_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                       preferred_element_type=_F32)
+    ds, _ = _ds_and_p(
+      q_ref[...],
+      k,
+      v_ref[...],
+      do_ref[...],
+      lse_ref[...],
+      delta_ref[...],
+      static,
+      code,
+      i * static.block_q,
+      kv_blocks[i, j] * static.block_kv,
+      block,
+      seg_q,
+      seg_kv,
+    )
+    dq_scr[...] += jax.lax.dot_general(
+      ds.astype(k.dtype), k, (((1,), (0,)), ((), ())), preferred_element_type=_F32
+    )
 
   @pl.when(j < kv_counts[i])
   def _():
@@ -246,14 +298,28 @@ def _dkv_kernel(q_blocks, q_counts, q_codes, *refs, static):
 
   def step(code):
     q, do = q_ref[...], do_ref[...]
-    ds, p = _ds_and_p(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], static,
-                      code, q_blocks[jk, t] * static.block_q, jk * static.block_kv, block,
-                      seg_q, seg_kv)
+    ds, p = _ds_and_p(
+      q,
+      k_ref[...],
+      v_ref[...],
+      do,
+      lse_ref[...],
+      delta_ref[...],
+      static,
+      code,
+      q_blocks[jk, t] * static.block_q,
+      jk * static.block_kv,
+      block,
+      seg_q,
+      seg_kv,
+    )
     transpose_lhs = (((0,), (0,)), ((), ()))
-    dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, transpose_lhs,
-                                       preferred_element_type=_F32)
-    dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, transpose_lhs,
-                                       preferred_element_type=_F32)
+    dv_scr[...] += jax.lax.dot_general(
+      p.astype(do.dtype), do, transpose_lhs, preferred_element_type=_F32
+    )
+    dk_scr[...] += jax.lax.dot_general(
+      ds.astype(q.dtype), q, transpose_lhs, preferred_element_type=_F32
+    )
 
   @pl.when(t < q_counts[jk])
   def _():
@@ -274,50 +340,81 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
   delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
   extra = _extra_inputs(static, seg_q, seg_kv, _stored(static))
   params = lambda n: pltpu.CompilerParams(
-      dimension_semantics=("parallel",) * 3 + ("arbitrary",) * (n - 3))
+    dimension_semantics=("parallel",) * 3 + ("arbitrary",) * (n - 3)
+  )
 
   row = lambda b_, h, i, j, *_: (b_, h, i, 0)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, static=static),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(b, heads, length // bq, layout.kv_blocks.shape[1]),
-          in_specs=_specs_for_q_walk(static, heads, kv_heads, e) + [
-              pl.BlockSpec((None, None, bq, e), row), pl.BlockSpec((None, None, bq, 1), row),
-              pl.BlockSpec((None, None, bq, 1), row)],
-          out_specs=pl.BlockSpec((None, None, bq, e), row),
-          scratch_shapes=[pltpu.VMEM((bq, e), _F32)]),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params(4), interpret=_interpret(static), name="flaxseed_flash_dq",
-  )(*_tables(layout.kv_blocks, layout.kv_counts, layout.kv_codes),
-    q, k, v, *extra, d_out, lse, delta)
+    functools.partial(_dq_kernel, static=static),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(b, heads, length // bq, layout.kv_blocks.shape[1]),
+      in_specs=_specs_for_q_walk(static, heads, kv_heads, e)
+      + [
+        pl.BlockSpec((None, None, bq, e), row),
+        pl.BlockSpec((None, None, bq, 1), row),
+        pl.BlockSpec((None, None, bq, 1), row),
+      ],
+      out_specs=pl.BlockSpec((None, None, bq, e), row),
+      scratch_shapes=[pltpu.VMEM((bq, e), _F32)],
+    ),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=params(4),
+    interpret=_interpret(static),
+    name="flaxseed_flash_dq",
+  )(
+    *_tables(layout.kv_blocks, layout.kv_counts, layout.kv_codes),
+    q,
+    k,
+    v,
+    *extra,
+    d_out,
+    lse,
+    delta,
+  )
 
   # dk/dv: grid (B, K, kv block, group member, visit); q-side blocks follow the visit list.
   q_map = lambda b_, kh, jk, g, t, blocks, *_: (b_, kh * groups + g, blocks[jk, t], 0)
   kv_map = lambda b_, kh, jk, g, t, *_: (b_, kh, jk, 0)
-  specs = [pl.BlockSpec((None, None, bq, e), q_map), pl.BlockSpec((None, None, bk, e), kv_map),
-           pl.BlockSpec((None, None, bk, e), kv_map)]
+  specs = [
+    pl.BlockSpec((None, None, bq, e), q_map),
+    pl.BlockSpec((None, None, bk, e), kv_map),
+    pl.BlockSpec((None, None, bk, e), kv_map),
+  ]
   if static.has_segments:
-    specs += [pl.BlockSpec((None, bq, 1), lambda b_, kh, jk, g, t, blocks, *_:
-                           (b_, blocks[jk, t], 0)),
-              pl.BlockSpec((None, 1, bk), lambda b_, kh, jk, g, t, *_: (b_, 0, jk))]
+    specs += [
+      pl.BlockSpec((None, bq, 1), lambda b_, kh, jk, g, t, blocks, *_: (b_, blocks[jk, t], 0)),
+      pl.BlockSpec((None, 1, bk), lambda b_, kh, jk, g, t, *_: (b_, 0, jk)),
+    ]
   if static.stores_blocks:
-    specs.append(pl.BlockSpec((None, bq, bk), lambda b_, kh, jk, g, t, blocks, counts, codes:
-                              (jnp.maximum(codes[jk, t] - 1, 0), 0, 0)))
-  specs += [pl.BlockSpec((None, None, bq, e), q_map), pl.BlockSpec((None, None, bq, 1), q_map),
-            pl.BlockSpec((None, None, bq, 1), q_map)]
+    specs.append(
+      pl.BlockSpec(
+        (None, bq, bk),
+        lambda b_, kh, jk, g, t, blocks, counts, codes: (jnp.maximum(codes[jk, t] - 1, 0), 0, 0),
+      )
+    )
+  specs += [
+    pl.BlockSpec((None, None, bq, e), q_map),
+    pl.BlockSpec((None, None, bq, 1), q_map),
+    pl.BlockSpec((None, None, bq, 1), q_map),
+  ]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, static=static),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
-          grid=(b, kv_heads, length // bk, groups, layout.q_blocks.shape[1]),
-          in_specs=specs,
-          out_specs=[pl.BlockSpec((None, None, bk, e), kv_map),
-                     pl.BlockSpec((None, None, bk, e), kv_map)],
-          scratch_shapes=[pltpu.VMEM((bk, e), _F32), pltpu.VMEM((bk, e), _F32)]),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params(5), interpret=_interpret(static), name="flaxseed_flash_dkv",
-  )(*_tables(layout.q_blocks, layout.q_counts, layout.q_codes),
-    q, k, v, *extra, d_out, lse, delta)
+    functools.partial(_dkv_kernel, static=static),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(b, kv_heads, length // bk, groups, layout.q_blocks.shape[1]),
+      in_specs=specs,
+      out_specs=[
+        pl.BlockSpec((None, None, bk, e), kv_map),
+        pl.BlockSpec((None, None, bk, e), kv_map),
+      ],
+      scratch_shapes=[pltpu.VMEM((bk, e), _F32), pltpu.VMEM((bk, e), _F32)],
+    ),
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=params(5),
+    interpret=_interpret(static),
+    name="flaxseed_flash_dkv",
+  )(*_tables(layout.q_blocks, layout.q_counts, layout.q_codes), q, k, v, *extra, d_out, lse, delta)
   return dq, dk, dv
 
 
@@ -333,7 +430,8 @@ def attention(q_BLHE, k_BLKE, v_BLKE, seg_q, seg_kv, static: block_common.Static
   padded = static.layout.padded_length
   to_kernel = lambda x: block_common.pad_length(x.transpose(0, 2, 1, 3), 2, padded)
   if static.has_segments:
-    seg_q, seg_kv = (block_common.pad_length(s.astype(jnp.int32), 1, padded)
-                     for s in (seg_q, seg_kv))
+    seg_q, seg_kv = (
+      block_common.pad_length(s.astype(jnp.int32), 1, padded) for s in (seg_q, seg_kv)
+    )
   out = _attention(to_kernel(q_BLHE), to_kernel(k_BLKE), to_kernel(v_BLKE), seg_q, seg_kv, static)
   return out[:, :, :length].transpose(0, 2, 1, 3)

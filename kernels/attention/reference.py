@@ -44,9 +44,16 @@ def as_segment_ids(segment_ids) -> SegmentIds | None:
   return SegmentIds(segment_ids, segment_ids)
 
 
-def make_mask(q_len: int, kv_len: int, *, causal: bool = False,
-              segment_ids: SegmentIds | None = None, q_offset=0, kv_start: int = 0,
-              pattern: masks.Mask | None = None) -> jax.Array | None:
+def make_mask(
+  q_len: int,
+  kv_len: int,
+  *,
+  causal: bool = False,
+  segment_ids: SegmentIds | None = None,
+  q_offset=0,
+  kv_start: int = 0,
+  pattern: masks.Mask | None = None,
+) -> jax.Array | None:
   """Boolean visibility mask ``[B or 1, Lq, Lk]``; ``None`` when everything is visible.
 
   ``pattern`` is a ``masks.Mask`` over absolute positions (``causal=True`` adds
@@ -83,20 +90,29 @@ def to_grouped(x_BLHE, kv_heads: int):
 def from_grouped(x_BKQE, length: int):
   """``[B, K, L * G, E] -> [B, L, H, E]``."""
   b, k, q, e = x_BKQE.shape
-  return x_BKQE.reshape(b, k, length, q // length, e).transpose(0, 2, 1, 3, 4).reshape(
-      b, length, k * (q // length), e)
+  return (
+    x_BKQE.reshape(b, k, length, q // length, e)
+    .transpose(0, 2, 1, 3, 4)
+    .reshape(b, length, k * (q // length), e)
+  )
 
 
-def masked_scores(q_BKQE, k_BKME, mask_BLM, *, sm_scale: float,
-                  logit_soft_cap: float | None, rows_may_be_empty: bool):
+def masked_scores(
+  q_BKQE,
+  k_BKME,
+  mask_BLM,
+  *,
+  sm_scale: float,
+  logit_soft_cap: float | None,
+  rows_may_be_empty: bool,
+):
   """Scores ``[B, K, Q, M]`` (``Q = L * G`` grouped rows) with cap and mask applied.
 
   Returns ``(scores, tanh, visible)``: ``tanh`` is the capped ``tanh`` (for a backward pass) or
   ``None``; ``visible`` ``[B or 1, 1, Q, 1]`` marks rows that see any key, or is ``None`` when
   ``rows_may_be_empty`` is false (causal rows without segments always see key 0).
   """
-  s = jnp.einsum("BKQE,BKME->BKQM", q_BKQE, k_BKME,
-                 preferred_element_type=jnp.float32) * sm_scale
+  s = jnp.einsum("BKQE,BKME->BKQM", q_BKQE, k_BKME, preferred_element_type=jnp.float32) * sm_scale
   tanh = None
   if logit_soft_cap is not None:
     tanh = jnp.tanh(s / logit_soft_cap)
@@ -109,8 +125,9 @@ def masked_scores(q_BKQE, k_BKME, mask_BLM, *, sm_scale: float,
   s = (s.reshape(b, k, length, q_rows // length, m) + bias).reshape(s.shape)
   visible = None
   if rows_may_be_empty:
-    rows = jnp.broadcast_to(jnp.any(mask_BLM, axis=-1)[:, None, :, None],
-                            (mask_BLM.shape[0], 1, length, q_rows // length))
+    rows = jnp.broadcast_to(
+      jnp.any(mask_BLM, axis=-1)[:, None, :, None], (mask_BLM.shape[0], 1, length, q_rows // length)
+    )
     visible = rows.reshape(mask_BLM.shape[0], 1, q_rows, 1)
   return s, tanh, visible
 
@@ -120,9 +137,19 @@ def _may_leave_rows_empty(pattern: masks.Mask | None) -> bool:
   return pattern is not None and not pattern.sees_self
 
 
-def attention(q_BLHE, k_BMKE, v_BMKE, *, causal: bool = False, segment_ids=None, q_offset=0,
-              sm_scale: float | None = None, logit_soft_cap: float | None = None,
-              kv_start: int = 0, mask: masks.Mask | None = None):
+def attention(
+  q_BLHE,
+  k_BMKE,
+  v_BMKE,
+  *,
+  causal: bool = False,
+  segment_ids=None,
+  q_offset=0,
+  sm_scale: float | None = None,
+  logit_soft_cap: float | None = None,
+  kv_start: int = 0,
+  mask: masks.Mask | None = None,
+):
   """Softmax attention with grouped heads.
 
   Args:
@@ -141,16 +168,28 @@ def attention(q_BLHE, k_BMKE, v_BMKE, *, causal: bool = False, segment_ids=None,
   length, kv_heads, e = q_BLHE.shape[1], k_BMKE.shape[2], q_BLHE.shape[3]
   segment_ids = as_segment_ids(segment_ids)
   pattern = mask
-  mask = make_mask(length, k_BMKE.shape[1], causal=causal, segment_ids=segment_ids,
-                   q_offset=q_offset, kv_start=kv_start, pattern=pattern)
+  mask = make_mask(
+    length,
+    k_BMKE.shape[1],
+    causal=causal,
+    segment_ids=segment_ids,
+    q_offset=q_offset,
+    kv_start=kv_start,
+    pattern=pattern,
+  )
   v_BKME = v_BMKE.transpose(0, 2, 1, 3)
   scores, _, visible = masked_scores(
-      to_grouped(q_BLHE, kv_heads), k_BMKE.transpose(0, 2, 1, 3), mask,
-      sm_scale=e**-0.5 if sm_scale is None else sm_scale, logit_soft_cap=logit_soft_cap,
-      rows_may_be_empty=segment_ids is not None or _may_leave_rows_empty(pattern))
+    to_grouped(q_BLHE, kv_heads),
+    k_BMKE.transpose(0, 2, 1, 3),
+    mask,
+    sm_scale=e**-0.5 if sm_scale is None else sm_scale,
+    logit_soft_cap=logit_soft_cap,
+    rows_may_be_empty=segment_ids is not None or _may_leave_rows_empty(pattern),
+  )
   weights = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("BKQM,BKME->BKQE", weights.astype(v_BKME.dtype), v_BKME,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+    "BKQM,BKME->BKQE", weights.astype(v_BKME.dtype), v_BKME, preferred_element_type=jnp.float32
+  )
   if visible is not None:  # rows that see nothing: zeros, not the uniform average
     out = out * visible
   return from_grouped(out.astype(q_BLHE.dtype), length)

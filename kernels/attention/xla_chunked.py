@@ -18,7 +18,6 @@ free. Full blocks skip in-block masking (``lax.cond``); partial blocks mask with
 ``block_common.visible``, exactly as the kernels do.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,9 +40,18 @@ def default_block(length: int) -> int:
   return 64 if length <= 512 else 128
 
 
-def attention(q_BLHE, k_BLKE, v_BLKE, *, causal: bool = False, segment_ids=None,
-              sm_scale: float | None = None, logit_soft_cap: float | None = None,
-              block_sizes: BlockSizes | None = None, mask: masks.Mask | None = None):
+def attention(
+  q_BLHE,
+  k_BLKE,
+  v_BLKE,
+  *,
+  causal: bool = False,
+  segment_ids=None,
+  sm_scale: float | None = None,
+  logit_soft_cap: float | None = None,
+  block_sizes: BlockSizes | None = None,
+  mask: masks.Mask | None = None,
+):
   """Same contract as ``reference.attention`` for self-attention (``Lq == Lk``)."""
   b, length, h, e = q_BLHE.shape
   kv_heads = k_BLKE.shape[2]
@@ -52,22 +60,33 @@ def attention(q_BLHE, k_BLKE, v_BLKE, *, causal: bool = False, segment_ids=None,
     mask = masks.causal() if mask is None else mask & masks.causal()
   block_q, block_kv = (block_sizes or BlockSizes()).resolve(length, default_block(length))
   static = block_common.Static(
-      pattern=masks.full() if mask is None else mask, length=length, block_q=block_q,
-      block_kv=block_kv, sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
-      logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
-      has_segments=segment_ids is not None, interpret=False)
+    pattern=masks.full() if mask is None else mask,
+    length=length,
+    block_q=block_q,
+    block_kv=block_kv,
+    sm_scale=e**-0.5 if sm_scale is None else float(sm_scale),
+    logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
+    has_segments=segment_ids is not None,
+    interpret=False,
+  )
   padded = static.layout.padded_length
   pad = lambda x: block_common.pad_length(x, 1, padded)  # noqa: E731
   seg_q = seg_kv = None
   if segment_ids is not None:
     seg_q, seg_kv = (pad(s.astype(jnp.int32)) for s in segment_ids)
-  out = _attention(reference.to_grouped(pad(q_BLHE), kv_heads),
-                   pad(k_BLKE).transpose(0, 2, 1, 3), pad(v_BLKE).transpose(0, 2, 1, 3),
-                   seg_q, seg_kv, static)
+  out = _attention(
+    reference.to_grouped(pad(q_BLHE), kv_heads),
+    pad(k_BLKE).transpose(0, 2, 1, 3),
+    pad(v_BLKE).transpose(0, 2, 1, 3),
+    seg_q,
+    seg_kv,
+    static,
+  )
   return reference.from_grouped(out, padded)[:, :length]
 
 
 # ------------------------------------------------------------------------------- one tile
+
 
 def _rows(x, block: int, size: int, groups: int = 1):
   """Rows ``[block * size * groups, +size * groups)`` of a ``[B, K, rows, ...]`` array."""
@@ -95,8 +114,9 @@ def _visible(static, groups, seg_q, seg_kv, qb, kb, code):
   if static.has_segments:
     sq = jax.lax.dynamic_slice_in_dim(seg_q, qb * bq, bq, axis=1)[:, :, None]
     skv = jax.lax.dynamic_slice_in_dim(seg_kv, kb * bk, bk, axis=1)[:, None, :]
-  vis = block_common.visible(static, qb * bq, kb * bk, (bq, bk), code=code, stored_block=stored,
-                             seg_q=sq, seg_kv=skv)
+  vis = block_common.visible(
+    static, qb * bq, kb * bk, (bq, bk), code=code, stored_block=stored, seg_q=sq, seg_kv=skv
+  )
   if vis.ndim == 2:  # no segment ids: the same for every batch row
     vis = vis[None]
   # Each position's G query heads are G consecutive rows of the grouped layout.
@@ -143,6 +163,7 @@ def _fori(count, body, carry, unrolled: bool):
 
 
 # ------------------------------------------------------------------------------- walks
+
 
 def _forward(q, k, v, seg_q, seg_kv, static):
   """``q [B, K, Lp * G, E]``, ``k, v [B, K, Lp, E]`` -> out like q, ``lse [B, K, Lp * G]``."""
@@ -225,8 +246,9 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
 
       def step(dq, vis=None):
         ds, _ = _ds_and_p(static, s, tanh, lse_t, do_t, v_t, delta_t, vis)
-        return dq + jnp.einsum("BKQM,BKME->BKQE", ds.astype(k.dtype), k_t,
-                               preferred_element_type=_F32)
+        return dq + jnp.einsum(
+          "BKQM,BKME->BKQE", ds.astype(k.dtype), k_t, preferred_element_type=_F32
+        )
 
       masked = lambda c: step(c, _visible(static, groups, seg_q, seg_kv, qb, kb, code))  # noqa
       return _masked_or_full(static, code, step, masked, dq)
@@ -246,10 +268,12 @@ def _backward(q, k, v, seg_q, seg_kv, out, lse, d_out, static):
       def step(carry, vis=None):
         dk, dv = carry
         ds, p = _ds_and_p(static, s, tanh, lse_t, do_t, v_t, delta_t, vis)
-        dv = dv + jnp.einsum("BKQM,BKQE->BKME", p.astype(v.dtype), do_t.astype(v.dtype),
-                             preferred_element_type=_F32)
-        dk = dk + jnp.einsum("BKQM,BKQE->BKME", ds.astype(q.dtype), q_t,
-                             preferred_element_type=_F32)
+        dv = dv + jnp.einsum(
+          "BKQM,BKQE->BKME", p.astype(v.dtype), do_t.astype(v.dtype), preferred_element_type=_F32
+        )
+        dk = dk + jnp.einsum(
+          "BKQM,BKQE->BKME", ds.astype(q.dtype), q_t, preferred_element_type=_F32
+        )
         return dk, dv
 
       masked = lambda c: step(c, _visible(static, groups, seg_q, seg_kv, qb, kb, code))  # noqa

@@ -22,8 +22,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from flaxseed.kernels.quant import formats
 
@@ -47,6 +47,7 @@ def _w8a8_2d(x, qw, implementation, interpret):
     acc = jnp.dot(codes, qw.values, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale * qw.scales).astype(x.dtype)
   from flaxseed.kernels.quant import pallas_tpu  # pylint: disable=g-import-not-at-top
+
   return pallas_tpu.w8a8_matmul(codes, x_scale, qw, out_dtype=x.dtype, interpret=interpret)
 
 
@@ -54,12 +55,15 @@ def _matmul_2d(x, qw, implementation, interpret, activations=None):
   if activations == "int8":
     return _w8a8_2d(x, qw, implementation, interpret)
   if implementation == "xla":
-    return jnp.dot(x, formats.dequantize_weight(qw, x.dtype), preferred_element_type=jnp.float32
-                   ).astype(x.dtype)
+    return jnp.dot(
+      x, formats.dequantize_weight(qw, x.dtype), preferred_element_type=jnp.float32
+    ).astype(x.dtype)
   if implementation == "pallas_tpu":
     from flaxseed.kernels.quant import pallas_tpu  # pylint: disable=g-import-not-at-top
+
     return pallas_tpu.matmul(x, qw, interpret=interpret)
   from flaxseed.kernels.quant import pallas_gpu  # pylint: disable=g-import-not-at-top
+
   return pallas_gpu.matmul(x, qw, interpret=interpret)
 
 
@@ -99,17 +103,30 @@ def _sharded(fn, qw: formats.QuantizedWeight, mesh, spec):
 
   def local(x, values, scales):  # this device's columns: a weight of its own width
     shard = formats.QuantizedWeight(
-        values, scales, dataclasses.replace(layout, shape=(layout.shape[0], values.shape[1])))
+      values, scales, dataclasses.replace(layout, shape=(layout.shape[0], values.shape[1]))
+    )
     return fn(x, shard)
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(rows, None), P(None, cols), scale_spec),
-                          out_specs=P(rows, cols), check_vma=False)
+  sharded = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P(rows, None), P(None, cols), scale_spec),
+    out_specs=P(rows, cols),
+    check_vma=False,
+  )
   return lambda x, qw: sharded(x, qw.values, qw.scales)
 
 
-def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | None = None,
-                     interpret: bool | None = None, activations: str | None = None,
-                     mesh=None, spec=None):
+def quantized_matmul(
+  x,
+  qw: formats.QuantizedWeight,
+  *,
+  implementation: str | None = None,
+  interpret: bool | None = None,
+  activations: str | None = None,
+  mesh=None,
+  spec=None,
+):
   """``x [..., K] @ W [K, N] -> [..., N]`` in ``x``'s dtype, accumulating in float32.
 
   Args:
@@ -123,21 +140,26 @@ def quantized_matmul(x, qw: formats.QuantizedWeight, *, implementation: str | No
       ``spec[0]``, the weight's columns over ``spec[1]``.
   """
   if not isinstance(qw, formats.QuantizedWeight):
-    raise ValueError(f"qw must be a QuantizedWeight (kernels.quantize_weight), got "
-                     f"{type(qw).__name__}")
+    raise ValueError(
+      f"qw must be a QuantizedWeight (kernels.quantize_weight), got {type(qw).__name__}"
+    )
   k, n = qw.shape
   if x.shape[-1] != k:
     raise ValueError(f"x's last dim ({x.shape[-1]}) must equal the weight's K ({k})")
   implementation = implementation or default_implementation()
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown quantized_matmul implementation {implementation!r}; "
-                     f"available: {', '.join(IMPLEMENTATIONS)}")
+    raise ValueError(
+      f"unknown quantized_matmul implementation {implementation!r}; "
+      f"available: {', '.join(IMPLEMENTATIONS)}"
+    )
   if activations not in (None, "int8"):
     raise ValueError(f"activations={activations!r} is not one of (None, 'int8')")
   if activations == "int8":
     if qw.layout.fmt != "int8" or qw.layout.group_size is not None:
-      raise ValueError("activations='int8' (w8a8) needs int8 weights with per-channel scales, "
-                       f"got {qw.layout.fmt} with group_size={qw.layout.group_size}")
+      raise ValueError(
+        "activations='int8' (w8a8) needs int8 weights with per-channel scales, "
+        f"got {qw.layout.fmt} with group_size={qw.layout.group_size}"
+      )
     if implementation == "pallas_gpu":
       raise ValueError("activations='int8' (w8a8) runs on 'xla' or 'pallas_tpu'")
   if (mesh is None) != (spec is None):

@@ -31,10 +31,23 @@ GROUP_SIZES = (32, 64, 128)
 
 # The NF4 levels as printed in the QLoRA paper (Appendix E) and used by bitsandbytes.
 NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+  -1.0,
+  -0.6961928009986877,
+  -0.5250730514526367,
+  -0.39491748809814453,
+  -0.28444138169288635,
+  -0.18477343022823334,
+  -0.09105003625154495,
+  0.0,
+  0.07958029955625534,
+  0.16093020141124725,
+  0.24611230194568634,
+  0.33791524171829224,
+  0.44070982933044434,
+  0.5626170039176941,
+  0.7229568362236023,
+  1.0,
+)
 
 
 def nf4_levels_from_quantiles() -> np.ndarray:
@@ -86,8 +99,9 @@ class QuantizedWeight:
   @property
   def nbytes(self) -> int:
     """Bytes of the packed weight and its scales (what a matmul reads)."""
-    return int(self.values.size * self.values.dtype.itemsize
-               + self.scales.size * self.scales.dtype.itemsize)
+    return int(
+      self.values.size * self.values.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize
+    )
 
 
 def _check(w, fmt, group_size):
@@ -210,5 +224,3 @@ def rounding_bound(qw: QuantizedWeight):
   half_step = 0.5 * (max(np.diff(NF4_LEVELS)) if fmt == "nf4" else 1.0)
   scale = jnp.repeat(qw.scales, layout.shape[0] // qw.scales.shape[0], axis=0)
   return half_step * scale
-
-

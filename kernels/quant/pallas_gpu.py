@@ -14,9 +14,9 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
+import jax.numpy as jnp
 
 from flaxseed.kernels.quant import formats
 from flaxseed.kernels.quant import tiling
@@ -27,16 +27,24 @@ MIN_PROGRAMS = 256
 
 @dataclasses.dataclass(frozen=True)
 class GpuTiles:
-  bm: int      # rows of x per tile (>= 16: tl.dot's minimum)
-  bn: int      # output columns per tile
-  bkp: int     # packed byte rows per loop step
+  bm: int  # rows of x per tile (>= 16: tl.dot's minimum)
+  bn: int  # output columns per tile
+  bkp: int  # packed byte rows per loop step
   splits: int  # K splits: partial sums over byte rows [s R / splits, (s + 1) R / splits)
   num_warps: int = 4
   num_stages: int = 3
 
 
-def plan(layout: formats.Layout, m: int, *, bn: int | None = None, splits: int | None = None,
-         bkp: int | None = None, num_warps: int = 4, num_stages: int = 3) -> GpuTiles:
+def plan(
+  layout: formats.Layout,
+  m: int,
+  *,
+  bn: int | None = None,
+  splits: int | None = None,
+  bkp: int | None = None,
+  num_warps: int = 4,
+  num_stages: int = 3,
+) -> GpuTiles:
   """Tiles for ``x [m, K] @ W``; any argument given overrides the heuristic."""
   k, n = layout.shape
   bn = bn or (64 if m <= 16 else 128)
@@ -44,8 +52,14 @@ def plan(layout: formats.Layout, m: int, *, bn: int | None = None, splits: int |
   # Ternary's four packing segments at 64 x 256 x-tiles overflow shared memory (measured at
   # M = 64): it steps 64 byte rows (256 weight rows, as int8 does) with at most 32-row tiles.
   max_bm, max_bkp = (32, 64) if layout.fmt == "ternary" else (64, 256)
-  base = tiling.Tiles.plan(layout, m, min_bm=16, max_bm=max_bm, bn=bn,
-                           max_bkp=bkp or min(max_bkp, layout.group_size or max_bkp))
+  base = tiling.Tiles.plan(
+    layout,
+    m,
+    min_bm=16,
+    max_bm=max_bm,
+    bn=bn,
+    max_bkp=bkp or min(max_bkp, layout.group_size or max_bkp),
+  )
   steps = k // layout.per_byte // base.bkp
   if splits is None:
     tiles = -(-m // base.bm) * -(-n // base.bn)
@@ -66,8 +80,9 @@ def _kernel(x_ref, values_ref, scales_ref, o_ref, *, layout: formats.Layout, til
   def step(t, acc):
     values = values_ref[pl.ds(t * bkp, bkp), :]
     for j in range(p):
-      codes = values.astype(jnp.int32) if layout.fmt == "int8" else formats.unpack_segment(
-          values, p, j)
+      codes = (
+        values.astype(jnp.int32) if layout.fmt == "int8" else formats.unpack_segment(values, p, j)
+      )
       if layout.fmt == "ternary":
         scale = scales_ref[0, 0]
       else:
@@ -77,8 +92,7 @@ def _kernel(x_ref, values_ref, scales_ref, o_ref, *, layout: formats.Layout, til
       acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
     return acc
 
-  acc = jax.lax.fori_loop(first, first + steps, step,
-                          jnp.zeros((tiles.bm, tiles.bn), jnp.float32))
+  acc = jax.lax.fori_loop(first, first + steps, step, jnp.zeros((tiles.bm, tiles.bn), jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -97,15 +111,17 @@ def matmul(x, qw: formats.QuantizedWeight, *, interpret: bool = False, **overrid
   else:
     scale_spec = pl.BlockSpec((scales.shape[0], tiles.bn), lambda i, jn, s: (0, jn))
   partials = pl.pallas_call(
-      functools.partial(_kernel, layout=layout, tiles=tiles),
-      grid=(x.shape[0] // tiles.bm, values.shape[1] // tiles.bn, tiles.splits),
-      in_specs=[pl.BlockSpec((tiles.bm, k), lambda i, jn, s: (i, 0)),
-                pl.BlockSpec((values.shape[0], tiles.bn), lambda i, jn, s: (0, jn)),
-                scale_spec],
-      out_specs=pl.BlockSpec((None, tiles.bm, tiles.bn), lambda i, jn, s: (s, i, jn)),
-      out_shape=jax.ShapeDtypeStruct((tiles.splits, x.shape[0], values.shape[1]), jnp.float32),
-      compiler_params=pltr.CompilerParams(num_warps=tiles.num_warps,
-                                          num_stages=tiles.num_stages),
-      interpret=interpret, name=f"flaxseed_{layout.fmt}_matmul",
+    functools.partial(_kernel, layout=layout, tiles=tiles),
+    grid=(x.shape[0] // tiles.bm, values.shape[1] // tiles.bn, tiles.splits),
+    in_specs=[
+      pl.BlockSpec((tiles.bm, k), lambda i, jn, s: (i, 0)),
+      pl.BlockSpec((values.shape[0], tiles.bn), lambda i, jn, s: (0, jn)),
+      scale_spec,
+    ],
+    out_specs=pl.BlockSpec((None, tiles.bm, tiles.bn), lambda i, jn, s: (s, i, jn)),
+    out_shape=jax.ShapeDtypeStruct((tiles.splits, x.shape[0], values.shape[1]), jnp.float32),
+    compiler_params=pltr.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+    interpret=interpret,
+    name=f"flaxseed_{layout.fmt}_matmul",
   )(x, values, scales)
   return partials.sum(0)[:m, :n].astype(x.dtype)

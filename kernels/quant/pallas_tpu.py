@@ -11,9 +11,9 @@ them is ``(rows, 1, bn)``: Mosaic wants the last two block dims divisible by (8,
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
 
 from flaxseed.kernels.quant import formats
 from flaxseed.kernels.quant import tiling
@@ -22,7 +22,7 @@ from flaxseed.kernels.quant import tiling
 def _kernel(*refs, layout: formats.Layout, tiles: tiling.Tiles):
   p = layout.per_byte
   x_refs, values_ref = refs[:p], refs[p]
-  scale_refs, (o_ref, acc_ref) = refs[p + 1:2 * p + 1], refs[2 * p + 1:]
+  scale_refs, (o_ref, acc_ref) = refs[p + 1 : 2 * p + 1], refs[2 * p + 1 :]
   t = pl.program_id(2)
   per_tile = tiling.groups_per_tile(layout, tiles.bkp)
 
@@ -33,17 +33,23 @@ def _kernel(*refs, layout: formats.Layout, tiles: tiling.Tiles):
   values = values_ref[...]
   acc = acc_ref[...]
   for j in range(p):
-    codes = values.astype(jnp.int32) if layout.fmt == "int8" else formats.unpack_segment(
-        values, p, j)
+    codes = (
+      values.astype(jnp.int32) if layout.fmt == "int8" else formats.unpack_segment(values, p, j)
+    )
     levels = formats.codes_to_levels(codes, layout.fmt)
     scales = scale_refs[j][...]  # [per_tile, 1, bn]
     if per_tile == 1:
       w = levels * scales[0]
     else:  # the tile covers several groups: scale each group's rows
       w = (levels.reshape(per_tile, tiles.bkp // per_tile, tiles.bn) * scales).reshape(
-          tiles.bkp, tiles.bn)
-    acc += jax.lax.dot_general(x_refs[j][...], w.astype(x_refs[j].dtype),
-                               (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        tiles.bkp, tiles.bn
+      )
+    acc += jax.lax.dot_general(
+      x_refs[j][...],
+      w.astype(x_refs[j].dtype),
+      (((1,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+    )
   acc_ref[...] = acc
 
   @pl.when(t == pl.num_programs(2) - 1)
@@ -66,22 +72,29 @@ def matmul(x, qw: formats.QuantizedWeight, *, interpret: bool = False):
   scales = tiling.pad_to(scales, 2, tiles.bn)
   steps = (k // p) // tiles.bkp
   per_tile = tiling.groups_per_tile(layout, tiles.bkp)
-  x_specs = [pl.BlockSpec((tiles.bm, tiles.bkp), lambda i, jn, t, seg=seg: (i, seg * steps + t))
-             for seg in range(p)]
-  scale_specs = [pl.BlockSpec((per_tile, 1, tiles.bn), lambda i, jn, t, seg=seg: (
-      tiling.scale_block(layout, seg, t, tiles.bkp), 0, jn)) for seg in range(p)]
+  x_specs = [
+    pl.BlockSpec((tiles.bm, tiles.bkp), lambda i, jn, t, seg=seg: (i, seg * steps + t))
+    for seg in range(p)
+  ]
+  scale_specs = [
+    pl.BlockSpec(
+      (per_tile, 1, tiles.bn),
+      lambda i, jn, t, seg=seg: (tiling.scale_block(layout, seg, t, tiles.bkp), 0, jn),
+    )
+    for seg in range(p)
+  ]
   out = pl.pallas_call(
-      functools.partial(_kernel, layout=layout, tiles=tiles),
-      grid=(x.shape[0] // tiles.bm, values.shape[1] // tiles.bn, steps),
-      in_specs=x_specs + [pl.BlockSpec((tiles.bkp, tiles.bn), lambda i, jn, t: (t, jn))]
-      + scale_specs,
-      out_specs=pl.BlockSpec((tiles.bm, tiles.bn), lambda i, jn, t: (i, jn)),
-      out_shape=jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), x.dtype),
-      scratch_shapes=[pltpu.VMEM((tiles.bm, tiles.bn), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if interpret else False,
-      name=f"flaxseed_{layout.fmt}_matmul",
+    functools.partial(_kernel, layout=layout, tiles=tiles),
+    grid=(x.shape[0] // tiles.bm, values.shape[1] // tiles.bn, steps),
+    in_specs=x_specs
+    + [pl.BlockSpec((tiles.bkp, tiles.bn), lambda i, jn, t: (t, jn))]
+    + scale_specs,
+    out_specs=pl.BlockSpec((tiles.bm, tiles.bn), lambda i, jn, t: (i, jn)),
+    out_shape=jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), x.dtype),
+    scratch_shapes=[pltpu.VMEM((tiles.bm, tiles.bn), jnp.float32)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+    interpret=pltpu.InterpretParams() if interpret else False,
+    name=f"flaxseed_{layout.fmt}_matmul",
   )(*([x] * p), values, *([scales] * p))
   return out[:m, :n]
 
@@ -93,8 +106,9 @@ def _w8a8_kernel(x_ref, x_scale_ref, w_ref, w_scale_ref, o_ref, acc_ref):
   def _():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.int32)
 
-  acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.int32)
+  acc_ref[...] += jax.lax.dot_general(
+    x_ref[...], w_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+  )
 
   @pl.when(t == pl.num_programs(2) - 1)
   def _():
@@ -102,8 +116,7 @@ def _w8a8_kernel(x_ref, x_scale_ref, w_ref, w_scale_ref, o_ref, acc_ref):
     o_ref[...] = scaled.astype(o_ref.dtype)
 
 
-def w8a8_matmul(codes, x_scale, qw: formats.QuantizedWeight, *, out_dtype,
-                interpret: bool = False):
+def w8a8_matmul(codes, x_scale, qw: formats.QuantizedWeight, *, out_dtype, interpret: bool = False):
   """int8 activations ``codes [M, K]`` (row scales ``x_scale [M, 1]``) times an int8 weight with
   per-channel scales: int32 accumulation on the MXU, rescaled at the end."""
   layout = qw.layout
@@ -117,18 +130,19 @@ def w8a8_matmul(codes, x_scale, qw: formats.QuantizedWeight, *, out_dtype,
   values = tiling.pad_to(qw.values, 1, tiles.bn)
   w_scale = tiling.pad_to(qw.scales[:, None, :], 2, tiles.bn)
   out = pl.pallas_call(
-      _w8a8_kernel,
-      grid=(codes.shape[0] // tiles.bm, values.shape[1] // tiles.bn, k // tiles.bkp),
-      in_specs=[pl.BlockSpec((tiles.bm, tiles.bkp), lambda i, jn, t: (i, t)),
-                pl.BlockSpec((tiles.bm, 1), lambda i, jn, t: (i, 0)),
-                pl.BlockSpec((tiles.bkp, tiles.bn), lambda i, jn, t: (t, jn)),
-                pl.BlockSpec((1, 1, tiles.bn), lambda i, jn, t: (0, 0, jn))],
-      out_specs=pl.BlockSpec((tiles.bm, tiles.bn), lambda i, jn, t: (i, jn)),
-      out_shape=jax.ShapeDtypeStruct((codes.shape[0], values.shape[1]), out_dtype),
-      scratch_shapes=[pltpu.VMEM((tiles.bm, tiles.bn), jnp.int32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if interpret else False,
-      name="flaxseed_w8a8_matmul",
+    _w8a8_kernel,
+    grid=(codes.shape[0] // tiles.bm, values.shape[1] // tiles.bn, k // tiles.bkp),
+    in_specs=[
+      pl.BlockSpec((tiles.bm, tiles.bkp), lambda i, jn, t: (i, t)),
+      pl.BlockSpec((tiles.bm, 1), lambda i, jn, t: (i, 0)),
+      pl.BlockSpec((tiles.bkp, tiles.bn), lambda i, jn, t: (t, jn)),
+      pl.BlockSpec((1, 1, tiles.bn), lambda i, jn, t: (0, 0, jn)),
+    ],
+    out_specs=pl.BlockSpec((tiles.bm, tiles.bn), lambda i, jn, t: (i, jn)),
+    out_shape=jax.ShapeDtypeStruct((codes.shape[0], values.shape[1]), out_dtype),
+    scratch_shapes=[pltpu.VMEM((tiles.bm, tiles.bn), jnp.int32)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+    interpret=pltpu.InterpretParams() if interpret else False,
+    name="flaxseed_w8a8_matmul",
   )(codes, x_scale, values, w_scale)
   return out[:m, :n]

@@ -19,13 +19,14 @@ from flaxseed.kernels.quant.formats import Layout
 class Tiles:
   """Tile sizes of one call (hashable, static)."""
 
-  bm: int   # rows of x per tile (M is padded to a multiple)
-  bn: int   # output columns per tile (N is padded to a multiple)
+  bm: int  # rows of x per tile (M is padded to a multiple)
+  bn: int  # output columns per tile (N is padded to a multiple)
   bkp: int  # packed byte rows per step (bkp * p weight rows)
 
   @staticmethod
-  def plan(layout: Layout, m: int, *, max_bkp: int = 512, bn: int = 256, min_bm: int = 8,
-           max_bm: int = 128) -> "Tiles":
+  def plan(
+    layout: Layout, m: int, *, max_bkp: int = 512, bn: int = 256, min_bm: int = 8, max_bm: int = 128
+  ) -> "Tiles":
     k, n = layout.shape
     byte_rows = k // layout.per_byte
     bkp = 1

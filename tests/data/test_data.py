@@ -54,13 +54,14 @@ def test_default_corpus_has_prose_and_sources():
   assert not any("/test/" in n or n.startswith("test/") for n in names)
   assert "pydoc_data/topics.py" not in names
   prose = [n for n in names if n.startswith("pydoc_topics/")]
-  assert names[:len(prose)] == sorted(prose)  # prose first, then sources, each sorted
-  assert names[len(prose):] == sorted(names[len(prose):])
+  assert names[: len(prose)] == sorted(prose)  # prose first, then sources, each sorted
+  assert names[len(prose) :] == sorted(names[len(prose) :])
 
 
 def _batches(stream, rows, seed=3, num=6):
-  return pipeline.batches(stream, num_batches=num, global_batch=8, rows=rows, row_len=9, stride=8,
-                      seed=seed, name="train")
+  return pipeline.batches(
+    stream, num_batches=num, global_batch=8, rows=rows, row_len=9, stride=8, seed=seed, name="train"
+  )
 
 
 def test_process_slices_assemble_the_global_batch():
@@ -70,7 +71,8 @@ def test_process_slices_assemble_the_global_batch():
   for t in range(6):
     for key in ("tokens", "segment_ids", "positions"):
       np.testing.assert_array_equal(
-          np.concatenate([halves[0][t][key], halves[1][t][key]]), whole[t][key])
+        np.concatenate([halves[0][t][key], halves[1][t][key]]), whole[t][key]
+      )
 
 
 def test_epochs_are_reshuffled_and_seeds_differ():
@@ -99,8 +101,16 @@ def test_iterator_state_restores_the_exact_next_batch():
 def test_eval_batches_beyond_the_split_are_an_error():
   stream, _ = _stream([100])
   with pytest.raises(ValueError, match="eval_batches=5"):
-    pipeline.batches(stream, num_batches=5, global_batch=8, rows=(0, 8), row_len=9, stride=8,
-                 seed=None, name="validation")
+    pipeline.batches(
+      stream,
+      num_batches=5,
+      global_batch=8,
+      rows=(0, 8),
+      row_len=9,
+      stride=8,
+      seed=None,
+      name="validation",
+    )
 
 
 def test_empty_glob_names_the_key():
@@ -138,11 +148,17 @@ def test_byte_tokenizer_round_trips_text():
 
 def test_huggingface_tokenizer_json_loads(tmp_path):
   pytest.importorskip("tokenizers")
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  from tokenizers import models  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import trainers  # pylint: disable=g-import-not-at-top
+
   tok = Tokenizer(models.BPE(unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.train_from_iterator(["hello world", "hello there world"] * 50,
-                          trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+  tok.train_from_iterator(
+    ["hello world", "hello there world"] * 50,
+    trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]),
+  )
   path = tmp_path / "tokenizer.json"
   tok.save(str(path))
   loaded = tokenizers.load(str(path))
@@ -164,7 +180,7 @@ def test_needle_rows_ask_for_a_pair_written_in_their_first_region():
     pairs = {row[s + 1]: row[s + 2] for s in starts}
     assert len(pairs) == 3  # distinct keys
     assert {k: v for _, k, v in queries} == pairs  # every key asked for once, with its value
-    assert np.all(row[(101 - 9) // 2:-9] >= needle.FILLER)  # filler up to the queries
+    assert np.all(row[(101 - 9) // 2 : -9] >= needle.FILLER)  # filler up to the queries
   with pytest.raises(ValueError, match="hold 1 pairs in their first 10%, fewer than num_pairs=3"):
     needle.rows(rng, 1, 49, **{**spec, "region": 0.1})
   with pytest.raises(ValueError, match="num_pairs=9 <= num_keys=8"):

@@ -13,14 +13,26 @@ def test_quickstart_notebook_runs(tmp_path, repo, child_env):
   assert notebook["nbformat"] == 4
   cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
   assert len(cells) >= 5
-  lines = [line for cell in cells for line in cell.splitlines()
-           if not line.lstrip().startswith(("!", "%"))]
+  lines = [
+    line for cell in cells for line in cell.splitlines() if not line.lstrip().startswith(("!", "%"))
+  ]
   script = tmp_path / "quickstart.py"
   script.write_text("\n".join(lines) + "\n")
-  env = {**child_env(1), "FLAXSEED_NOTEBOOK_QUICK": "1", "MPLBACKEND": "Agg",
-         "FLAXSEED_NOTEBOOK_DIR": str(tmp_path / "runs")}
-  out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                       timeout=600, check=False, cwd=tmp_path)
+  env = {
+    **child_env(1),
+    "FLAXSEED_NOTEBOOK_QUICK": "1",
+    "MPLBACKEND": "Agg",
+    "FLAXSEED_NOTEBOOK_DIR": str(tmp_path / "runs"),
+  }
+  out = subprocess.run(
+    [sys.executable, str(script)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+    cwd=tmp_path,
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   assert "LoRA eval loss on code:" in out.stdout
   for name in ("lm", "sae", "lora"):

@@ -14,7 +14,9 @@ import pytest
 from flaxseed import training
 from flaxseed.configs import lm
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this file and test_kernel_lowering.py, in order: only one process may
+# hold libtpu at a time (aot.py here, topologies there); the reference run is shared too.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("libtpu")]
 
 TEST_CONFIG = "--config=configs/lm.py:test"
 
@@ -29,17 +31,35 @@ def _run(cmd, env, repo, timeout=300):
   return subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_processes_give_the_same_losses_as_one_device(tmp_path, repo, child_env, main_cmd,
-                                                           losses):
-  flags = ["--config.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-           "--config.mesh.tensor=2", "--config.sample_tokens=0"]
+def test_two_processes_give_the_same_losses_as_one_device(
+  tmp_path, repo, child_env, main_cmd, losses
+):
+  flags = [
+    "--config.steps=3",
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+    "--config.sample_tokens=0",
+  ]
   port = _free_port()
-  procs = [subprocess.Popen(
-      main_cmd(TEST_CONFIG, f"--workdir={tmp_path / 'pod'}", *flags,
-               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-               f"--process_id={i}"),
-      env=child_env(4), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      main_cmd(
+        TEST_CONFIG,
+        f"--workdir={tmp_path / 'pod'}",
+        *flags,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      env=child_env(4),
+      cwd=repo,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
@@ -54,8 +74,12 @@ def test_two_processes_give_the_same_losses_as_one_device(tmp_path, repo, child_
 
 
 # A run slow enough to be interrupted: checkpoints every 10 steps, a metrics line every step.
-LONG = ["--config.steps=300", "--config.log_every=1", "--config.sample_tokens=0",
-        "--config.optim.decay_steps=300"]
+LONG = [
+  "--config.steps=300",
+  "--config.log_every=1",
+  "--config.sample_tokens=0",
+  "--config.optim.decay_steps=300",
+]
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +110,13 @@ def _lines(path):
     return 0
 
 
-def test_sigterm_saves_then_resume_continues_exactly(tmp_path, repo, child_env, main_cmd,
-                                                     reference_losses, losses):
+def test_sigterm_saves_then_resume_continues_exactly(
+  tmp_path, repo, child_env, main_cmd, reference_losses, losses
+):
   cmd = main_cmd(TEST_CONFIG, f"--workdir={tmp_path}", "--config.checkpoint_every=0", *LONG)
-  proc = subprocess.Popen(cmd, env=child_env(1), cwd=repo, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    cmd, env=child_env(1), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   _wait_for(lambda: _lines(tmp_path / "metrics.jsonl") >= 20, proc)
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=120)[0]
@@ -104,11 +130,13 @@ def test_sigterm_saves_then_resume_continues_exactly(tmp_path, repo, child_env, 
   assert losses(tmp_path) == reference_losses
 
 
-def test_kill_9_resumes_from_the_last_complete_checkpoint(tmp_path, repo, child_env, main_cmd,
-                                                          reference_losses, losses):
+def test_kill_9_resumes_from_the_last_complete_checkpoint(
+  tmp_path, repo, child_env, main_cmd, reference_losses, losses
+):
   cmd = main_cmd(TEST_CONFIG, f"--workdir={tmp_path}", "--config.checkpoint_every=10", *LONG)
-  proc = subprocess.Popen(cmd, env=child_env(1), cwd=repo, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cmd, env=child_env(1), cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   ckpt = tmp_path / "checkpoints"
   _wait_for(lambda: (ckpt / "20").is_dir() and _lines(tmp_path / "metrics.jsonl") >= 25, proc)
   proc.kill()
@@ -119,16 +147,22 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(tmp_path, repo, child_
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from checkpoint at step {complete}" in result.stdout
   assert losses(tmp_path) == reference_losses  # steps redone after the kill match too
-  steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
-           if "loss" in json.loads(line)]
+  steps = [
+    json.loads(line)["step"]
+    for line in open(tmp_path / "metrics.jsonl")
+    if "loss" in json.loads(line)
+  ]
   assert steps == sorted(set(steps)), "a redone step was logged twice"
 
 
-@pytest.mark.parametrize("flag,message", [
+@pytest.mark.parametrize(
+  "flag,message",
+  [
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.model.num_heads=3", "num_heads=3 must divide d_model=32"),
     ("--config.data.corpus=/nonexistent/*.txt", "config.data.corpus='/nonexistent/*.txt'"),
-])
+  ],
+)
 def test_cli_rejects_bad_input_with_a_message(tmp_path, repo, child_env, main_cmd, flag, message):
   result = _run(main_cmd(TEST_CONFIG, f"--workdir={tmp_path}", flag), child_env(1), repo)
   assert result.returncode != 0
@@ -137,23 +171,45 @@ def test_cli_rejects_bad_input_with_a_message(tmp_path, repo, child_env, main_cm
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-@pytest.mark.parametrize("mesh", [
-    [], ["--config.mesh.data=2", "--config.mesh.tensor=2"],
+@pytest.mark.parametrize(
+  "mesh",
+  [
+    [],
+    ["--config.mesh.data=2", "--config.mesh.tensor=2"],
     # The Pallas TPU attention kernels (Mosaic) inside the sharded step, local/global layers.
-    ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.model.attention_impl=pallas_tpu",
-     "--config.model.attention_pattern=('sliding_window:16','global')"],
+    [
+      "--config.mesh.data=2",
+      "--config.mesh.tensor=2",
+      "--config.model.attention_impl=pallas_tpu",
+      "--config.model.attention_pattern=('sliding_window:16','global')",
+    ],
     # Titans MAC: the memory's scan over segments, Pallas attention per segment, sharded heads.
-    ["--config=configs/titans.py:mac-test", "--config.mesh.data=2",
-     "--config.mesh.tensor=2", "--config.model.attention_impl=pallas_tpu"],
+    [
+      "--config=configs/titans.py:mac-test",
+      "--config.mesh.data=2",
+      "--config.mesh.tensor=2",
+      "--config.model.attention_impl=pallas_tpu",
+    ],
     # The diffusion LM: bidirectional Pallas attention, the masking inside the step.
-    ["--config=configs/diffusion_lm.py:test", "--config.mesh.data=2",
-     "--config.mesh.tensor=2", "--config.model.attention_impl=pallas_tpu"],
-])
+    [
+      "--config=configs/diffusion_lm.py:test",
+      "--config.mesh.data=2",
+      "--config.mesh.tensor=2",
+      "--config.model.attention_impl=pallas_tpu",
+    ],
+  ],
+)
 def test_train_step_compiles_for_a_tpu_topology(tmp_path, repo, child_env, mesh):
   out = tmp_path / "aot.json"
   config = [] if any(flag.startswith("--config=") for flag in mesh) else [TEST_CONFIG]
-  cmd = [sys.executable, os.path.join(repo, "experiments", "aot.py"), *config,
-         "--topology=v5e:2x2", f"--json={out}", *mesh]
+  cmd = [
+    sys.executable,
+    os.path.join(repo, "experiments", "aot.py"),
+    *config,
+    "--topology=v5e:2x2",
+    f"--json={out}",
+    *mesh,
+  ]
   result = _run(cmd, child_env(1), repo)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())

@@ -17,9 +17,20 @@ def test_browser_shows_the_top_contexts_of_each_feature(tmp_path, repo, child_en
   config = common.override(sae_configs.get_config("test"), **{"steps": 6, "mesh.data": 1})
   training.train(config, str(tmp_path / "sae"))
   out = subprocess.run(
-      [sys.executable, f"{repo}/experiments/sae/browse.py", f"--workdir={tmp_path / 'sae'}",
-       "--features=5", "--rows=16", "--contexts=3"],
-      env=child_env(1), capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      f"{repo}/experiments/sae/browse.py",
+      f"--workdir={tmp_path / 'sae'}",
+      "--features=5",
+      "--rows=16",
+      "--contexts=3",
+    ],
+    env=child_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   browser = tmp_path / "sae" / "browser"
   summary = json.loads((browser / "summary.json").read_text())
@@ -35,4 +46,6 @@ def test_browser_shows_the_top_contexts_of_each_feature(tmp_path, repo, child_en
     assert len(contexts) == 3
     outlined = [float(re.search(r'class="max"[^>]*data-act="([0-9.]+)"', c)[1]) for c in contexts]
     # Contexts are in decreasing order of the outlined activation, the first one the maximum.
-    assert outlined == sorted(outlined, reverse=True) and outlined[0] == pytest.approx(top, abs=1e-3)
+    assert outlined == sorted(outlined, reverse=True) and outlined[0] == pytest.approx(
+      top, abs=1e-3
+    )

@@ -34,8 +34,10 @@ import pytest
 ENV = "FLAXSEED_INTERPRET"
 _SETTING = os.environ.get(ENV, "")
 if _SETTING not in ("", "0", "1"):
-  raise pytest.UsageError(f"{ENV}={_SETTING!r}: use 1 (interpret), 0 (compiled) or leave it "
-                          "unset (interpret on the CPU backend only)")
+  raise pytest.UsageError(
+    f"{ENV}={_SETTING!r}: use 1 (interpret), 0 (compiled) or leave it "
+    "unset (interpret on the CPU backend only)"
+  )
 
 # The backend a Pallas implementation compiles for (the XLA implementations run anywhere).
 _PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
@@ -65,7 +67,9 @@ def require_backend(interpret):  # pylint: disable=redefined-outer-name
       return
     backend = jax.default_backend()
     if platform != backend:
-      pytest.skip(f"{implementation} runs compiled only on {platform.upper()}; the backend is "
-                  f"{backend} and {ENV}={_SETTING or 'unset'} (set {ENV}=1 to interpret)")
+      pytest.skip(
+        f"{implementation} runs compiled only on {platform.upper()}; the backend is "
+        f"{backend} and {ENV}={_SETTING or 'unset'} (set {ENV}=1 to interpret)"
+      )
 
   return check

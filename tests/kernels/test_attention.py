@@ -41,7 +41,7 @@ def _naive(q, k, v, causal, segment_ids, cap=None):
     mask &= np.tril(np.ones((length, length), bool))
   if segment_ids is not None:
     seg = np.asarray(segment_ids)
-    mask &= (seg[:, None, :, None] == seg[:, None, None, :])
+    mask &= seg[:, None, :, None] == seg[:, None, None, :]
   s = np.where(mask, s, -np.inf)
   m = np.max(s, axis=-1, keepdims=True)
   m = np.where(np.isfinite(m), m, 0)
@@ -97,7 +97,8 @@ def test_rows_without_visible_keys_are_zero_not_nan(implementation):
   seg_kv = jnp.ones((2, 32), jnp.int32)
   segments = kernels.SegmentIds(seg_q, seg_kv)
   fn = lambda q, k, v: kernels.flash_attention(  # noqa: E731
-      q, k, v, causal=True, segment_ids=segments, implementation=implementation)
+    q, k, v, causal=True, segment_ids=segments, implementation=implementation
+  )
   out = fn(q, k, v)
   assert np.all(np.asarray(out[:, 16:]) == 0)
   assert np.all(np.isfinite(out))
@@ -117,8 +118,14 @@ def test_q_offset_matches_suffix_of_full_attention():
 
 def test_bfloat16_inputs_keep_dtype_and_accuracy():
   q, k, v = _inputs(dtype=jnp.bfloat16)
-  out = kernels.flash_attention(q, k, v, causal=True, implementation="xla_chunked",
-                                block_sizes=xla_chunked.BlockSizes(block_q=16))
+  out = kernels.flash_attention(
+    q,
+    k,
+    v,
+    causal=True,
+    implementation="xla_chunked",
+    block_sizes=xla_chunked.BlockSizes(block_q=16),
+  )
   assert out.dtype == jnp.bfloat16
   ref = _naive(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), True, None)
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=5e-2)
@@ -132,12 +139,15 @@ def test_default_implementation_runs_and_matches():
   np.testing.assert_allclose(out, reference.attention(q, k, v, causal=True), atol=1e-5)
 
 
-@pytest.mark.parametrize("bad,match", [
+@pytest.mark.parametrize(
+  "bad,match",
+  [
     (dict(implementation="nope"), "unknown attention implementation 'nope'"),
     (dict(k_heads=3), "multiple of kv heads"),
     (dict(segment_len=7), "segment_ids.q must be"),
     (dict(k_len=5), "does not match q"),
-])
+  ],
+)
 def test_bad_arguments_raise_clear_errors(bad, match):
   q, k, v = _inputs(length=8, h=4, k=2)
   if "k_heads" in bad:
@@ -146,5 +156,4 @@ def test_bad_arguments_raise_clear_errors(bad, match):
     k = v = jnp.zeros((2, 5, 2, 16))
   seg = jnp.ones((2, bad["segment_len"]), jnp.int32) if "segment_len" in bad else None
   with pytest.raises(ValueError, match=match):
-    kernels.flash_attention(q, k, v, segment_ids=seg,
-                            implementation=bad.get("implementation"))
+    kernels.flash_attention(q, k, v, segment_ids=seg, implementation=bad.get("implementation"))

@@ -10,8 +10,15 @@ import pytest
 from flaxseed import kernels
 from flaxseed.kernels.quant import formats
 
-FORMATS = [("int8", None), ("int8", 64), ("int4", 128), ("int4", 32), ("nf4", 64), ("nf4", 128),
-           ("ternary", None)]
+FORMATS = [
+  ("int8", None),
+  ("int8", 64),
+  ("int4", 128),
+  ("int4", 32),
+  ("nf4", 64),
+  ("nf4", 128),
+  ("ternary", None),
+]
 
 
 def _weight(k=256, n=200, seed=0):
@@ -55,13 +62,16 @@ def test_quantize_round_trip_and_error_bound(fmt, group):
     assert formats.max_abs_error(qw, w) > 0  # it does quantize
 
 
-@pytest.mark.parametrize("bad,match", [
+@pytest.mark.parametrize(
+  "bad,match",
+  [
     (dict(fmt="int3"), "fmt='int3' is not one of"),
     (dict(fmt="int4", group_size=48), "group_size=48 is not one of"),
     (dict(fmt="int4", group_size=128, k=192), "group_size=128 must divide the contraction dim"),
     (dict(fmt="ternary", group_size=64), "ternary uses one absmean scale"),
     (dict(fmt="ternary", k=66), "ternary packs 4 rows per byte: K=66"),
-])
+  ],
+)
 def test_bad_quantization_arguments(bad, match):
   w = _weight(k=bad.pop("k", 256))
   with pytest.raises(ValueError, match=match):
@@ -71,8 +81,9 @@ def test_bad_quantization_arguments(bad, match):
 @pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("fmt,group", FORMATS)
 @pytest.mark.parametrize("m", [1, 5, 16, 37])  # decode shapes and a ragged prefill
-def test_kernel_matches_dequantized_reference(implementation, fmt, group, m, interpret,
-                                              require_backend):
+def test_kernel_matches_dequantized_reference(
+  implementation, fmt, group, m, interpret, require_backend
+):
   require_backend(implementation)
   w = _weight(k=256, n=200)  # N ragged against the 128-column tiles
   qw = kernels.quantize_weight(w, fmt, group)
@@ -87,6 +98,7 @@ def test_kernel_matches_dequantized_reference(implementation, fmt, group, m, int
 def test_pallas_gpu_split_k_equals_one_pass(fmt, group, interpret, require_backend):
   """The GPU kernel's K splits (float32 partials summed afterwards) give the same product."""
   from flaxseed.kernels.quant import pallas_gpu  # pylint: disable=g-import-not-at-top
+
   qw = kernels.quantize_weight(_weight(k=512, n=96), fmt, group)
   x = jax.random.normal(jax.random.key(1), (3, 512), jnp.float32)
   want = np.asarray(x, np.float64) @ np.asarray(kernels.dequantize_weight(qw), np.float64)
@@ -105,13 +117,26 @@ def test_gradient_flows_to_x_and_not_to_the_weight(implementation, interpret, re
   qw = kernels.quantize_weight(w, "int4", 32)
   x = jax.random.normal(jax.random.key(0), (3, 4, 128), jnp.float32)  # leading axes flatten
   wd = kernels.dequantize_weight(qw)
-  f = lambda x: jnp.sum(jnp.sin(kernels.quantized_matmul(  # noqa: E731
-      x, qw, implementation=implementation, interpret=interpret)))
-  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(lambda x: jnp.sum(jnp.sin(x @ wd)))(x),
-                             atol=1e-4, rtol=1e-4)
-  g_scales = jax.grad(lambda s: jnp.sum(kernels.quantized_matmul(
-      x, formats.QuantizedWeight(qw.values, s, qw.layout), implementation=implementation,
-      interpret=interpret)))(qw.scales)
+  f = lambda x: jnp.sum(
+    jnp.sin(
+      kernels.quantized_matmul(  # noqa: E731
+        x, qw, implementation=implementation, interpret=interpret
+      )
+    )
+  )
+  np.testing.assert_allclose(
+    jax.grad(f)(x), jax.grad(lambda x: jnp.sum(jnp.sin(x @ wd)))(x), atol=1e-4, rtol=1e-4
+  )
+  g_scales = jax.grad(
+    lambda s: jnp.sum(
+      kernels.quantized_matmul(
+        x,
+        formats.QuantizedWeight(qw.values, s, qw.layout),
+        implementation=implementation,
+        interpret=interpret,
+      )
+    )
+  )(qw.scales)
   assert not np.any(np.asarray(g_scales))  # frozen
 
 
@@ -144,17 +169,23 @@ def test_w8a8_kernel_equals_its_integer_reference(m, interpret, require_backend)
   x = jax.random.normal(jax.random.key(m), (m, 256), jnp.float32)
   xla = kernels.quantized_matmul(x, qw, implementation="xla", activations="int8")
   codes, x_scale = kernels.quant.api.quantize_rows(x)
-  exact = (np.asarray(codes, np.int64) @ np.asarray(qw.values, np.int64)) * np.asarray(
-      x_scale, np.float64) * np.asarray(qw.scales, np.float64)
+  exact = (
+    (np.asarray(codes, np.int64) @ np.asarray(qw.values, np.int64))
+    * np.asarray(x_scale, np.float64)
+    * np.asarray(qw.scales, np.float64)
+  )
   np.testing.assert_allclose(xla, exact, rtol=1e-6, atol=1e-6)
   assert np.max(np.abs(np.asarray(codes))) == 127  # each row uses the full int8 range
   for fmt, group in (("int4", 128), ("int8", 64)):
-    with pytest.raises(ValueError, match=f"w8a8. needs int8 weights with per-channel scales, "
-                       f"got {fmt} with group_size={group}"):
+    with pytest.raises(
+      ValueError,
+      match=f"w8a8. needs int8 weights with per-channel scales, got {fmt} with group_size={group}",
+    ):
       kernels.quantized_matmul(x, kernels.quantize_weight(w, fmt, group), activations="int8")
   require_backend("pallas_tpu")  # after the XLA checks, which run everywhere
-  tpu = kernels.quantized_matmul(x, qw, implementation="pallas_tpu", activations="int8",
-                                 interpret=interpret)
+  tpu = kernels.quantized_matmul(
+    x, qw, implementation="pallas_tpu", activations="int8", interpret=interpret
+  )
   np.testing.assert_array_equal(tpu, xla)
 
 
@@ -165,12 +196,23 @@ def test_sharded_quantized_matmul_matches_unsharded(fmt, group, interpret, requi
   require_backend("pallas_tpu")
   if len(jax.devices()) < 4:
     pytest.skip(f"needs 4 devices for a 2x2 mesh, this backend has {len(jax.devices())}")
-  mesh = jax.make_mesh((2, 2), ("data", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:4])
+  mesh = jax.make_mesh(
+    (2, 2),
+    ("data", "tensor"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    devices=jax.devices()[:4],
+  )
   qw = kernels.quantize_weight(_weight(k=256, n=256), fmt, group)
   x = jax.random.normal(jax.random.key(1), (6, 256), jnp.float32)
   want = kernels.quantized_matmul(x, qw, implementation="pallas_tpu", interpret=interpret)
-  got = jax.jit(lambda x, qw: kernels.quantized_matmul(
-      x, qw, implementation="pallas_tpu", interpret=interpret, mesh=mesh,
-      spec=jax.sharding.PartitionSpec("data", "tensor")))(x, qw)
+  got = jax.jit(
+    lambda x, qw: kernels.quantized_matmul(
+      x,
+      qw,
+      implementation="pallas_tpu",
+      interpret=interpret,
+      mesh=mesh,
+      spec=jax.sharding.PartitionSpec("data", "tensor"),
+    )
+  )(x, qw)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)

@@ -20,8 +20,11 @@ MASK = 256
 
 
 def _model(**kw):
-  return diffusion_lm.DiffusionLM(diffusion_lm.DiffusionLMConfig.tiny(
-      **{**dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64), **kw}))
+  return diffusion_lm.DiffusionLM(
+    diffusion_lm.DiffusionLMConfig.tiny(
+      **{**dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64), **kw}
+    )
+  )
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,9 @@ def test_model_is_bidirectional_and_never_predicts_mask(model_and_params):
 def test_noise_masks_only_noisable_tokens_at_rate_p():
   tokens = jnp.zeros((8, 4000), jnp.int32)
   noisable = jnp.arange(4000)[None] >= 1000
-  noisy, masked, p = diffusion_lm.noise(jax.random.key(3), tokens, noisable, mask_token_id=MASK,
-                                        eps=1e-3, antithetic=True)
+  noisy, masked, p = diffusion_lm.noise(
+    jax.random.key(3), tokens, noisable, mask_token_id=MASK, eps=1e-3, antithetic=True
+  )
   np.testing.assert_array_equal(np.asarray(noisy == MASK), np.asarray(masked))
   assert not masked[:, :1000].any()
   np.testing.assert_allclose(masked[:, 1000:].mean(-1), p, atol=0.03)
@@ -77,8 +81,9 @@ def test_pretrain_loss_by_hand():
       if masked[b, i]:
         expected -= _log_softmax(logits[b, i])[tokens[b, i]] / p[b]
   expected /= 2 * 5
-  got = diffusion_lm.pretrain_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(masked),
-                                   jnp.asarray(p, jnp.float32))
+  got = diffusion_lm.pretrain_loss(
+    jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(masked), jnp.asarray(p, jnp.float32)
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -91,11 +96,19 @@ def test_sft_loss_by_hand():
   p = np.array([0.5, 0.25])
   rows = []
   for b in range(2):
-    total = sum(-_log_softmax(logits[b, i])[tokens[b, i]] / p[b]
-                for i in range(6) if masked[b, i] and answer[b, i])
+    total = sum(
+      -_log_softmax(logits[b, i])[tokens[b, i]] / p[b]
+      for i in range(6)
+      if masked[b, i] and answer[b, i]
+    )
     rows.append(total / answer[b].sum())
-  got = diffusion_lm.sft_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(masked),
-                              jnp.asarray(p, jnp.float32), jnp.asarray(answer))
+  got = diffusion_lm.sft_loss(
+    jnp.asarray(logits),
+    jnp.asarray(tokens),
+    jnp.asarray(masked),
+    jnp.asarray(p, jnp.float32),
+    jnp.asarray(answer),
+  )
   np.testing.assert_allclose(got, np.mean(rows), rtol=1e-5)
 
 
@@ -115,8 +128,9 @@ def test_task_loss_is_the_hand_computation_on_its_mask():
   params, _ = task.init(jax.random.key(0), batch)
   key = jax.random.key(7)
   loss, metrics = task.loss(params, {}, batch, key)
-  noisy, masked, p = diffusion_lm.noise(jax.random.split(key)[0], tokens, segments != 0,
-                                        mask_token_id=MASK, eps=1e-3, antithetic=True)
+  noisy, masked, p = diffusion_lm.noise(
+    jax.random.split(key)[0], tokens, segments != 0, mask_token_id=MASK, eps=1e-3, antithetic=True
+  )
   logits = task.model.apply({"params": params}, noisy, segment_ids=segments, positions=positions)
   logp = _log_softmax(logits)
   masked, p = np.asarray(masked), np.asarray(p, np.float64)
@@ -132,8 +146,9 @@ def test_sft_rows_and_loss_never_mask_the_prompt(tmp_path):
   path.write_text("\n".join(json.dumps(e) for e in examples))
   config = _config(**{"diffusion.sft_data": str(path), "batch_size": 2, "seq_len": 8})
   task = tasks.build(config)
-  train, held_out = task.datasets(global_batch=2, rows=(0, 2), train_batches=3, eval_batches=1,
-                                  seed=0)
+  train, held_out = task.datasets(
+    global_batch=2, rows=(0, 2), train_batches=3, eval_batches=1, seed=0
+  )
   batch = held_out[0]
   assert batch["tokens"].shape == (2, 8)
   text = bytes(batch["tokens"][0][:5].tolist()).decode()
@@ -142,12 +157,13 @@ def test_sft_rows_and_loss_never_mask_the_prompt(tmp_path):
   batch = train[0]
   params, _ = task.init(jax.random.key(0), batch)
   for seed in range(5):  # the prompt is never masked; only answers (EOS padding included) are
-    _, masked, _ = diffusion_lm.noise(jax.random.key(seed), batch["tokens"],
-                                      batch["prompt_mask"] == 0, mask_token_id=MASK)
+    _, masked, _ = diffusion_lm.noise(
+      jax.random.key(seed), batch["tokens"], batch["prompt_mask"] == 0, mask_token_id=MASK
+    )
     assert not np.asarray(masked)[batch["prompt_mask"] == 1].any()
   loss, _ = task.loss(params, {}, batch, jax.random.key(0))
   assert np.isfinite(loss)
-  metrics = task.evaluate(params, {}, held_out[0])
+  metrics = task.evaluate(params, {}, held_out[0], task.init_state())
   assert float(metrics["loss"][1]) == (held_out[0]["prompt_mask"] == 0).sum()
 
 
@@ -160,7 +176,8 @@ def test_sft_data_errors_name_the_file_and_line(tmp_path):
   with pytest.raises(ValueError, match="mask_token_id=120"):  # 'x' is byte 120
     path.write_text(json.dumps({"prompt": "x", "response": "y"}))
     tasks.build(_config(**{"diffusion.sft_data": str(path), "model.mask_token_id": 120})).datasets(
-        global_batch=1, rows=(0, 1), train_batches=1, eval_batches=0, seed=0)
+      global_batch=1, rows=(0, 1), train_batches=1, eval_batches=0, seed=0
+    )
   path.write_text(json.dumps({"prompt": "x" * 30, "response": "y" * 5}))
   task = tasks.build(_config(**{"diffusion.sft_data": str(path)}))
   with pytest.raises(ValueError, match=r"bad.jsonl:1.*seq_len=32"):
@@ -172,8 +189,10 @@ def test_trains_through_the_loop_sharded_like_one_device(tmp_path, losses, train
   device, and an ELBO eval."""
   common_overrides = {"steps": 3, "sample_tokens": 8, "eval_every": 3}
   training.train(_config(**common_overrides, **{"mesh.data": 1}), str(tmp_path / "one"))
-  training.train(_config(**common_overrides, **{"mesh.data": 2, "mesh.fsdp": 2,
-                                                "mesh.tensor": 2}), str(tmp_path / "mesh"))
+  training.train(
+    _config(**common_overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+    str(tmp_path / "mesh"),
+  )
   one, mesh = losses(tmp_path / "one"), losses(tmp_path / "mesh")
   assert list(one) == [1, 2, 3]
   for step in one:
@@ -192,8 +211,12 @@ def test_config_errors_name_the_field():
     tasks.build(_config(**{"diffusion.eps": 0.0}))
   config = _config()
   with pytest.raises(ValueError, match="model_family='diffusion_lm'"):
-    tasks.DiffusionTask(models.get("transformer-tiny"), seq_len=32, data_config=config.data,
-                        diffusion_config=config.diffusion)
+    tasks.DiffusionTask(
+      models.get("transformer-tiny"),
+      seq_len=32,
+      data_config=config.data,
+      diffusion_config=config.diffusion,
+    )
 
 
 def test_zoo():
@@ -213,9 +236,17 @@ def test_generate_keeps_prompt_fills_every_mask_on_schedule(model_and_params):
   model, params = model_and_params
   prompt = np.array([[5, 6, 7], [8, 9, 10]], np.int32)
   gen, block, steps = 12, 4, 9  # 3 blocks of 4 tokens in 3 steps each: 2, 1, 1
-  out, trace = diffusion_lm.generate(model, params, prompt, gen_length=gen, steps=steps,
-                                     block_length=block, temperature=1.0,
-                                     rng=jax.random.key(0), return_trace=True)
+  out, trace = diffusion_lm.generate(
+    model,
+    params,
+    prompt,
+    gen_length=gen,
+    steps=steps,
+    block_length=block,
+    temperature=1.0,
+    rng=jax.random.key(0),
+    return_trace=True,
+  )
   out, trace = np.asarray(out), np.asarray(trace)
   assert trace.shape == (steps, 2, 15)
   np.testing.assert_array_equal(trace[:, :, :3], np.broadcast_to(prompt, (steps, 2, 3)))
@@ -226,8 +257,8 @@ def test_generate_keeps_prompt_fills_every_mask_on_schedule(model_and_params):
   np.testing.assert_array_equal(committed, np.repeat([[2, 1, 1] * 3], 2, 0).T)
   for s in range(steps):  # blocks fill left to right: later blocks stay masked
     block_now = s // 3
-    assert (trace[s, :, 3 + 4 * (block_now + 1):] == MASK).all()
-    assert not (trace[s, :, 3:3 + 4 * block_now] == MASK).any()
+    assert (trace[s, :, 3 + 4 * (block_now + 1) :] == MASK).all()
+    assert not (trace[s, :, 3 : 3 + 4 * block_now] == MASK).any()
 
 
 @pytest.mark.parametrize("count,steps", [(10, 4), (7, 7), (9, 2), (5, 3)])
@@ -243,8 +274,9 @@ def test_low_confidence_with_guidance_commits_the_most_confident_guided_token(mo
   model, params = model_and_params
   prompt = np.array([[40, 41, 42, 43]], np.int32)
   scale = 1.5
-  _, trace = diffusion_lm.generate(model, params, prompt, gen_length=6, steps=6, block_length=6,
-                                   cfg_scale=scale, return_trace=True)
+  _, trace = diffusion_lm.generate(
+    model, params, prompt, gen_length=6, steps=6, block_length=6, cfg_scale=scale, return_trace=True
+  )
   canvas = np.concatenate([prompt, np.full((1, 6), MASK, np.int32)], 1)
   cond = np.asarray(model.apply({"params": params}, canvas), np.float64)
   uncond = np.asarray(model.apply({"params": params}, np.full_like(canvas, MASK)), np.float64)
@@ -263,8 +295,9 @@ def test_same_seed_same_output_and_no_recompiles(model_and_params):
   a = diffusion_lm.generate(model, params, prompt, rng=jax.random.key(1), **kw)
   size = diffusion_lm._denoise._cache_size()  # pylint: disable=protected-access
   b = diffusion_lm.generate(model, params, prompt, rng=jax.random.key(1), **kw)
-  c = diffusion_lm.generate(model, params, prompt + 1, rng=jax.random.key(2),
-                            **{**kw, "temperature": 0.7})  # other values, same shapes
+  c = diffusion_lm.generate(
+    model, params, prompt + 1, rng=jax.random.key(2), **{**kw, "temperature": 0.7}
+  )  # other values, same shapes
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a[:, 3:], c[:, 3:])
   assert diffusion_lm._denoise._cache_size() == size  # pylint: disable=protected-access
@@ -291,8 +324,9 @@ def test_sampler_argument_errors(model_and_params):
   with pytest.raises(ValueError, match="steps=3"):
     diffusion_lm.generate(model, params, prompt, gen_length=8, steps=3, block_length=4)
   with pytest.raises(ValueError, match="remasking"):
-    diffusion_lm.generate(model, params, prompt, gen_length=8, steps=8, block_length=8,
-                          remasking="top")
+    diffusion_lm.generate(
+      model, params, prompt, gen_length=8, steps=8, block_length=8, remasking="top"
+    )
   with pytest.raises(ValueError, match="mask_token_id"):
     diffusion_lm.generate(model, params, prompt * MASK, gen_length=8, steps=8, block_length=8)
 
@@ -302,8 +336,9 @@ def test_sampler_argument_errors(model_and_params):
 
 
 def _tiny_vocab_model():
-  config = diffusion_lm.DiffusionLMConfig(vocab_size=6, mask_token_id=4, eos_token_id=5,
-                                          d_model=16, num_layers=1, num_heads=2, mlp_dim=32)
+  config = diffusion_lm.DiffusionLMConfig(
+    vocab_size=6, mask_token_id=4, eos_token_id=5, d_model=16, num_layers=1, num_heads=2, mlp_dim=32
+  )
   model = diffusion_lm.DiffusionLM(config)
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   return model, jax.tree.map(lambda p: 4.0 * p, params)
@@ -346,10 +381,20 @@ def test_elbo_bounds_the_exact_nll_and_its_spread_shrinks(prompt_len):
   assert exact_elbo > exact_nll + 1e-3  # Jensen, strictly for a model this uneven
   estimates = {}
   for n in (4, 64):
-    estimates[n] = np.array([
-        diffusion_lm.elbo(model, params, x[None], num_samples=n, batch_size=4,
-                          prompt_len=prompt_len, rng=jax.random.key(seed)).nats[0]
-        for seed in range(24)])
+    estimates[n] = np.array(
+      [
+        diffusion_lm.elbo(
+          model,
+          params,
+          x[None],
+          num_samples=n,
+          batch_size=4,
+          prompt_len=prompt_len,
+          rng=jax.random.key(seed),
+        ).nats[0]
+        for seed in range(24)
+      ]
+    )
   for n, e in estimates.items():  # unbiased: the mean is the exact ELBO within 4 standard errors
     assert abs(e.mean() - exact_elbo) < 4 * e.std() / math.sqrt(len(e)) + 1e-4, (n, e.mean())
   assert estimates[64].std() < estimates[4].std() / 2.5  # ~ 1/sqrt(16) or better
@@ -358,8 +403,9 @@ def test_elbo_bounds_the_exact_nll_and_its_spread_shrinks(prompt_len):
 
 def test_stratified_counts_cover_every_count_evenly():
   answer = jnp.broadcast_to(jnp.arange(10) >= 2, (3, 10))  # 8 answer tokens a row
-  masked, count = diffusion_lm.stratified_masks(jax.random.key(0), jnp.array([0.1, 0.5, 0.97]),
-                                                jnp.arange(16), 16, answer)
+  masked, count = diffusion_lm.stratified_masks(
+    jax.random.key(0), jnp.array([0.1, 0.5, 0.97]), jnp.arange(16), 16, answer
+  )
   for b in range(3):
     np.testing.assert_array_equal(np.bincount(count[:, b], minlength=9)[1:], [2] * 8)
   np.testing.assert_array_equal(masked.sum(-1), count)

@@ -24,32 +24,73 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 12)), jnp.int3
 
 
 def _model(**kw):
-  cfg = transformer.TransformerConfig(**{
-      "vocab_size": 97, "d_model": 48, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-      "mlp_dim": 80, "tie_embeddings": False, "norm_eps": 1e-5, "rope_theta": 500.0, **kw})
+  cfg = transformer.TransformerConfig(
+    **{
+      "vocab_size": 97,
+      "d_model": 48,
+      "num_layers": 2,
+      "num_heads": 4,
+      "num_kv_heads": 2,
+      "mlp_dim": 80,
+      "tie_embeddings": False,
+      "norm_eps": 1e-5,
+      "rope_theta": 500.0,
+      **kw,
+    }
+  )
   model = transformer.Transformer(cfg)
   params = model.init(jax.random.key(0), TOKENS)["params"]
   # Norm scales and biases away from their init, so a wrong mapping of them shows.
   params = jax.tree_util.tree_map_with_path(
-      lambda kp, x: x + 0.1 * jax.random.normal(jax.random.key(len(kp)), x.shape)
-      if re.search("scale|bias", jax.tree_util.keystr(kp)) else x, nn.unbox(params))
+    lambda kp, x: (
+      x + 0.1 * jax.random.normal(jax.random.key(len(kp)), x.shape)
+      if re.search("scale|bias", jax.tree_util.keystr(kp))
+      else x
+    ),
+    nn.unbox(params),
+  )
   return model, params
 
 
 # The transformer fields of each family (tiny shapes from _model), and its model_type.
 FAMILIES = {
-    "llama": ("llama", dict(rope_scaling="llama3:factor=8,original_max_position_embeddings=8")),
-    "mistral": ("mistral", dict(attention_pattern=("sliding_window:4",))),
-    "qwen2": ("qwen2", dict(biases="qkv")),
-    "gemma": ("gemma", dict(norm_offset=1.0, embed_scale=True, mlp_activation="geglu",
-                            tie_embeddings=True, head_dim=16)),
-    "gemma2": ("gemma2", dict(norm_offset=1.0, embed_scale=True, mlp_activation="geglu",
-                              tie_embeddings=True, head_dim=16, post_norms=True,
-                              logit_soft_cap=3.0, attn_logit_soft_cap=5.0, attn_scale=0.2,
-                              attention_pattern=("sliding_window:4", "global"))),
-    "gpt2": ("gpt2", dict(norm="layer", position_embedding="learned", max_positions=32,
-                          biases="all", mlp_activation="gelu", tie_embeddings=True,
-                          num_kv_heads=None, rope_theta=10_000.0)),
+  "llama": ("llama", dict(rope_scaling="llama3:factor=8,original_max_position_embeddings=8")),
+  "mistral": ("mistral", dict(attention_pattern=("sliding_window:4",))),
+  "qwen2": ("qwen2", dict(biases="qkv")),
+  "gemma": (
+    "gemma",
+    dict(
+      norm_offset=1.0, embed_scale=True, mlp_activation="geglu", tie_embeddings=True, head_dim=16
+    ),
+  ),
+  "gemma2": (
+    "gemma2",
+    dict(
+      norm_offset=1.0,
+      embed_scale=True,
+      mlp_activation="geglu",
+      tie_embeddings=True,
+      head_dim=16,
+      post_norms=True,
+      logit_soft_cap=3.0,
+      attn_logit_soft_cap=5.0,
+      attn_scale=0.2,
+      attention_pattern=("sliding_window:4", "global"),
+    ),
+  ),
+  "gpt2": (
+    "gpt2",
+    dict(
+      norm="layer",
+      position_embedding="learned",
+      max_positions=32,
+      biases="all",
+      mlp_activation="gelu",
+      tie_embeddings=True,
+      num_kv_heads=None,
+      rope_theta=10_000.0,
+    ),
+  ),
 }
 
 
@@ -57,12 +98,14 @@ def _adapters(params, cfg, seed=3):
   adapters = lora.init(jax.random.key(2), params, cfg)
   leaves, tree = jax.tree.flatten(adapters)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
-@pytest.mark.parametrize("kw", [dict(scan_layers=True),
-                                dict(scan_layers=False, tie_embeddings=True)])
+@pytest.mark.parametrize(
+  "kw", [dict(scan_layers=True), dict(scan_layers=False, tie_embeddings=True)]
+)
 def test_round_trip_gives_the_same_parameters(tmp_path, kw):
   model, params = _model(**kw)
   hf.to_pretrained(model, params, str(tmp_path))
@@ -74,8 +117,11 @@ def test_round_trip_gives_the_same_parameters(tmp_path, kw):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # bf16 files (most published checkpoints) load upcast to float32.
   from safetensors import flax as st_flax  # pylint: disable=g-import-not-at-top
-  bf16 = {k: v.astype(jnp.bfloat16) for k, v in st_flax.load_file(
-      str(tmp_path / "model.safetensors")).items()}
+
+  bf16 = {
+    k: v.astype(jnp.bfloat16)
+    for k, v in st_flax.load_file(str(tmp_path / "model.safetensors")).items()
+  }
   st_flax.save_file(bf16, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
   _, loaded = hf.from_pretrained(str(tmp_path), scan_layers=kw["scan_layers"])
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
@@ -83,8 +129,9 @@ def test_round_trip_gives_the_same_parameters(tmp_path, kw):
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32)), b)
   # Scanned <-> unrolled through the checkpoint: the same function.
   other_model, other = hf.from_pretrained(str(tmp_path), scan_layers=not kw["scan_layers"])
-  np.testing.assert_allclose(other_model.apply({"params": other}, TOKENS),
-                             model.apply({"params": loaded}, TOKENS), atol=1e-5)
+  np.testing.assert_allclose(
+    other_model.apply({"params": other}, TOKENS), model.apply({"params": loaded}, TOKENS), atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -102,8 +149,9 @@ def test_every_family_round_trips(tmp_path, family):
 def test_loads_sharded_on_a_mesh(tmp_path):
   model, params = _model(biases="qkv", vocab_size=96)
   hf.to_pretrained(model, params, str(tmp_path))
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 3
+  )
   _, sharded = hf.from_pretrained(str(tmp_path), mesh=mesh)
   q = sharded["layers"]["attn"]["q"]["kernel"]  # [layers, D, H, E]: D over fsdp, H over tensor
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
@@ -114,13 +162,18 @@ def test_loads_sharded_on_a_mesh(tmp_path):
 
 def test_tokenizer_from_the_folder(tmp_path):
   pytest.importorskip("tokenizers")
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  from tokenizers import models  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import trainers  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(ValueError, match="no tokenizer.json or tokenizer.model"):
     hf.tokenizer(str(tmp_path))
   tok = Tokenizer(models.BPE(unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.train_from_iterator(["hello world"] * 20, trainers.BpeTrainer(vocab_size=40,
-                                                                    special_tokens=["[UNK]"]))
+  tok.train_from_iterator(
+    ["hello world"] * 20, trainers.BpeTrainer(vocab_size=40, special_tokens=["[UNK]"])
+  )
   tok.save(str(tmp_path / "tokenizer.json"))
   loaded = hf.tokenizer(str(tmp_path))
   assert loaded.decode(loaded.encode("hello world")).replace(" ", "") == "helloworld"
@@ -128,9 +181,9 @@ def test_tokenizer_from_the_folder(tmp_path):
 
 def test_peft_export_layout(tmp_path):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   model, params = _model()
-  cfg = lora.LoraConfig(rank=4, alpha=8, targets=r".*(attn/(q|o)|mlp/down)/kernel",
-                        variant="dora")
+  cfg = lora.LoraConfig(rank=4, alpha=8, targets=r".*(attn/(q|o)|mlp/down)/kernel", variant="dora")
   adapters = _adapters(params, cfg)
   hf.to_peft(adapters, cfg, str(tmp_path), base_model_name_or_path="base")
   config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -144,22 +197,27 @@ def test_peft_export_layout(tmp_path):
   assert tensors[prefix + "self_attn.o_proj.lora_A.weight"].shape == (4, 48)
   assert tensors[prefix + "mlp.down_proj.lora_A.weight"].shape == (4, 80)
   assert tensors[prefix + "mlp.down_proj.lora_magnitude_vector"].shape == (48,)
-  np.testing.assert_array_equal(tensors[prefix + "self_attn.q_proj.lora_A.weight"],
-                                np.asarray(adapters["layers"]["attn"]["q"]["kernel"]["a"][1]).T)
+  np.testing.assert_array_equal(
+    tensors[prefix + "self_attn.q_proj.lora_A.weight"],
+    np.asarray(adapters["layers"]["attn"]["q"]["kernel"]["a"][1]).T,
+  )
 
 
 def test_unsupported_configs_are_refused(tmp_path):
-  with pytest.raises(ValueError,
-                     match=r"closest, llama, needs: mlp_activation='gelu' \(needs 'swiglu'\)"):
+  with pytest.raises(
+    ValueError, match=r"closest, llama, needs: mlp_activation='gelu' \(needs 'swiglu'\)"
+  ):
     hf.to_hf_config(transformer.TransformerConfig(mlp_activation="gelu"))
   with pytest.raises(ValueError, match="attention_pattern"):
     hf.to_hf_config(transformer.TransformerConfig(attention_pattern=("chunked_causal:4",)))
   base = hf.to_hf_config(transformer.TransformerConfig())
-  for key, value, match in (("model_type", "t5", "model_type='t5'"),
-                            ("attention_bias", True, "attention_bias"),
-                            ("hidden_act", "gelu", "hidden_act='gelu'"),
-                            ("rope_parameters", {"rope_type": "yarn", "factor": 8.0}, "yarn"),
-                            ("rope_parameters", {"rope_type": "linear"}, "factor")):
+  for key, value, match in (
+    ("model_type", "t5", "model_type='t5'"),
+    ("attention_bias", True, "attention_bias"),
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 8.0}, "yarn"),
+    ("rope_parameters", {"rope_type": "linear"}, "factor"),
+  ):
     with pytest.raises(ValueError, match=match):
       hf.from_hf_config({**base, key: value})
   with pytest.raises(ValueError, match="use_sliding_window"):
@@ -170,6 +228,7 @@ def test_unsupported_configs_are_refused(tmp_path):
 
 # ------------------------------------------------------------------ parity with transformers
 
+
 def _torch_logits(model, tokens):
   torch = pytest.importorskip("torch")
   with torch.no_grad():
@@ -178,22 +237,42 @@ def _torch_logits(model, tokens):
 
 def _hf_config(transformers, family):
   """A tiny random config of ``family`` in transformers' own classes."""
-  common = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                rope_theta=500.0, tie_word_embeddings=False)
+  common = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    rope_theta=500.0,
+    tie_word_embeddings=False,
+  )
   gemma = dict(common, head_dim=16, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
   return {
-      "llama": lambda: transformers.LlamaConfig(**common, rope_scaling={
-          "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
-      "mistral": lambda: transformers.MistralConfig(**common, sliding_window=4),
-      "qwen2": lambda: transformers.Qwen2Config(**common),
-      "gemma": lambda: transformers.GemmaConfig(**gemma),
-      "gemma2": lambda: transformers.Gemma2Config(
-          **gemma, query_pre_attn_scalar=24, sliding_window=4, final_logit_softcapping=3.0,
-          attn_logit_softcapping=5.0),
-      "gpt2": lambda: transformers.GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=4,
-                                              n_positions=32),
+    "llama": lambda: transformers.LlamaConfig(
+      **common,
+      rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+      },
+    ),
+    "mistral": lambda: transformers.MistralConfig(**common, sliding_window=4),
+    "qwen2": lambda: transformers.Qwen2Config(**common),
+    "gemma": lambda: transformers.GemmaConfig(**gemma),
+    "gemma2": lambda: transformers.Gemma2Config(
+      **gemma,
+      query_pre_attn_scalar=24,
+      sliding_window=4,
+      final_logit_softcapping=3.0,
+      attn_logit_softcapping=5.0,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+      vocab_size=97, n_embd=48, n_layer=2, n_head=4, n_positions=32
+    ),
   }[family]()
 
 

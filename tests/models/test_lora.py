@@ -25,28 +25,38 @@ def _nonzero(adapters, seed=3):
   """Adapters with every B (and magnitude) perturbed, so the adapter changes the model."""
   leaves, tree = jax.tree.flatten(nn.unbox(adapters))
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
-MODELS = [("transformer-tiny", dict(num_layers=2)),
-          ("transformer-tiny", dict(num_layers=2, scan_layers=True)),
-          ("titans-mac-tiny", dict(num_layers=1)),
-          ("diffusion-lm-tiny", dict(num_layers=2))]
-CONFIGS = [lora.LoraConfig(rank=4, alpha=8, targets=ALL, variant=v, init=i)
-           for v, i in (("lora", "default"), ("rslora", "default"), ("dora", "default"),
-                        ("lora", "pissa"))]
+MODELS = [
+  ("transformer-tiny", dict(num_layers=2)),
+  ("transformer-tiny", dict(num_layers=2, scan_layers=True)),
+  ("titans-mac-tiny", dict(num_layers=1)),
+  ("diffusion-lm-tiny", dict(num_layers=2)),
+]
+CONFIGS = [
+  lora.LoraConfig(rank=4, alpha=8, targets=ALL, variant=v, init=i)
+  for v, i in (("lora", "default"), ("rslora", "default"), ("dora", "default"), ("lora", "pissa"))
+]
 
 
 # Every variant on the scanned transformer; the unrolled one, Titans and the diffusion LM with
 # the variants whose shapes differ (plain and DoRA; PiSSA's residual).
-CASES = ([(MODELS[1], c) for c in CONFIGS] + [(MODELS[0], CONFIGS[0]), (MODELS[0], CONFIGS[2]),
-                                              (MODELS[2], CONFIGS[2]), (MODELS[3], CONFIGS[3])])
+CASES = [(MODELS[1], c) for c in CONFIGS] + [
+  (MODELS[0], CONFIGS[0]),
+  (MODELS[0], CONFIGS[2]),
+  (MODELS[2], CONFIGS[2]),
+  (MODELS[3], CONFIGS[3]),
+]
 
 
-@pytest.mark.parametrize("model_kw,cfg", CASES,
-                         ids=lambda x: x[0] + str(x[1]) if isinstance(x, tuple) else
-                         f"{x.variant}-{x.init}")
+@pytest.mark.parametrize(
+  "model_kw,cfg",
+  CASES,
+  ids=lambda x: x[0] + str(x[1]) if isinstance(x, tuple) else f"{x.variant}-{x.init}",
+)
 def test_fresh_adapter_is_the_identity_and_merge_equals_apply(model_kw, cfg):
   name, kw = model_kw
   model, params = _model(name, **kw)
@@ -77,12 +87,14 @@ def test_scales_and_dora_against_the_formulas():
   m = jnp.arange(1.0, 6.0)
   weight = lora.LoraWeight(base=w, a=a, b=b, magnitude=m, scale=0.5)
   v = w + 0.5 * a @ b
-  want = x @ (v / jnp.linalg.norm(v, axis=0)[None] * m[None])  # peft: m * (W + sBA) / ||W + sBA||_col
+  # peft: m * (W + sBA) / ||W + sBA||_col
+  want = x @ (v / jnp.linalg.norm(v, axis=0)[None] * m[None])
   np.testing.assert_allclose(weight.lora_matmul(x, lambda z: z @ w, lambda: w), want, rtol=1e-5)
   # DoRA's magnitude starts at the base's column norms, so a fresh DoRA adapter is the identity.
   params = {"layer": {"kernel": w}}
-  fresh = lora.init(jax.random.key(4), params, lora.LoraConfig(rank=2, targets=".*kernel",
-                                                               variant="dora"))
+  fresh = lora.init(
+    jax.random.key(4), params, lora.LoraConfig(rank=2, targets=".*kernel", variant="dora")
+  )
   np.testing.assert_allclose(fresh["layer"]["kernel"]["magnitude"], jnp.linalg.norm(w, axis=0))
 
 
@@ -93,11 +105,13 @@ def test_pissa_takes_the_principal_components():
   w = nn.unbox(params)["layers_0"]["mlp"]["up"]["kernel"]
   entry = nn.unbox(adapters)["layers_0"]["mlp"]["up"]["kernel"]
   u, s, vt = np.linalg.svd(np.asarray(w))
-  np.testing.assert_allclose(cfg.scale * entry["a"] @ entry["b"],
-                             (u[:, :4] * s[:4]) @ vt[:4], atol=1e-5)
+  np.testing.assert_allclose(
+    cfg.scale * entry["a"] @ entry["b"], (u[:, :4] * s[:4]) @ vt[:4], atol=1e-5
+  )
   residual = lora.unmerge(params, adapters, cfg)["layers_0"]["mlp"]["up"]["kernel"]
-  np.testing.assert_allclose(np.linalg.svd(np.asarray(residual), compute_uv=False)[:-4],
-                             s[4:], atol=1e-4)  # what is left: the other singular values
+  np.testing.assert_allclose(
+    np.linalg.svd(np.asarray(residual), compute_uv=False)[:-4], s[4:], atol=1e-4
+  )  # what is left: the other singular values
   del model
 
 
@@ -110,11 +124,16 @@ def test_qlora_adds_to_the_quantized_matmul(fmt, group):
   got = lora.apply(model, qparams, adapters, cfg, TOKENS)
   # The same adapters on the dequantized float weights.
   dequantized = jax.tree.map(
-      lambda q, p: kernels.dequantize_weight(q).reshape(p.shape)
-      if isinstance(q, kernels.QuantizedWeight) else p,
-      qparams, nn.unbox(params), is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight))
-  np.testing.assert_allclose(got, lora.apply(model, dequantized, adapters, cfg, TOKENS),
-                             atol=2e-4, rtol=2e-4)
+    lambda q, p: (
+      kernels.dequantize_weight(q).reshape(p.shape) if isinstance(q, kernels.QuantizedWeight) else p
+    ),
+    qparams,
+    nn.unbox(params),
+    is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight),
+  )
+  np.testing.assert_allclose(
+    got, lora.apply(model, dequantized, adapters, cfg, TOKENS), atol=2e-4, rtol=2e-4
+  )
 
   def loss(adapters):
     return lora.apply(model, qparams, adapters, cfg, TOKENS).astype(jnp.float32).std()
@@ -144,8 +163,12 @@ def test_errors():
     lora.init(jax.random.key(0), params, lora.LoraConfig(targets=r".*nothing.*"))
   with pytest.raises(ValueError, match="rank=200 exceeds.*layers_0/attn/q/kernel"):
     lora.init(jax.random.key(0), params, lora.LoraConfig(rank=200, targets=r".*attn/q/kernel"))
-  for bad, match in ((dict(rank=0), "rank"), (dict(variant="vera"), "variant"),
-                     (dict(init="eva"), "init"), (dict(targets="("), "targets")):
+  for bad, match in (
+    (dict(rank=0), "rank"),
+    (dict(variant="vera"), "variant"),
+    (dict(init="eva"), "init"),
+    (dict(targets="("), "targets"),
+  ):
     with pytest.raises(ValueError, match=match):
       lora.LoraConfig(**bad)
   cfg = lora.LoraConfig(targets=r".*attn/q/kernel", variant="dora")

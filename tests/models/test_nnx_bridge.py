@@ -3,8 +3,8 @@ builds the Linen module's parameter shapes (abstractly, nothing is allocated), a
 of each family gives the Linen module's outputs on the same weights."""
 
 from flax import nnx
-from flax.nnx import bridge
 import flax.linen as nn
+from flax.nnx import bridge
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +41,16 @@ def _variables(wrapped):
 
 # One tiny preset per family (and BatchTopK, which keeps a statistic): the wrapping is the same
 # for a family's variants, whose parameter structure the next test checks one by one.
-@pytest.mark.parametrize("name", ["transformer-tiny", "titans-mal-tiny", "diffusion-lm-tiny",
-                                  "sae-batch-topk-tiny", "sae-jumprelu-tiny"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "transformer-tiny",
+    "titans-mal-tiny",
+    "diffusion-lm-tiny",
+    "sae-batch-topk-tiny",
+    "sae-jumprelu-tiny",
+  ],
+)
 def test_tiny_presets_give_the_same_outputs_in_nnx(name):
   # One layer: the wrapping does not depend on depth, and the eager NNX call stays cheap.
   module = models.get(name, **({} if name.startswith("sae") else {"num_layers": 1}))

@@ -59,8 +59,9 @@ def test_decoder_rows_have_unit_norm_after_every_step():
     np.testing.assert_allclose(jnp.linalg.norm(params["w_dec"], axis=-1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch,extra", [("relu_l1", dict(l1_coefficient=0.0)),
-                                        ("topk", dict(k=32))])
+@pytest.mark.parametrize(
+  "arch,extra", [("relu_l1", dict(l1_coefficient=0.0)), ("topk", dict(k=32))]
+)
 def test_reconstruction_is_near_exact_without_sparsity(arch, extra):
   """Sparsity off (no L1; k = width) and width >= input: the SAE learns to pass x through."""
   x = _data(n=256)
@@ -106,7 +107,8 @@ def test_gated_and_jumprelu_losses_train_the_threshold_and_gate():
     grads = jax.grad(lambda p, model=model: sae.loss(model, {"params": p}, x)[0])(v["params"])
     name = "log_threshold" if arch == "jumprelu" else "r_mag"
     assert jnp.abs(grads[name]).sum() > 0 and all(
-        jnp.isfinite(g).all() for g in jax.tree.leaves(grads))
+      jnp.isfinite(g).all() for g in jax.tree.leaves(grads)
+    )
 
 
 def test_auxk_uses_only_dead_latents():
@@ -115,8 +117,7 @@ def test_auxk_uses_only_dead_latents():
   none_dead = sae.loss(model, v, x, dead_F=jnp.zeros(64, bool))[1]["auxk"]
   assert none_dead == 0.0
   dead = jnp.arange(64) < 16
-  grads = jax.grad(lambda p: sae.loss(model, {"params": p}, x, dead_F=dead)[1]["auxk"])(
-      v["params"])
+  grads = jax.grad(lambda p: sae.loss(model, {"params": p}, x, dead_F=dead)[1]["auxk"])(v["params"])
   assert jnp.abs(grads["w_dec"][16:]).max() == 0 and jnp.abs(grads["w_dec"][:16]).max() > 0
 
 
@@ -164,8 +165,7 @@ def test_splicing_the_identity_leaves_the_model_unchanged(lm):
   model, variables, tokens = lm
   clean = model.apply(variables, tokens)
   for site in ("layers_0/resid_post", "layers_1/mlp_out", "layers_1/attn_out", "embed"):
-    np.testing.assert_array_equal(sites.splice(model, variables, tokens, site, lambda x: x),
-                                  clean)
+    np.testing.assert_array_equal(sites.splice(model, variables, tokens, site, lambda x: x), clean)
   zeroed = sites.splice(model, variables, tokens, "layers_1/mlp_out", jnp.zeros_like)
   assert not np.allclose(zeroed, clean)
 
@@ -175,9 +175,10 @@ def test_captured_sites_follow_the_residual_stream(lm):
   model, variables, tokens = lm
   get = lambda site: sites.capture(model, variables, tokens, site)
   np.testing.assert_allclose(
-      get("layers_1/resid_post"),
-      get("layers_0/resid_post") + get("layers_1/attn_out") + get("layers_1/mlp_out"),
-      atol=1e-5)
+    get("layers_1/resid_post"),
+    get("layers_0/resid_post") + get("layers_1/attn_out") + get("layers_1/mlp_out"),
+    atol=1e-5,
+  )
   assert get("layers_1/resid_post").shape == (2, 12, 32)
 
 

@@ -16,8 +16,17 @@ from flaxseed.models import sharding
 from flaxseed.models import titans
 from flaxseed.training import mesh as mesh_lib
 
-TINY = dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, window=8, memory_chunk=4,
-            num_persistent=2, num_memory_tokens=2, memory_max_lr=1.0)
+TINY = dict(
+  d_model=32,
+  num_layers=2,
+  num_heads=2,
+  mlp_dim=64,
+  window=8,
+  memory_chunk=4,
+  num_persistent=2,
+  num_memory_tokens=2,
+  memory_max_lr=1.0,
+)
 
 
 def _random_inputs(key, *, batch=2, heads=2, length=8, width=4, max_lr=0.2):
@@ -27,19 +36,20 @@ def _random_inputs(key, *, batch=2, heads=2, length=8, width=4, max_lr=0.2):
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   shape = (batch, heads, length)
   return titans.Chunk(
-      k=unit(jax.random.normal(ks[0], shape + (width,))),
-      v=jax.random.normal(ks[1], shape + (width,)),
-      q=unit(jax.random.normal(ks[2], shape + (width,))),
-      log_eta=jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 1.0),
-      log_keep=jax.nn.log_sigmoid(jax.random.normal(ks[4], shape) + 3.0),
-      theta=max_lr * jax.nn.sigmoid(jax.random.normal(ks[5], shape)))
+    k=unit(jax.random.normal(ks[0], shape + (width,))),
+    v=jax.random.normal(ks[1], shape + (width,)),
+    q=unit(jax.random.normal(ks[2], shape + (width,))),
+    log_eta=jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 1.0),
+    log_keep=jax.nn.log_sigmoid(jax.random.normal(ks[4], shape) + 3.0),
+    theta=max_lr * jax.nn.sigmoid(jax.random.normal(ks[5], shape)),
+  )
 
 
 def _random_state(key, widths, *, batch=2, heads=2):
   shapes = [(batch, heads, a, b) for a, b in zip(widths[:-1], widths[1:])]
   keys = jax.random.split(key, 2 * len(shapes))
   weights = tuple(jax.random.normal(k, s) / np.sqrt(s[2]) for k, s in zip(keys, shapes))
-  momentum = tuple(0.1 * jax.random.normal(k, s) for k, s in zip(keys[len(shapes):], shapes))
+  momentum = tuple(0.1 * jax.random.normal(k, s) for k, s in zip(keys[len(shapes) :], shapes))
   return weights, momentum
 
 
@@ -59,12 +69,15 @@ def _plain_recurrence(weights, momentum, x: titans.Chunk, clip=None):
   read."""
   weights, momentum, ys = list(weights), list(momentum), []
   for t in range(x.k.shape[2]):
-    grads = _clipped(jax.grad(_loss)(weights, x.k[:, :, t:t + 1], x.v[:, :, t:t + 1]), clip)
-    eta, keep, theta = (jnp.exp(x.log_eta[:, :, t, None, None]),
-                        jnp.exp(x.log_keep[:, :, t, None, None]), x.theta[:, :, t, None, None])
+    grads = _clipped(jax.grad(_loss)(weights, x.k[:, :, t : t + 1], x.v[:, :, t : t + 1]), clip)
+    eta, keep, theta = (
+      jnp.exp(x.log_eta[:, :, t, None, None]),
+      jnp.exp(x.log_keep[:, :, t, None, None]),
+      x.theta[:, :, t, None, None],
+    )
     momentum = [eta * m - theta * g for m, g in zip(momentum, grads)]
     weights = [keep * w + m for w, m in zip(weights, momentum)]
-    ys.append(titans.memory_mlp(weights, x.q[:, :, t:t + 1]))
+    ys.append(titans.memory_mlp(weights, x.q[:, :, t : t + 1]))
   return jnp.concatenate(ys, axis=2), weights, momentum
 
 
@@ -75,17 +88,21 @@ def _minibatch_recurrence(weights, momentum, x: titans.Chunk, chunk: int, clip=N
   for t in range(x.k.shape[2]):
     if t % chunk == 0:
       start = list(weights)
-    grads = _clipped(jax.grad(_loss)(start, x.k[:, :, t:t + 1], x.v[:, :, t:t + 1]), clip)
-    eta, keep, theta = (jnp.exp(x.log_eta[:, :, t, None, None]),
-                        jnp.exp(x.log_keep[:, :, t, None, None]), x.theta[:, :, t, None, None])
+    grads = _clipped(jax.grad(_loss)(start, x.k[:, :, t : t + 1], x.v[:, :, t : t + 1]), clip)
+    eta, keep, theta = (
+      jnp.exp(x.log_eta[:, :, t, None, None]),
+      jnp.exp(x.log_keep[:, :, t, None, None]),
+      x.theta[:, :, t, None, None],
+    )
     momentum = [eta * m - theta * g for m, g in zip(momentum, grads)]
     weights = [keep * w + m for w, m in zip(weights, momentum)]
-    ys.append(titans.memory_mlp(weights, x.q[:, :, t:t + 1]))
+    ys.append(titans.memory_mlp(weights, x.q[:, :, t : t + 1]))
   return jnp.concatenate(ys, axis=2), weights, momentum
 
 
-@pytest.mark.parametrize("widths,clip", [((4, 4), None), ((4, 8, 4), None), ((4, 8, 8, 4), None),
-                                         ((4, 8, 4), 0.5)])
+@pytest.mark.parametrize(
+  "widths,clip", [((4, 4), None), ((4, 8, 4), None), ((4, 8, 8, 4), None), ((4, 8, 4), 0.5)]
+)
 def test_chunk_size_one_is_the_plain_per_token_recurrence(widths, clip):
   x = _random_inputs(jax.random.key(0), max_lr=0.2 if clip is None else 2.0)
   weights, momentum = _random_state(jax.random.key(1), widths)
@@ -95,9 +112,18 @@ def test_chunk_size_one_is_the_plain_per_token_recurrence(widths, clip):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("widths,chunk,clip", [
-    ((4, 4), 4, None), ((4, 8, 4), 2, None), ((4, 8, 4), 4, None), ((4, 8, 4), 8, None),
-    ((4, 8, 8, 4), 4, None), ((4, 8, 4), 4, 0.5), ((4, 8, 8, 4), 8, 0.5)])
+@pytest.mark.parametrize(
+  "widths,chunk,clip",
+  [
+    ((4, 4), 4, None),
+    ((4, 8, 4), 2, None),
+    ((4, 8, 4), 4, None),
+    ((4, 8, 4), 8, None),
+    ((4, 8, 8, 4), 4, None),
+    ((4, 8, 4), 4, 0.5),
+    ((4, 8, 8, 4), 8, 0.5),
+  ],
+)
 def test_chunked_update_is_the_sequential_minibatch_form(widths, chunk, clip):
   x = _random_inputs(jax.random.key(2), length=16, max_lr=0.2 if clip is None else 2.0)
   weights, momentum = _random_state(jax.random.key(3), widths)
@@ -122,12 +148,14 @@ def test_linear_memory_recalls_stored_pairs(chunk):
   values = jax.random.normal(jax.random.key(5), (pairs, e))
   zeros = jnp.zeros((pairs, e))
   # Tokens 0..3 write the pairs; tokens 4..7 query them (theta = 0 there: no writing).
-  x = titans.Chunk(k=jnp.concatenate([keys, zeros])[None, None],
-                   v=jnp.concatenate([values, zeros])[None, None],
-                   q=jnp.concatenate([keys, keys])[None, None],
-                   log_eta=jnp.full((1, 1, 2 * pairs), -1e4),
-                   log_keep=jnp.zeros((1, 1, 2 * pairs)),
-                   theta=jnp.concatenate([jnp.full(pairs, 0.5), jnp.zeros(pairs)])[None, None])
+  x = titans.Chunk(
+    k=jnp.concatenate([keys, zeros])[None, None],
+    v=jnp.concatenate([values, zeros])[None, None],
+    q=jnp.concatenate([keys, keys])[None, None],
+    log_eta=jnp.full((1, 1, 2 * pairs), -1e4),
+    log_keep=jnp.zeros((1, 1, 2 * pairs)),
+    theta=jnp.concatenate([jnp.full(pairs, 0.5), jnp.zeros(pairs)])[None, None],
+  )
   weights = (jnp.zeros((1, 1, e, e)),)
   y, _, _ = titans.scan_chunks(weights, weights, x, chunk)
   np.testing.assert_allclose(y[0, 0, pairs:], values, atol=1e-5)
@@ -156,8 +184,8 @@ def test_every_variant_is_causal(variant):
 
   grad = jax.jit(jax.grad(out))(params["embed"]["embedding"])
   rows = np.abs(np.asarray(grad[:length])).sum(-1)
-  assert np.all(rows[:t + 1] > 0), rows
-  assert np.all(rows[t + 1:] == 0), rows
+  assert np.all(rows[: t + 1] > 0), rows
+  assert np.all(rows[t + 1 :] == 0), rows
 
 
 @pytest.mark.parametrize("variant", titans.VARIANTS)
@@ -169,12 +197,17 @@ def test_decode_with_the_memory_in_the_cache_matches_the_full_forward(variant):
   cache = sampling.init_cache(model, batch_size=2, max_len=24)
   apply = jax.jit(model.apply, static_argnames=("decode", "mutable"))
   # Prefill 7 tokens (not a chunk or segment boundary), then one at a time across boundaries.
-  logits, state = apply({"params": params, "cache": cache}, tokens[:, :7], decode=True,
-                        mutable=("cache",))
+  logits, state = apply(
+    {"params": params, "cache": cache}, tokens[:, :7], decode=True, mutable=("cache",)
+  )
   steps = [logits]
   for i in range(7, 21):
-    logits, state = apply({"params": params, "cache": state["cache"]}, tokens[:, i:i + 1],
-                          decode=True, mutable=("cache",))
+    logits, state = apply(
+      {"params": params, "cache": state["cache"]},
+      tokens[:, i : i + 1],
+      decode=True,
+      mutable=("cache",),
+    )
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=2e-5)
 
@@ -207,8 +240,9 @@ def test_sharded_forward_equals_one_device(variant):
   assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))
   sharded = jax.device_put(params, shardings)
   with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
-    got = jax.jit(model.apply)({"params": sharded},
-                               jax.device_put(tokens, mesh_lib.batch_sharding(mesh)))
+    got = jax.jit(model.apply)(
+      {"params": sharded}, jax.device_put(tokens, mesh_lib.batch_sharding(mesh))
+    )
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -218,8 +252,9 @@ def test_sharded_training_equals_one_device(tmp_path, losses):
   one, mesh = tmp_path / "one", tmp_path / "mesh"
   common = dict(steps=3, sample_tokens=0)
   training.train(_config("lmm", **common, **{"mesh.data": 1}), str(one))
-  training.train(_config("lmm", **common, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
-                 str(mesh))
+  training.train(
+    _config("lmm", **common, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), str(mesh)
+  )
   one, mesh = losses(one), losses(mesh)
   assert list(one) == [1, 2, 3]
   for step in one:
@@ -230,19 +265,23 @@ def test_zoo_has_every_variant():
   for variant in titans.VARIANTS:
     model = models.get(f"titans-{variant}-tiny")
     assert isinstance(model, titans.Titans) and model.config.variant == variant
-  shapes = jax.eval_shape(models.get("titans-mal-tiny").init, jax.random.key(0),
-                          jnp.zeros((1, 8), jnp.int32))
+  shapes = jax.eval_shape(
+    models.get("titans-mal-tiny").init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+  )
   n = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
   assert 0.5e6 < n < 2e6, n
 
 
-@pytest.mark.parametrize("bad,match", [
+@pytest.mark.parametrize(
+  "bad,match",
+  [
     (dict(variant="mamba"), "variant='mamba' is not one of"),
     (dict(variant="mac", window=10, memory_chunk=4), "memory_chunk=4 must divide window=10"),
     (dict(memory_depth=0), "memory_depth must be positive"),
     (dict(memory_max_lr=0.0), "memory_max_lr must be positive"),
     (dict(num_persistent=-1), "num_persistent must be >= 0"),
-])
+  ],
+)
 def test_bad_config_values_name_the_field(bad, match):
   with pytest.raises(ValueError, match=match):
     titans.TitansConfig(**{**TINY, **bad})

@@ -38,22 +38,37 @@ def _embedding_grad_rows(model, params, t, length):
 
 
 # The architecture fields of two Hugging Face families (models/hf.py), at tiny sizes.
-GPT2_LIKE = dict(norm="layer", biases="all", position_embedding="learned", max_positions=16,
-                 mlp_activation="gelu")
-GEMMA2_LIKE = dict(norm_offset=1.0, post_norms=True, embed_scale=True, mlp_activation="geglu",
-                   attn_scale=0.1, logit_soft_cap=5.0, attn_logit_soft_cap=3.0,
-                   attention_pattern=("sliding_window:4", "global"))
+GPT2_LIKE = dict(
+  norm="layer", biases="all", position_embedding="learned", max_positions=16, mlp_activation="gelu"
+)
+GEMMA2_LIKE = dict(
+  norm_offset=1.0,
+  post_norms=True,
+  embed_scale=True,
+  mlp_activation="geglu",
+  attn_scale=0.1,
+  logit_soft_cap=5.0,
+  attn_logit_soft_cap=3.0,
+  attention_pattern=("sliding_window:4", "global"),
+)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2), dict(num_kv_heads=1),
-                                dict(scan_layers=False, mlp_activation="gelu"),
-                                GPT2_LIKE])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(),
+    dict(num_kv_heads=2),
+    dict(num_kv_heads=1),
+    dict(scan_layers=False, mlp_activation="gelu"),
+    GPT2_LIKE,
+  ],
+)
 def test_causal_model_sees_no_future_token(kw):
   model = _model(tie_embeddings=False, **kw)  # untied: the gradient only flows through inputs
   length, t = 12, 5
   rows = _embedding_grad_rows(model, _init(model, length), t, length)
-  assert np.all(rows[:t + 1] > 0), rows  # every past token matters
-  assert np.all(rows[t + 1:] == 0), rows  # no future token does
+  assert np.all(rows[: t + 1] > 0), rows  # every past token matters
+  assert np.all(rows[t + 1 :] == 0), rows  # no future token does
 
 
 def test_bidirectional_model_sees_future_tokens():
@@ -63,11 +78,18 @@ def test_bidirectional_model_sees_future_tokens():
   assert np.all(rows > 0), rows
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2, scan_layers=False),
-                                dict(num_kv_heads=1, attn_logit_soft_cap=3.0),
-                                dict(attention_pattern=("sliding_window:4", "global")),
-                                GPT2_LIKE, GEMMA2_LIKE,
-                                dict(biases="qkv", rope_scaling="llama3:factor=8")])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(),
+    dict(num_kv_heads=2, scan_layers=False),
+    dict(num_kv_heads=1, attn_logit_soft_cap=3.0),
+    dict(attention_pattern=("sliding_window:4", "global")),
+    GPT2_LIKE,
+    GEMMA2_LIKE,
+    dict(biases="qkv", rope_scaling="llama3:factor=8"),
+  ],
+)
 def test_kv_cache_decode_matches_full_forward(kw):
   model = _model(**kw)
   params = _init(model)
@@ -76,12 +98,17 @@ def test_kv_cache_decode_matches_full_forward(kw):
   cache = sampling.init_cache(model, batch_size=2, max_len=16)
   apply = jax.jit(model.apply, static_argnames=("decode", "mutable"))
   # Prefill 5 tokens, then decode one at a time.
-  logits, state = apply({"params": params, "cache": cache}, tokens[:, :5], decode=True,
-                        mutable=("cache",))
+  logits, state = apply(
+    {"params": params, "cache": cache}, tokens[:, :5], decode=True, mutable=("cache",)
+  )
   steps = [logits]
   for i in range(5, 13):
-    logits, state = apply({"params": params, "cache": state["cache"]}, tokens[:, i:i + 1],
-                          decode=True, mutable=("cache",))
+    logits, state = apply(
+      {"params": params, "cache": state["cache"]},
+      tokens[:, i : i + 1],
+      decode=True,
+      mutable=("cache",),
+    )
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=2e-5)
 
@@ -103,28 +130,30 @@ def test_generate_left_padded_prompts_continue_as_they_would_alone():
   model = _model()
   params = _init(model)
   prompts = [[5, 9, 33, 2, 8, 61], [7, 7], [250]]
-  out = sampling.generate(model, params, prompts, max_new_tokens=5, temperature=0.0,
-                          pad_token=3)
+  out = sampling.generate(model, params, prompts, max_new_tokens=5, temperature=0.0, pad_token=3)
   assert out.shape == (3, 11)
   np.testing.assert_array_equal(out[1, :4], [3, 3, 3, 3])  # left padding
   for row, prompt in zip(out, prompts):
-    alone = sampling.generate(model, params, np.array([prompt]), max_new_tokens=5,
-                              temperature=0.0)
-    np.testing.assert_array_equal(row[6:], alone[0, len(prompt):])
+    alone = sampling.generate(model, params, np.array([prompt]), max_new_tokens=5, temperature=0.0)
+    np.testing.assert_array_equal(row[6:], alone[0, len(prompt) :])
 
 
 def test_generate_stops_rows_at_their_stop_token():
   model = _model()
   params = _init(model)
   prompt = jnp.array([[5, 9, 33], [7, 7, 7]], jnp.int32)
-  free = np.asarray(sampling.generate(model, params, prompt, max_new_tokens=8,
-                                      temperature=0.0))[:, 3:]
+  free = np.asarray(sampling.generate(model, params, prompt, max_new_tokens=8, temperature=0.0))[
+    :, 3:
+  ]
   stop = int(free[0, 2])
   first = int(np.argmax(free[0] == stop))
-  out = np.asarray(sampling.generate(model, params, prompt, max_new_tokens=8, temperature=0.0,
-                                     stop_tokens=(stop,), pad_token=0))[:, 3:]
-  np.testing.assert_array_equal(out[0, :first + 1], free[0, :first + 1])
-  assert np.all(out[0, first + 1:] == 0)
+  out = np.asarray(
+    sampling.generate(
+      model, params, prompt, max_new_tokens=8, temperature=0.0, stop_tokens=(stop,), pad_token=0
+    )
+  )[:, 3:]
+  np.testing.assert_array_equal(out[0, : first + 1], free[0, : first + 1])
+  assert np.all(out[0, first + 1 :] == 0)
   hits = np.nonzero(free[1] == stop)[0]  # the other row runs on until its own stop, if any
   end = hits[0] + 1 if hits.size else 8
   np.testing.assert_array_equal(out[1, :end], free[1, :end])
@@ -137,12 +166,14 @@ def test_generate_top_p_limits_the_nucleus():
   prompt = jnp.array([[5, 9, 33], [7, 7, 7]], jnp.int32)
   greedy = sampling.generate(model, params, prompt, max_new_tokens=6, temperature=0.0)
   rng = jax.random.key(4)
-  tiny_nucleus = sampling.generate(model, params, prompt, max_new_tokens=6, temperature=1.0,
-                                   top_p=1e-6, rng=rng)
+  tiny_nucleus = sampling.generate(
+    model, params, prompt, max_new_tokens=6, temperature=1.0, top_p=1e-6, rng=rng
+  )
   np.testing.assert_array_equal(tiny_nucleus, greedy)  # only the most likely token is left
   np.testing.assert_array_equal(
-      sampling.generate(model, params, prompt, max_new_tokens=6, top_p=1.0, rng=rng),
-      sampling.generate(model, params, prompt, max_new_tokens=6, rng=rng))
+    sampling.generate(model, params, prompt, max_new_tokens=6, top_p=1.0, rng=rng),
+    sampling.generate(model, params, prompt, max_new_tokens=6, rng=rng),
+  )
   with pytest.raises(ValueError, match="top_p"):
     sampling.generate(model, params, prompt, max_new_tokens=2, top_p=0.0)
   with pytest.raises(ValueError, match="stop_tokens"):
@@ -164,14 +195,16 @@ def test_packed_documents_do_not_see_each_other():
   packed = jnp.concatenate([doc_a, doc_b], axis=1)
   segment_ids = jnp.array([[1] * 6 + [2] * 10])
   positions = jnp.array([list(range(6)) + list(range(10))])
-  packed_logits = model.apply({"params": params}, packed, segment_ids=segment_ids,
-                              positions=positions)
+  packed_logits = model.apply(
+    {"params": params}, packed, segment_ids=segment_ids, positions=positions
+  )
   alone_b = model.apply({"params": params}, doc_b)
   np.testing.assert_allclose(packed_logits[:, 6:], alone_b, atol=1e-5, rtol=1e-5)
   # Changing document A changes nothing in document B.
   other = packed.at[:, :6].set((doc_a + 17) % 256)
-  other_logits = model.apply({"params": params}, other, segment_ids=segment_ids,
-                             positions=positions)
+  other_logits = model.apply(
+    {"params": params}, other, segment_ids=segment_ids, positions=positions
+  )
   np.testing.assert_allclose(other_logits[:, 6:], packed_logits[:, 6:], atol=1e-6)
   assert not np.allclose(other_logits[:, :6], packed_logits[:, :6])
 
@@ -183,8 +216,11 @@ def test_scan_and_loop_layers_compute_the_same_function():
   for i in range(TINY["num_layers"]):
     per_layer[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
   tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 256)
-  np.testing.assert_allclose(looped.apply({"params": per_layer}, tokens),
-                             scanned.apply({"params": params}, tokens), atol=1e-5)
+  np.testing.assert_allclose(
+    looped.apply({"params": per_layer}, tokens),
+    scanned.apply({"params": params}, tokens),
+    atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
@@ -230,8 +266,8 @@ def test_sliding_window_layers_see_exactly_their_window():
   model = _model(tie_embeddings=False, num_layers=1, attention_pattern=("sliding_window:3",))
   length, t = 12, 7
   rows = _embedding_grad_rows(model, _init(model, length), t, length)
-  assert np.all(rows[t - 2:t + 1] > 0), rows
-  assert np.all(rows[:t - 2] == 0) and np.all(rows[t + 1:] == 0), rows
+  assert np.all(rows[t - 2 : t + 1] > 0), rows
+  assert np.all(rows[: t - 2] == 0) and np.all(rows[t + 1 :] == 0), rows
 
 
 def test_attention_pattern_scans_by_period_like_the_loop():
@@ -242,11 +278,15 @@ def test_attention_pattern_scans_by_period_like_the_loop():
   assert set(params["layers"]) == {"block_0", "block_1"}
   per_layer = {k: v for k, v in params.items() if k != "layers"}
   for i in range(4):
-    per_layer[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i // 2],
-                                            params["layers"][f"block_{i % 2}"])
+    per_layer[f"layers_{i}"] = jax.tree.map(
+      lambda x, i=i: x[i // 2], params["layers"][f"block_{i % 2}"]
+    )
   tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 256)
-  np.testing.assert_allclose(looped.apply({"params": per_layer}, tokens),
-                             scanned.apply({"params": params}, tokens), atol=1e-5)
+  np.testing.assert_allclose(
+    looped.apply({"params": per_layer}, tokens),
+    scanned.apply({"params": params}, tokens),
+    atol=1e-5,
+  )
   global_only = _model(num_layers=4, scan_layers=False).apply({"params": per_layer}, tokens)
   assert not np.allclose(global_only, looped.apply({"params": per_layer}, tokens), atol=1e-3)
 
@@ -256,13 +296,18 @@ def test_flops_per_token_counts_matmul_parameters():
   params = _init(transformer.Transformer(cfg))
   # Every >= 2-D weight is a matmul weight (tied: the embedding is the unembedding); the stacked
   # norm scales are [layers, D] and are not.
-  matmul = sum(p.size for path, p in jax.tree_util.tree_leaves_with_path(params)
-               if p.ndim >= 2 and "norm" not in jax.tree_util.keystr(path))
+  matmul = sum(
+    p.size
+    for path, p in jax.tree_util.tree_leaves_with_path(params)
+    if p.ndim >= 2 and "norm" not in jax.tree_util.keystr(path)
+  )
   attn = cfg.num_layers * 4 * cfg.num_heads * cfg.head_size * (16 + 1) / 2
   assert cfg.flops_per_token(16) == pytest.approx(3 * (2 * matmul + attn))
 
 
-@pytest.mark.parametrize("bad,match", [
+@pytest.mark.parametrize(
+  "bad,match",
+  [
     (dict(d_model=30, num_heads=4), "must divide d_model"),
     (dict(num_heads=4, num_kv_heads=3), "num_kv_heads=3 must divide"),
     (dict(num_layers=0), "num_layers must be positive"),
@@ -279,7 +324,8 @@ def test_flops_per_token_counts_matmul_parameters():
     (dict(rope_scaling="llama3:factr=8"), "no field 'factr'"),
     (dict(rope_scaling="yarn:factor=8"), "kind 'yarn'"),
     (dict(rope_scaling="linear"), "factor must be a positive number"),
-])
+  ],
+)
 def test_bad_config_values_name_the_field(bad, match):
   with pytest.raises(ValueError, match=match):
     transformer.TransformerConfig(**{**TINY, **bad})
@@ -301,12 +347,15 @@ def test_rope_scaling_rescales_the_low_frequencies():
   np.testing.assert_allclose(scaled[wavelen < 8192 / 4], base[wavelen < 8192 / 4])  # high: kept
   np.testing.assert_allclose(scaled[wavelen > 8192], base[wavelen > 8192] / 8)  # low: / factor
   middle = (wavelen >= 8192 / 4) & (wavelen <= 8192)
-  assert middle.any() and np.all((scaled[middle] <= base[middle])
-                                  & (scaled[middle] >= base[middle] / 8))
-  np.testing.assert_allclose(layers.rope_frequencies(64, 1e4, "linear:factor=4"),
-                             layers.rope_frequencies(64, 1e4) / 4)
+  assert middle.any() and np.all(
+    (scaled[middle] <= base[middle]) & (scaled[middle] >= base[middle] / 8)
+  )
+  np.testing.assert_allclose(
+    layers.rope_frequencies(64, 1e4, "linear:factor=4"), layers.rope_frequencies(64, 1e4) / 4
+  )
   assert transformer.TransformerConfig(rope_scaling="llama3:factor=8.0") == (
-      transformer.TransformerConfig(rope_scaling="llama3:high_freq_factor=4,factor=8"))
+    transformer.TransformerConfig(rope_scaling="llama3:high_freq_factor=4,factor=8")
+  )
 
 
 def test_zoo_registry():
@@ -341,11 +390,13 @@ def test_default_attention_gets_the_mesh_where_it_resolves_to_a_pallas_kernel(mo
   from flaxseed.kernels import masks  # pylint: disable=g-import-not-at-top
   from flaxseed.models import layers  # pylint: disable=g-import-not-at-top
   from flaxseed.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   with nn.logical_axis_rules(models.sharding.DEFAULT_RULES), jax.set_mesh(mesh):
     assert layers._kernel_mesh(None, 128, masks.causal()) == {}  # CPU: XLA, partitioned by GSPMD
-    monkeypatch.setattr(kernels.attention.api, "default_implementation",
-                        lambda length, causal: "pallas_tpu")
+    monkeypatch.setattr(
+      kernels.attention.api, "default_implementation", lambda length, causal: "pallas_tpu"
+    )
     got = layers._kernel_mesh(None, 128, masks.causal())
     assert got["mesh"].shape == mesh.shape
     assert got["spec"] == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)

@@ -19,13 +19,18 @@ from flaxseed.models import params as params_lib
 from flaxseed.training import tasks
 from flaxseed.training import trainer
 
+# One xdist worker runs this file: its base run is trained once.
+pytestmark = pytest.mark.xdist_group("lora_task")
+
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
   """A scanned two-layer model trained a few steps on the prose half."""
   workdir = tmp_path_factory.mktemp("base")
-  config = common.override(lm_configs.get_config("test"), **{
-      "steps": 3, "sample_tokens": 0, "mesh.data": 1, "data.corpus": "default:prose"})
+  config = common.override(
+    lm_configs.get_config("test"),
+    **{"steps": 3, "sample_tokens": 0, "mesh.data": 1, "data.corpus": "default:prose"},
+  )
   training.train(config, str(workdir))
   return config, str(workdir)
 
@@ -35,8 +40,13 @@ def _config(**overrides):
 
 
 def _first_batch(s, config):
-  train, _ = s.task.datasets(global_batch=config.batch_size, rows=(0, config.batch_size),
-                             train_batches=1, eval_batches=1, seed=config.seed)
+  train, _ = s.task.datasets(
+    global_batch=config.batch_size,
+    rows=(0, config.batch_size),
+    train_batches=1,
+    eval_batches=1,
+    seed=config.seed,
+  )
   return {k: jax.device_put(v, s.batch_spec[k].sharding) for k, v in train[0].items()}
 
 
@@ -45,8 +55,9 @@ def _first_batch(s, config):
 @pytest.mark.parametrize("variant,init", [("dora", "default"), ("lora", "pissa")])
 def test_fresh_adapters_on_a_trained_base_leave_its_loss_unchanged(base_run, variant, init):
   base_config, base_dir = base_run
-  config = _config(**{"lora.base_workdir": base_dir, "lora.variant": variant,
-                      "lora.init": init, "mesh.data": 1})
+  config = _config(
+    **{"lora.base_workdir": base_dir, "lora.variant": variant, "lora.init": init, "mesh.data": 1}
+  )
   s = trainer.setup(config)
   restored = trainer.restore(base_config, base_dir)
   with s.context():
@@ -54,8 +65,9 @@ def test_fresh_adapters_on_a_trained_base_leave_its_loss_unchanged(base_run, var
     batch = _first_batch(s, config)
     state = s.prepare(s.init(), frozen, batch)
     got, _ = s.task.loss(state.params, frozen, batch, None)
-    want, _ = tasks.LMTask(s.task.model, seq_len=config.seq_len,
-                           data_config=config.data).loss(restored.params, {}, batch, None)
+    want, _ = tasks.LMTask(s.task.model, seq_len=config.seq_len, data_config=config.data).loss(
+      restored.params, {}, batch, None
+    )
   np.testing.assert_allclose(got, want, rtol=1e-5)
   if init == "default":  # the frozen base is the trained model itself
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(frozen["base"])):
@@ -64,14 +76,17 @@ def test_fresh_adapters_on_a_trained_base_leave_its_loss_unchanged(base_run, var
 
 def test_only_adapters_train_and_are_saved(base_run, tmp_path, losses):
   _, base_dir = base_run
-  config = _config(**{"lora.base_workdir": base_dir, "steps": 6, "mesh.data": 1,
-                      "optim.lr": 1e-2})
+  config = _config(**{"lora.base_workdir": base_dir, "steps": 6, "mesh.data": 1, "optim.lr": 1e-2})
   summary = training.train(config, str(tmp_path))
   saved = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "6" / "state")
   adapter_shapes = sorted(x.shape for x in jax.tree.leaves(saved["params"]))
   assert set(saved["params"]["layers"]) == {"attn", "mlp"}
-  assert all(set(leaf) <= {"a", "b"} for group in saved["params"]["layers"].values()
-             for kernel in group.values() for leaf in kernel.values())
+  assert all(
+    set(leaf) <= {"a", "b"}
+    for group in saved["params"]["layers"].values()
+    for kernel in group.values()
+    for leaf in kernel.values()
+  )
   num_adapter = sum(np.prod(s) for s in adapter_shapes)
   # AdamW's two moments per adapter leaf and a step count: nothing of the base's size.
   opt_leaves = [x for x in jax.tree.leaves(saved["opt_state"]) if x.ndim]
@@ -91,8 +106,14 @@ def test_only_adapters_train_and_are_saved(base_run, tmp_path, losses):
 
 def test_resume_equals_uninterrupted(base_run, tmp_path, losses):
   _, base_dir = base_run
-  shared = {"lora.base_workdir": base_dir, "lora.variant": "dora", "steps": 4,
-            "checkpoint_every": 2, "optim.decay_steps": 4, "mesh.data": 1}
+  shared = {
+    "lora.base_workdir": base_dir,
+    "lora.variant": "dora",
+    "steps": 4,
+    "checkpoint_every": 2,
+    "optim.decay_steps": 4,
+    "mesh.data": 1,
+  }
   training.train(_config(**shared), str(tmp_path / "whole"))
   training.train(_config(**{**shared, "steps": 2}), str(tmp_path / "split"))
   training.train(_config(**shared), str(tmp_path / "split"))
@@ -101,11 +122,16 @@ def test_resume_equals_uninterrupted(base_run, tmp_path, losses):
 
 @pytest.mark.parametrize("quant", ["", "int4"])
 def test_sharded_mesh_gives_the_same_losses(tmp_path, losses, quant):
-  shared = {"steps": 3, "lora.variant": "dora", "lora.quantize": quant,
-            "lora.quantize_group_size": 32 if quant else None}
+  shared = {
+    "steps": 3,
+    "lora.variant": "dora",
+    "lora.quantize": quant,
+    "lora.quantize_group_size": 32 if quant else None,
+  }
   training.train(_config(**shared, **{"mesh.data": 1}), str(tmp_path / "one"))
-  training.train(_config(**shared, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
-                 str(tmp_path / "mesh"))
+  training.train(
+    _config(**shared, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), str(tmp_path / "mesh")
+  )
   one, mesh = losses(tmp_path / "one"), losses(tmp_path / "mesh")
   assert list(one) == [1, 2, 3]
   for step in one:
@@ -130,14 +156,31 @@ def test_export_for_hugging_face(base_run, tmp_path, repo, child_env):
   pytest.importorskip("safetensors")
   from flaxseed.models import hf  # pylint: disable=g-import-not-at-top
   from flaxseed.models import lora  # pylint: disable=g-import-not-at-top
+
   base_config, base_dir = base_run
-  config = _config(**{"lora.base_workdir": base_dir, "lora.variant": "dora", "steps": 2,
-                      "mesh.data": 1, "optim.lr": 1e-2})
+  config = _config(
+    **{
+      "lora.base_workdir": base_dir,
+      "lora.variant": "dora",
+      "steps": 2,
+      "mesh.data": 1,
+      "optim.lr": 1e-2,
+    }
+  )
   training.train(config, str(tmp_path / "run"))
   out = subprocess.run(
-      [sys.executable, f"{repo}/experiments/lora/export.py", f"--workdir={tmp_path / 'run'}",
-       f"--out={tmp_path / 'hf'}"], env=child_env(1), capture_output=True, text=True,
-      timeout=300, check=False)
+    [
+      sys.executable,
+      f"{repo}/experiments/lora/export.py",
+      f"--workdir={tmp_path / 'run'}",
+      f"--out={tmp_path / 'hf'}",
+    ],
+    env=child_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   model, base = hf.from_pretrained(str(tmp_path / "hf" / "base"))
   want_base = trainer.restore(base_config, base_dir).params
@@ -150,8 +193,9 @@ def test_export_for_hugging_face(base_run, tmp_path, repo, child_env):
   transformers = pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
   theirs = peft.PeftModel.from_pretrained(
-      transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf" / "base")),
-      str(tmp_path / "hf" / "adapter")).eval()
+    transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf" / "base")),
+    str(tmp_path / "hf" / "adapter"),
+  ).eval()
   with torch.no_grad():
     got = theirs(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   assert np.max(np.abs(got - want)) <= 1e-4

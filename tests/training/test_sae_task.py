@@ -36,11 +36,17 @@ def small_corpus(tmp_path_factory):
 def _setup(config):
   """(setup, train batches on device) of ``config`` in this process."""
   s = trainer.setup(config)
-  train, _ = s.task.datasets(global_batch=config.batch_size, rows=(0, config.batch_size),
-                           train_batches=config.steps, eval_batches=config.eval_batches,
-                           seed=config.seed)
-  batches = [{k: jax.device_put(v, s.batch_spec[k].sharding) for k, v in train[t].items()}
-             for t in range(config.steps)]
+  train, _ = s.task.datasets(
+    global_batch=config.batch_size,
+    rows=(0, config.batch_size),
+    train_batches=config.steps,
+    eval_batches=config.eval_batches,
+    seed=config.seed,
+  )
+  batches = [
+    {k: jax.device_put(v, s.batch_spec[k].sharding) for k, v in train[t].items()}
+    for t in range(config.steps)
+  ]
   return s, batches
 
 
@@ -66,15 +72,24 @@ def test_decoder_stays_unit_norm_b_dec_starts_at_the_median_and_the_sae_learns()
 
 
 def test_resume_equals_uninterrupted_with_the_task_state(tmp_path, losses):
-  shared = {"steps": 6, "checkpoint_every": 3, "optim.decay_steps": 6, "mesh.data": 1,
-            "model.arch": "batch_topk", "sae.dead_window": 64}
+  shared = {
+    "steps": 6,
+    "checkpoint_every": 3,
+    "optim.decay_steps": 6,
+    "mesh.data": 1,
+    "model.arch": "batch_topk",
+    "sae.dead_window": 64,
+  }
   training.train(_config(**shared), str(tmp_path / "whole"))
   training.train(_config(**{**shared, "steps": 3}), str(tmp_path / "split"))
   training.train(_config(**shared), str(tmp_path / "split"))
   assert losses(tmp_path / "whole") == losses(tmp_path / "split")
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  states = [ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints" / "6" / "state")
-            ["task_state"] for run in ("whole", "split")]
+
+  states = [
+    ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints" / "6" / "state")["task_state"]
+    for run in ("whole", "split")
+  ]
   for key in ("tokens_since_fired", "threshold", "norm_scale"):
     np.testing.assert_array_equal(states[0][key], states[1][key])
   assert float(states[0]["threshold"]) > 0  # BatchTopK's inference threshold moved
@@ -83,8 +98,10 @@ def test_resume_equals_uninterrupted_with_the_task_state(tmp_path, losses):
 def test_sharded_mesh_gives_the_same_losses(tmp_path, losses):
   overrides = {"steps": 3, "model.normalize_activations": "constant_norm_rescale"}
   training.train(_config(**overrides, **{"mesh.data": 1}), str(tmp_path / "one"))
-  training.train(_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
-                 str(tmp_path / "mesh"))
+  training.train(
+    _config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+    str(tmp_path / "mesh"),
+  )
   one, mesh = losses(tmp_path / "one"), losses(tmp_path / "mesh")
   assert list(one) == [1, 2, 3]
   for step in one:
@@ -92,8 +109,10 @@ def test_sharded_mesh_gives_the_same_losses(tmp_path, losses):
 
 
 def test_reads_a_trained_model_from_its_workdir(tmp_path):
-  lm_config = common.override(lm_configs.get_config("test"), **{
-      "model.scan_layers": False, "steps": 2, "sample_tokens": 0, "mesh.data": 1})
+  lm_config = common.override(
+    lm_configs.get_config("test"),
+    **{"model.scan_layers": False, "steps": 2, "sample_tokens": 0, "mesh.data": 1},
+  )
   training.train(lm_config, str(tmp_path / "lm"))
   config = _config(**{"sae.lm_workdir": str(tmp_path / "lm"), "mesh.data": 1})
   restored = trainer.restore(lm_config, str(tmp_path / "lm"))
@@ -125,9 +144,14 @@ def test_cached_activations_equal_those_computed_on_the_fly(tmp_path, small_corp
     frozen = s_fly.frozen()
     for a, b in zip(fly, from_cache):
       np.testing.assert_array_equal(a["tokens"], b["tokens"])  # the same rows, same order
-      want = sites.capture(s_fly.task.lm, {"params": frozen["lm"]}, a["tokens"],
-                           "layers_0/resid_post", segment_ids=a["segment_ids"],
-                           positions=a["positions"])
+      want = sites.capture(
+        s_fly.task.lm,
+        {"params": frozen["lm"]},
+        a["tokens"],
+        "layers_0/resid_post",
+        segment_ids=a["segment_ids"],
+        positions=a["positions"],
+      )
       np.testing.assert_allclose(b["acts"], want, atol=1e-5)
   training.train(_config(**shared), str(tmp_path / "fly"))
   training.train(cached, str(tmp_path / "cached"))

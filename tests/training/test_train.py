@@ -13,6 +13,10 @@ from flaxseed.configs import lm
 from flaxseed.training import metrics as metrics_lib
 from flaxseed.training import trainer
 
+# One xdist worker runs this file: its module fixtures (an XLA reference run, a finished run)
+# are trained once.
+pytestmark = pytest.mark.xdist_group("train")
+
 
 def _config(**overrides):
   """The ``test`` variant of configs/lm.py with dotted-key overrides."""
@@ -22,6 +26,7 @@ def _config(**overrides):
 def _tensorboard_tags(path):
   """Scalar tags in a TFRecord file of tensorboard Event protos (parsed without TensorFlow)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
   tags = set()
   with open(path, "rb") as f:
     while header := f.read(12):
@@ -33,10 +38,21 @@ def _tensorboard_tags(path):
 
 
 def test_tiny_model_learns_the_default_corpus(tmp_path, capsys, train_metrics):
-  config = _config(**{
-      "steps": 150, "batch_size": 16, "seq_len": 64, "log_every": 25, "eval_batches": 4,
-      "model.d_model": 64, "model.num_heads": 4, "model.mlp_dim": 192, "optim.lr": 3e-3,
-      "optim.warmup_steps": 20, "sample_tokens": 32})
+  config = _config(
+    **{
+      "steps": 150,
+      "batch_size": 16,
+      "seq_len": 64,
+      "log_every": 25,
+      "eval_batches": 4,
+      "model.d_model": 64,
+      "model.num_heads": 4,
+      "model.mlp_dim": 192,
+      "optim.lr": 3e-3,
+      "optim.warmup_steps": 20,
+      "sample_tokens": 32,
+    }
+  )
   summary = training.train(config, str(tmp_path))
   # A byte-level model starts at ln(256) = 5.55 nats; learning the corpus means far below it.
   assert summary["eval/loss"] < 3.0, summary
@@ -46,8 +62,9 @@ def test_tiny_model_learns_the_default_corpus(tmp_path, capsys, train_metrics):
   for key in ("loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time", "mfu"):
     assert key in rows[150], key
   tb_files = os.listdir(tmp_path / "tensorboard")
-  assert {"loss", "eval/loss", "eval/bpb"} <= _tensorboard_tags(tmp_path / "tensorboard" /
-                                                                tb_files[0])
+  assert {"loss", "eval/loss", "eval/bpb"} <= _tensorboard_tags(
+    tmp_path / "tensorboard" / tb_files[0]
+  )
   assert (tmp_path / "checkpoints" / "150").is_dir()
   assert json.loads((tmp_path / "config.json").read_text())["steps"] == 150
   out = capsys.readouterr().out
@@ -66,15 +83,20 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, losses):
   assert whole == split  # bit for bit, which also means the same data in the same order
   # And the final parameters are identical.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  params = [ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints" / "6" / "state")
-            ["params"] for run in ("whole", "split")]
+
+  params = [
+    ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints" / "6" / "state")["params"]
+    for run in ("whole", "split")
+  ]
   np.testing.assert_array_equal(params[0]["embed"]["embedding"], params[1]["embed"]["embedding"])
 
 
 def test_a_resumed_run_drops_the_metrics_rows_it_redoes(tmp_path):
   path = tmp_path / "metrics.jsonl"
-  path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6))
-                  + '{"step": 6, "lo')  # torn by a crash mid-write
+  path.write_text(
+    "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6))
+    + '{"step": 6, "lo'
+  )  # torn by a crash mid-write
   writer = metrics_lib.MetricsWriter(str(tmp_path), start_step=3)
   writer.write(4, {"loss": 0.5})
   writer.close()
@@ -84,8 +106,9 @@ def test_a_resumed_run_drops_the_metrics_rows_it_redoes(tmp_path):
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   full = training.train(_config(steps=2, **{"mesh.data": 1}), str(tmp_path / "full"))
-  accum = training.train(_config(steps=2, **{"mesh.data": 1, "optim.accum_steps": 4}),
-                         str(tmp_path / "accum"))
+  accum = training.train(
+    _config(steps=2, **{"mesh.data": 1, "optim.accum_steps": 4}), str(tmp_path / "accum")
+  )
   # Micro-batch means of equal-sized micro-batches: same loss as the full batch up to rounding.
   assert accum["loss"] == pytest.approx(full["loss"], abs=1e-5)
 
@@ -116,12 +139,16 @@ def test_divergence_stops_without_touching_the_last_good_checkpoint(tmp_path):
 @pytest.fixture
 def no_compile(monkeypatch):
   """Fails the test if the train step would be compiled."""
+
   def refuse(*a, **k):
     raise AssertionError("compiled before rejecting the config")
+
   monkeypatch.setattr(trainer, "compile_train_step", refuse)
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"batch_size": 0}, r"config\.batch_size=0 must be positive"),
     ({"seq_len": -4}, r"config\.seq_len=-4 must be positive"),
     ({"model.d_model": -8}, r"config\.model: d_model must be positive"),
@@ -130,22 +157,30 @@ def no_compile(monkeypatch):
     ({"mesh.tensor": 0}, r"config\.mesh\.tensor=0"),
     ({"mesh.data": 4, "batch_size": 6}, r"config\.batch_size=6 must be divisible by mesh"),
     ({"optim.lr": -1.0}, r"config\.optim\.lr=-1\.0"),
-    ({"mesh.tensor": 2, "mesh.data": 1, "model.mlp_dim": 63},
-     r"parameter \['layers'\]\['mlp'\]\['down'\]\['kernel'\] of shape \(2, 63, 32\) cannot be split 2"),
+    (
+      {"mesh.tensor": 2, "mesh.data": 1, "model.mlp_dim": 63},
+      r"parameter \['layers'\]\['mlp'\]\['down'\]\['kernel'\] "
+      r"of shape \(2, 63, 32\) cannot be split 2",
+    ),
     ({"data.corpus": "/nonexistent/*.txt"}, r"config\.data\.corpus='/nonexistent/\*\.txt'"),
     ({"data.tokenizer": "/nonexistent/tokenizer.json"}, r"config\.data\.tokenizer="),
     ({"model.vocab_size": 100}, r"vocab_size=100"),
     ({"model_family": "nope"}, r"unknown model family 'nope'"),
     ({"task": "nope"}, r"config\.task='nope'"),
-])
+  ],
+)
 def test_bad_config_is_rejected_before_compiling(tmp_path, no_compile, overrides, match):
   with pytest.raises(ValueError, match=match):
     training.train(_config(**overrides), str(tmp_path))
 
 
-_PATTERN_RUN = {"steps": 3, "sample_tokens": 0, "seq_len": 48,
-                "model.attention_pattern": ("sliding_window:16", "global"),
-                "model.attention_interpret": True}
+_PATTERN_RUN = {
+  "steps": 3,
+  "sample_tokens": 0,
+  "seq_len": 48,
+  "model.attention_pattern": ("sliding_window:16", "global"),
+  "model.attention_interpret": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -156,21 +191,27 @@ def xla_pattern_run(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("implementation,mesh", [
-    ("pallas_tpu", (1, 1, 1)), ("pallas_gpu", (1, 1, 1)),
+@pytest.mark.parametrize(
+  "implementation,mesh",
+  [
+    ("pallas_tpu", (1, 1, 1)),
+    ("pallas_gpu", (1, 1, 1)),
     ("pallas_tpu", (2, 2, 2)),  # batch and heads sharded: the kernel runs under shard_map
-])
-def test_pallas_attention_trains_like_xla(tmp_path, losses, xla_pattern_run, implementation,
-                                          mesh):
+  ],
+)
+def test_pallas_attention_trains_like_xla(tmp_path, losses, xla_pattern_run, implementation, mesh):
   """The transformer with Pallas attention (interpret mode) follows the XLA run step for step;
   the layers alternate a sliding window and global attention (one scanned period of two)."""
   sharded = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh))
-  training.train(_config(**_PATTERN_RUN, **sharded, **{"model.attention_impl": implementation}),
-                 str(tmp_path / implementation))
+  training.train(
+    _config(**_PATTERN_RUN, **sharded, **{"model.attention_impl": implementation}),
+    str(tmp_path / implementation),
+  )
   want, got = losses(xla_pattern_run), losses(tmp_path / implementation)
   assert sorted(got) == sorted(want) == [1, 2, 3]
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5
+  )
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +226,7 @@ def test_restore_evaluates_like_the_end_of_training(tmp_path, finished_run):
   """``training.restore`` loads the last checkpoint; its eval equals the run's final eval, and it
   evaluates other parameter pytrees (here: the params quantized to int8) with the same batches."""
   from flaxseed.models import quantize  # pylint: disable=g-import-not-at-top
+
   config, workdir, summary = finished_run
   restored = training.restore(config, workdir)
   assert restored.step == 3
@@ -199,8 +241,7 @@ def test_restore_evaluates_like_the_end_of_training(tmp_path, finished_run):
 
 def test_init_from_another_run_starts_from_its_parameters(tmp_path, losses, finished_run):
   base_config, base_dir, _ = finished_run
-  training.train(_config(steps=2, init_from=base_dir, **{"mesh.data": 1}),
-                 str(tmp_path / "tuned"))
+  training.train(_config(steps=2, init_from=base_dir, **{"mesh.data": 1}), str(tmp_path / "tuned"))
   # The tuned run's first loss is the base's final parameters' loss on that run's first batch.
   restored = trainer.restore(base_config, base_dir)
   task = restored.setup.task

@@ -16,11 +16,11 @@ from flaxseed.training.tasks.needle import NeedleTask
 from flaxseed.training.tasks.sae import SAETask
 
 TASKS: dict[str, type[Task]] = {
-    "lm": LMTask,
-    "needle": NeedleTask,
-    "diffusion": DiffusionTask,
-    "sae": SAETask,
-    "lora": LoRATask,
+  "lm": LMTask,
+  "needle": NeedleTask,
+  "diffusion": DiffusionTask,
+  "sae": SAETask,
+  "lora": LoRATask,
 }
 
 

@@ -37,8 +37,9 @@ class Task(abc.ABC):
     raise NotImplementedError(f"{type(self).__name__} defines neither loss nor stateful_loss")
 
   @abc.abstractmethod
-  def evaluate(self, params, frozen, batch: Batch,
-               task_state) -> dict[str, tuple[jax.Array, jax.Array]]:
+  def evaluate(
+    self, params, frozen, batch: Batch, task_state
+  ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """name -> (sum, count); the loop reports ``sum / count`` over all eval batches."""
 
   @abc.abstractmethod
@@ -46,8 +47,15 @@ class Task(abc.ABC):
     """Shapes and dtypes of one global batch."""
 
   @abc.abstractmethod
-  def datasets(self, *, global_batch: int, rows: tuple[int, int], train_batches: int,
-               eval_batches: int, seed: int):
+  def datasets(
+    self,
+    *,
+    global_batch: int,
+    rows: tuple[int, int],
+    train_batches: int,
+    eval_batches: int,
+    seed: int,
+  ):
     """(train, eval) grain ``MapDataset``s of this process's rows of each global batch."""
 
   # --- Optional hooks: the defaults do nothing. ---
@@ -56,8 +64,9 @@ class Task(abc.ABC):
     """The initial ``task_state`` carried in the train state (replicated), e.g. counters."""
     return {}
 
-  def stateful_loss(self, params, frozen, batch: Batch, rng,
-                    task_state) -> tuple[jax.Array, tuple[Metrics, Any]]:
+  def stateful_loss(
+    self, params, frozen, batch: Batch, rng, task_state
+  ) -> tuple[jax.Array, tuple[Metrics, Any]]:
     """The loss the train step differentiates: ``loss`` that also reads and updates
     ``task_state`` (e.g. an SAE's dead-latent counters); the default passes the state through."""
     value, metrics = self.loss(params, frozen, batch, rng)
@@ -86,8 +95,9 @@ class Task(abc.ABC):
     del frozen
     return params
 
-  def sample(self, params, prompt: str, *, max_new_tokens: int, temperature: float, rng,
-             frozen=None) -> str | None:
+  def sample(
+    self, params, prompt: str, *, max_new_tokens: int, temperature: float, rng, frozen=None
+  ) -> str | None:
     """Prompt + continuation as text, shown at the end of a run; ``None``: no text to show."""
     del params, prompt, max_new_tokens, temperature, rng, frozen
     return None

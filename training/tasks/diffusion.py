@@ -43,17 +43,25 @@ class DiffusionTask(base.Task):
     if not 0 < self.options["eps"] < 1:
       raise ValueError(f"config.diffusion.eps={self.options['eps']} must be in (0, 1)")
     if not 0 <= self.options["random_length_prob"] <= 1:
-      raise ValueError(f"config.diffusion.random_length_prob={self.options['random_length_prob']}"
-                       " must be in [0, 1]")
+      raise ValueError(
+        f"config.diffusion.random_length_prob={self.options['random_length_prob']}"
+        " must be in [0, 1]"
+      )
     self.sft = bool(self.options["sft_data"])
 
   @classmethod
   def from_config(cls, config) -> "DiffusionTask":
     if "diffusion" not in config:
-      raise ValueError("config.task='diffusion' needs a config.diffusion section (eps, "
-                       "antithetic, random_length_prob, sft_data)")
-    return cls(base.build_model(config), seq_len=config.seq_len, data_config=config.data,
-               diffusion_config=config.diffusion)
+      raise ValueError(
+        "config.task='diffusion' needs a config.diffusion section (eps, "
+        "antithetic, random_length_prob, sft_data)"
+      )
+    return cls(
+      base.build_model(config),
+      seq_len=config.seq_len,
+      data_config=config.data,
+      diffusion_config=config.diffusion,
+    )
 
   @functools.cached_property
   def corpus(self) -> corpus_lib.Corpus:
@@ -69,22 +77,32 @@ class DiffusionTask(base.Task):
 
   def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
     if self.sft:
-      train, evaluation = sft.sft_rows(self.options["sft_data"], self.tokenizer, self.seq_len,
-                                   eos_id=self.model.config.eos_token_id)
+      train, evaluation = sft.sft_rows(
+        self.options["sft_data"],
+        self.tokenizer,
+        self.seq_len,
+        eos_id=self.model.config.eos_token_id,
+      )
     else:
       train, evaluation = self.corpus.train, self.corpus.validation
     mask_id = self.model.config.mask_token_id
     for split in (train, evaluation):
       tokens = split.arrays["tokens"] if self.sft else split.tokens
-      if tokens.size and (tokens.max() >= self.model.config.vocab_size or
-                          (tokens == mask_id).any()):
-        raise ValueError(f"the data has token ids equal to config.model.mask_token_id={mask_id} "
-                         f"or outside config.model.vocab_size={self.model.config.vocab_size}; "
-                         "the mask token must be an id the tokenizer never produces")
+      if tokens.size and (
+        tokens.max() >= self.model.config.vocab_size or (tokens == mask_id).any()
+      ):
+        raise ValueError(
+          f"the data has token ids equal to config.model.mask_token_id={mask_id} "
+          f"or outside config.model.vocab_size={self.model.config.vocab_size}; "
+          "the mask token must be an id the tokenizer never produces"
+        )
     common = dict(global_batch=global_batch, rows=rows, row_len=self.seq_len, stride=self.seq_len)
-    return (pipeline.batches(train, num_batches=train_batches, seed=seed, name="train", **common),
-            pipeline.batches(evaluation, num_batches=eval_batches, seed=None, name="validation",
-                             **common))
+    return (
+      pipeline.batches(train, num_batches=train_batches, seed=seed, name="train", **common),
+      pipeline.batches(
+        evaluation, num_batches=eval_batches, seed=None, name="validation", **common
+      ),
+    )
 
   def init(self, rng, batch):
     return self.model.init(rng, batch["tokens"])["params"], {}
@@ -107,17 +125,26 @@ class DiffusionTask(base.Task):
       answer = answer & ~(cut & (jnp.arange(tokens.shape[1]) >= cut_at))[None]
       model_kw["segment_ids"] = jnp.where(answer, model_kw["segment_ids"], 0)
     noisy, masked, p_mask = diffusion_lm.noise(
-        noise_rng, tokens, answer, mask_token_id=self.model.config.mask_token_id,
-        eps=self.options["eps"], antithetic=self.options["antithetic"])
+      noise_rng,
+      tokens,
+      answer,
+      mask_token_id=self.model.config.mask_token_id,
+      eps=self.options["eps"],
+      antithetic=self.options["antithetic"],
+    )
     logits = self.model.apply({"params": params}, noisy, **model_kw)
     if self.sft:
       loss = diffusion_lm.sft_loss(logits, tokens, masked, p_mask, answer)
     else:
-      loss = diffusion_lm.pretrain_loss(logits, tokens, masked, p_mask,
-                                        num_tokens=jnp.maximum(answer.sum(), 1))
+      loss = diffusion_lm.pretrain_loss(
+        logits, tokens, masked, p_mask, num_tokens=jnp.maximum(answer.sum(), 1)
+      )
     correct = (jnp.argmax(logits, axis=-1) == tokens) & masked
-    return loss, {"loss": loss, "masked_accuracy": correct.sum() / jnp.maximum(masked.sum(), 1),
-                  "mask_rate": masked.sum() / jnp.maximum(answer.sum(), 1)}
+    return loss, {
+      "loss": loss,
+      "masked_accuracy": correct.sum() / jnp.maximum(masked.sum(), 1),
+      "mask_rate": masked.sum() / jnp.maximum(answer.sum(), 1),
+    }
 
   def evaluate(self, params, frozen, batch, task_state):
     del frozen, task_state
@@ -128,8 +155,9 @@ class DiffusionTask(base.Task):
     # One mask per row; the rows are the strata: row b's count is 1 + floor(A (u + b / B mod 1)).
     u_B = jnp.mod(jax.random.uniform(u_rng, ()) + jnp.arange(batch_size) / batch_size, 1.0)
     masked, count = diffusion_lm.stratified_masks(mask_rng, u_B, jnp.zeros(1), 1, answer)
-    nats = diffusion_lm.stratified_nats(self.model, params, tokens, masked, count,
-                                        answer.sum(-1), **model_kw).sum()
+    nats = diffusion_lm.stratified_nats(
+      self.model, params, tokens, masked, count, answer.sum(-1), **model_kw
+    ).sum()
     scored = answer.sum().astype(jnp.float32)
     metrics = {"loss": (nats, scored)}
     if not self.sft:
@@ -139,22 +167,31 @@ class DiffusionTask(base.Task):
   def flops_per_token(self):
     return self.model.config.flops_per_token(self.seq_len)
 
-  def sample(self, params, prompt: str, *, max_new_tokens: int, temperature: float, rng,
-             frozen=None) -> str:
+  def sample(
+    self, params, prompt: str, *, max_new_tokens: int, temperature: float, rng, frozen=None
+  ) -> str:
     """Prompt + ``max_new_tokens`` tokens of semi-autoregressive low-confidence sampling (blocks
     of 32 when that divides, one step per token), cut at the first EOS."""
     prompt_tokens = np.asarray(self.tokenizer.encode(prompt), np.int32)[None]
     block = 32 if max_new_tokens % 32 == 0 else max_new_tokens
     del frozen
-    out = diffusion_lm.generate(self.model, params, prompt_tokens, gen_length=max_new_tokens,
-                                steps=max_new_tokens, block_length=block,
-                                temperature=temperature, rng=rng)
-    return self.tokenizer.decode(text_ids(np.asarray(out[0]), self.model.config,
-                                          self.tokenizer.vocab_size))
+    out = diffusion_lm.generate(
+      self.model,
+      params,
+      prompt_tokens,
+      gen_length=max_new_tokens,
+      steps=max_new_tokens,
+      block_length=block,
+      temperature=temperature,
+      rng=rng,
+    )
+    return self.tokenizer.decode(
+      text_ids(np.asarray(out[0]), self.model.config, self.tokenizer.vocab_size)
+    )
 
 
 def text_ids(ids: np.ndarray, config, vocab_size: int) -> np.ndarray:
   """``ids`` up to the first EOS, without special ids the tokenizer does not have."""
   eos = np.flatnonzero(ids == config.eos_token_id)
-  ids = ids[:eos[0]] if len(eos) else ids
+  ids = ids[: eos[0]] if len(eos) else ids
   return ids[ids < vocab_size]

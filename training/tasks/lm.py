@@ -32,8 +32,12 @@ class LMTask(base.Task):
   def from_config(cls, config) -> "LMTask":
     if config.z_loss < 0:
       raise ValueError(f"config.z_loss={config.z_loss} must be >= 0")
-    return cls(base.build_model(config), seq_len=config.seq_len, data_config=config.data,
-               z_loss=config.z_loss)
+    return cls(
+      base.build_model(config),
+      seq_len=config.seq_len,
+      data_config=config.data,
+      z_loss=config.z_loss,
+    )
 
   @functools.cached_property
   def corpus(self) -> corpus_lib.Corpus:
@@ -45,16 +49,20 @@ class LMTask(base.Task):
 
   def batch_spec(self, global_batch):
     shape = (global_batch, self.seq_len + 1)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32)
-            for k in ("tokens", "segment_ids", "positions")}
+    return {
+      k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "segment_ids", "positions")
+    }
 
   def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
-    common = dict(global_batch=global_batch, rows=rows, row_len=self.seq_len + 1,
-                  stride=self.seq_len)
-    train = pipeline.batches(self.corpus.train, num_batches=train_batches, seed=seed,
-                             name="train", **common)
-    evaluation = pipeline.batches(self.corpus.validation, num_batches=eval_batches, seed=None,
-                                  name="validation", **common)
+    common = dict(
+      global_batch=global_batch, rows=rows, row_len=self.seq_len + 1, stride=self.seq_len
+    )
+    train = pipeline.batches(
+      self.corpus.train, num_batches=train_batches, seed=seed, name="train", **common
+    )
+    evaluation = pipeline.batches(
+      self.corpus.validation, num_batches=eval_batches, seed=None, name="validation", **common
+    )
     return train, evaluation
 
   def init(self, rng, batch):
@@ -64,8 +72,12 @@ class LMTask(base.Task):
   def _nll(self, params, frozen, batch):
     """Per-token negative log-likelihood, logsumexp, correctness and target weights."""
     tokens, segments = batch["tokens"], batch["segment_ids"]
-    logits = self.model.apply({"params": self.model_params(params, frozen)}, tokens[:, :-1],
-                              segment_ids=segments[:, :-1], positions=batch["positions"][:, :-1])
+    logits = self.model.apply(
+      {"params": self.model_params(params, frozen)},
+      tokens[:, :-1],
+      segment_ids=segments[:, :-1],
+      positions=batch["positions"][:, :-1],
+    )
     targets = tokens[:, 1:]
     weights = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -91,16 +103,26 @@ class LMTask(base.Task):
     count = weights.sum()
     nll_sum = (nll * weights).sum()
     bits_per_byte = nll_sum / math.log(2) / self.corpus.bytes_per_token
-    return {"loss": (nll_sum, count), "bpb": (bits_per_byte, count),
-            "accuracy": ((correct * weights).sum(), count)}
+    return {
+      "loss": (nll_sum, count),
+      "bpb": (bits_per_byte, count),
+      "accuracy": ((correct * weights).sum(), count),
+    }
 
   def flops_per_token(self):
     return self.model.config.flops_per_token(self.seq_len)
 
-  def sample(self, params, prompt: str, *, max_new_tokens: int, temperature: float, rng,
-             frozen=None) -> str:
+  def sample(
+    self, params, prompt: str, *, max_new_tokens: int, temperature: float, rng, frozen=None
+  ) -> str:
     """Continues ``prompt`` with the KV cache; returns prompt + continuation as text."""
     prompt_tokens = np.asarray(self.tokenizer.encode(prompt), np.int32)[None]
-    out = sampling.generate(self.model, self.model_params(params, frozen), prompt_tokens,
-                            max_new_tokens=max_new_tokens, temperature=temperature, rng=rng)
+    out = sampling.generate(
+      self.model,
+      self.model_params(params, frozen),
+      prompt_tokens,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      rng=rng,
+    )
     return self.tokenizer.decode(np.asarray(out[0]))

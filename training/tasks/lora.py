@@ -30,8 +30,19 @@ class LoRATask(lm.LMTask):
   into its state (``prepare``).
   """
 
-  def __init__(self, model: nn.Module, *, seq_len: int, data_config, z_loss: float, lora_config,
-               base_workdir: str, quantize_config: tuple[str, int | None], rules, seed: int):
+  def __init__(
+    self,
+    model: nn.Module,
+    *,
+    seq_len: int,
+    data_config,
+    z_loss: float,
+    lora_config,
+    base_workdir: str,
+    quantize_config: tuple[str, int | None],
+    rules,
+    seed: int,
+  ):
     super().__init__(model, seq_len=seq_len, data_config=data_config, z_loss=z_loss)
     self.cfg = lora_config
     self.base_workdir = base_workdir
@@ -42,27 +53,44 @@ class LoRATask(lm.LMTask):
   @classmethod
   def from_config(cls, config) -> "LoRATask":
     if "lora" not in config:
-      raise ValueError("config.task='lora' needs a config.lora section (base_workdir, rank, alpha, "
-                       "targets, variant, init, quantize, quantize_group_size)")
+      raise ValueError(
+        "config.task='lora' needs a config.lora section (base_workdir, rank, alpha, "
+        "targets, variant, init, quantize, quantize_group_size)"
+      )
     options = config.lora
     if options.base_workdir:
       model = base.model_from_run(options.base_workdir)
     else:
-      logging.warning("config.lora.base_workdir is empty: fine-tuning a randomly initialized %s",
-                      config.model_family)
+      logging.warning(
+        "config.lora.base_workdir is empty: fine-tuning a randomly initialized %s",
+        config.model_family,
+      )
       model = base.build_model(config)
     try:
-      cfg = lora_lib.LoraConfig(rank=options.rank, alpha=options.alpha, targets=options.targets,
-                                variant=options.variant, init=options.init)
+      cfg = lora_lib.LoraConfig(
+        rank=options.rank,
+        alpha=options.alpha,
+        targets=options.targets,
+        variant=options.variant,
+        init=options.init,
+      )
     except ValueError as e:
       raise ValueError(f"config.lora: {e}") from e
     if options.quantize not in ("", "int8", "int4", "nf4"):
-      raise ValueError(f"config.lora.quantize={options.quantize!r} is not one of '', 'int8', "
-                       "'int4', 'nf4'")
-    return cls(model, seq_len=config.seq_len, data_config=config.data, z_loss=config.z_loss,
-               lora_config=cfg, base_workdir=options.base_workdir,
-               quantize_config=(options.quantize, options.quantize_group_size),
-               rules=tuple(tuple(r) for r in config.logical_axis_rules), seed=config.seed)
+      raise ValueError(
+        f"config.lora.quantize={options.quantize!r} is not one of '', 'int8', 'int4', 'nf4'"
+      )
+    return cls(
+      model,
+      seq_len=config.seq_len,
+      data_config=config.data,
+      z_loss=config.z_loss,
+      lora_config=cfg,
+      base_workdir=options.base_workdir,
+      quantize_config=(options.quantize, options.quantize_group_size),
+      rules=tuple(tuple(r) for r in config.logical_axis_rules),
+      seed=config.seed,
+    )
 
   def _frozen_from_base(self, base):
     """``{"base", "adapters0"}`` from the (boxed or plain) float base weights; plain arrays keep
@@ -72,12 +100,19 @@ class LoRATask(lm.LMTask):
     if self.cfg.init == "pissa":
       frozen_base = lora_lib.unmerge(base, adapters, self.cfg)
     if self.quantize_fmt:
-      frozen_base = quantize_lib.quantize_params(frozen_base, fmt=self.quantize_fmt,
-                                                 group_size=self.quantize_group)
+      frozen_base = quantize_lib.quantize_params(
+        frozen_base, fmt=self.quantize_fmt, group_size=self.quantize_group
+      )
     frozen_base = jax.tree.map(
-        lambda box, leaf: (box.replace_boxed(leaf) if isinstance(box, nn.LogicallyPartitioned)
-                           and isinstance(leaf, jax.Array) else leaf),
-        base, frozen_base, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+      lambda box, leaf: (
+        box.replace_boxed(leaf)
+        if isinstance(box, nn.LogicallyPartitioned) and isinstance(leaf, jax.Array)
+        else leaf
+      ),
+      base,
+      frozen_base,
+      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
     return {"base": frozen_base, "adapters0": adapters}
 
   def init(self, rng, batch):
@@ -95,15 +130,20 @@ class LoRATask(lm.LMTask):
     with nn.logical_axis_rules(self.rules):
       boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), tokens)["params"])
     shardings = mesh_lib.logical_shardings(boxed, mesh, self.rules)
-    values = jax.tree.map(lambda b: b.value, boxed,  # unbox without sharding constraints
-                          is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            values, shardings)
+    values = jax.tree.map(
+      lambda b: b.value,
+      boxed,  # unbox without sharding constraints
+      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
+    abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), values, shardings
+    )
     base, _ = checkpoint.restore_params(self.base_workdir, abstract)
     out_shardings = jax.tree.map(lambda a: a.sharding, abstract_frozen)
     with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules):
-      return jax.jit(lambda b: nn.unbox(self._frozen_from_base(b)),
-                     out_shardings=out_shardings)(base)
+      return jax.jit(lambda b: nn.unbox(self._frozen_from_base(b)), out_shardings=out_shardings)(
+        base
+      )
 
   def prepare(self, params, task_state, frozen, batch):
     del params, batch

@@ -30,8 +30,10 @@ class NeedleTask(base.Task):
   @classmethod
   def from_config(cls, config) -> "NeedleTask":
     if "needle" not in config:
-      raise ValueError("config.task='needle' needs a config.needle section (num_pairs, num_keys, "
-                       "num_values, region)")
+      raise ValueError(
+        "config.task='needle' needs a config.needle section (num_pairs, num_keys, "
+        "num_values, region)"
+      )
     return cls(base.build_model(config), seq_len=config.seq_len, needle_config=config.needle)
 
   def batch_spec(self, global_batch):
@@ -42,8 +44,10 @@ class NeedleTask(base.Task):
       def batch(t):
         rng = np.random.default_rng([offset, t])  # the global batch t, whoever asks for it
         tokens = needle.rows(rng, global_batch, self.seq_len + 1, **self.needle)
-        return {"tokens": tokens[rows[0]:rows[1]]}
+        return {"tokens": tokens[rows[0] : rows[1]]}
+
       return grain.MapDataset.range(num_batches).map(batch)
+
     return make(seed, train_batches), make(2**31 - 1, eval_batches)  # eval rows never trained on
 
   def init(self, rng, batch):
@@ -55,8 +59,10 @@ class NeedleTask(base.Task):
     values = needle.answer_positions(tokens.shape[1], self.needle["num_pairs"])
     logits = self.model.apply({"params": params}, tokens[:, :-1])[:, values - 1]
     target = tokens[:, values]
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
-        logits, target[..., None], axis=-1)[..., 0]
+    nll = (
+      jax.nn.logsumexp(logits, axis=-1)
+      - jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+    )
     return nll, (jnp.argmax(logits, axis=-1) == target).astype(jnp.float32)
 
   def loss(self, params, frozen, batch, rng):

@@ -18,7 +18,7 @@ from flaxseed.training.tasks import base
 
 
 class SAETask(base.Task):
-  """A sparse autoencoder (``models/sae.py``) on a frozen model's activations at ``config.sae.site``.
+  """A sparse autoencoder (``models/sae.py``) on a frozen model's activations at a site.
 
   ``config.model`` is the SAE; ``config.sae`` names the model it reads and how:
 
@@ -27,9 +27,9 @@ class SAETask(base.Task):
   * ``site``: an activation site (``models/sites.py``), e.g. ``layers_1/resid_post``.
   * ``activations``: empty to compute activations on the fly from the corpus rows of
     ``config.data`` (``seq_len`` tokens each, documents attend within themselves), or a cache
-    directory written by ``training/activations.py`` (read by ``data/activations.py``) for this model and site: the same rows with
-    their activations, read back with grain (a cached run sees the batches an on-the-fly run
-    would).
+    directory written by ``training/activations.py`` (read by ``data/activations.py``) for this
+    model and site: the same rows with their activations, read back with grain (a cached run
+    sees the batches an on-the-fly run would).
   * ``dead_window``: a latent is dead when it has not fired for this many tokens; dead latents
     feed AuxK (topk, batch_topk) and the ``dead_frac`` metric.
 
@@ -53,32 +53,43 @@ class SAETask(base.Task):
     self.site = self.options["site"]
     sites.resolve(self.site)
     if getattr(lm.config, "scan_layers", False):
-      raise ValueError("config.sae: the model scans its layers (scan_layers=True); activation "
-                       "sites need a model trained with scan_layers=False")
+      raise ValueError(
+        "config.sae: the model scans its layers (scan_layers=True); activation "
+        "sites need a model trained with scan_layers=False"
+      )
     if self.options["dead_window"] <= 0:
       raise ValueError(f"config.sae.dead_window={self.options['dead_window']} must be positive")
     self.cache = None
     if self.options["activations"]:
-      self.cache = activations.Cache(self.options["activations"], site=self.site,
-                                     seq_len=seq_len, d_in=model.config.d_in)
+      self.cache = activations.Cache(
+        self.options["activations"], site=self.site, seq_len=seq_len, d_in=model.config.d_in
+      )
 
   @classmethod
   def from_config(cls, config) -> "SAETask":
     if "sae" not in config:
-      raise ValueError("config.task='sae' needs a config.sae section (site, lm_workdir, "
-                       "lm_family, lm_model, dead_window, activations)")
+      raise ValueError(
+        "config.task='sae' needs a config.sae section (site, lm_workdir, "
+        "lm_family, lm_model, dead_window, activations)"
+      )
     options = config.sae
     if options.lm_workdir:
       lm = base.model_from_run(options.lm_workdir)
     else:
-      logging.warning("config.sae.lm_workdir is empty: the SAE reads a randomly initialized %s",
-                      options.lm_family)
+      logging.warning(
+        "config.sae.lm_workdir is empty: the SAE reads a randomly initialized %s", options.lm_family
+      )
       try:
         lm = models.build(options.lm_family, options.lm_model.to_dict())
       except (TypeError, ValueError) as e:
         raise ValueError(f"config.sae.lm_model: {e}") from e
-    return cls(base.build_model(config), lm, seq_len=config.seq_len, data_config=config.data,
-               sae_config=options)
+    return cls(
+      base.build_model(config),
+      lm,
+      seq_len=config.seq_len,
+      data_config=config.data,
+      sae_config=options,
+    )
 
   @functools.cached_property
   def corpus(self) -> corpus_lib.Corpus:
@@ -86,8 +97,9 @@ class SAETask(base.Task):
 
   def batch_spec(self, global_batch):
     shape = (global_batch, self.seq_len)
-    spec = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
-            for k in ("tokens", "segment_ids", "positions")}
+    spec = {
+      k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "segment_ids", "positions")
+    }
     if self.cache is not None:
       spec["acts"] = jax.ShapeDtypeStruct(shape + (self.model.config.d_in,), jnp.float32)
     return spec
@@ -98,9 +110,12 @@ class SAETask(base.Task):
     else:
       train, evaluation = self.corpus.train, self.corpus.validation
     common = dict(global_batch=global_batch, rows=rows, row_len=self.seq_len, stride=self.seq_len)
-    return (pipeline.batches(train, num_batches=train_batches, seed=seed, name="train", **common),
-            pipeline.batches(evaluation, num_batches=eval_batches, seed=None, name="validation",
-                             **common))
+    return (
+      pipeline.batches(train, num_batches=train_batches, seed=seed, name="train", **common),
+      pipeline.batches(
+        evaluation, num_batches=eval_batches, seed=None, name="validation", **common
+      ),
+    )
 
   def init(self, rng, batch):
     lm_rng, sae_rng = jax.random.split(rng)
@@ -108,8 +123,10 @@ class SAETask(base.Task):
     # Traced abstractly by the loop's setup: a bad site or width fails here, before compiling.
     width = sites.capture(self.lm, {"params": lm_params}, batch["tokens"], self.site).shape[-1]
     if width != self.model.config.d_in:
-      raise ValueError(f"config.model.d_in={self.model.config.d_in} must equal the width of the "
-                       f"activations at config.sae.site={self.site!r} ({width})")
+      raise ValueError(
+        f"config.model.d_in={self.model.config.d_in} must equal the width of the "
+        f"activations at config.sae.site={self.site!r} ({width})"
+      )
     x = jnp.zeros((1, self.model.config.d_in), jnp.float32)
     return self.model.init(sae_rng, x)["params"], {"lm": lm_params}
 
@@ -121,8 +138,11 @@ class SAETask(base.Task):
     return {"lm": params}
 
   def init_state(self):
-    return {"tokens_since_fired": jnp.zeros((self.model.config.num_latents,), jnp.int32),
-            "threshold": jnp.zeros((), jnp.float32), "norm_scale": jnp.ones((), jnp.float32)}
+    return {
+      "tokens_since_fired": jnp.zeros((self.model.config.num_latents,), jnp.int32),
+      "threshold": jnp.zeros((), jnp.float32),
+      "norm_scale": jnp.ones((), jnp.float32),
+    }
 
   def wrap_optimizer(self, optimizer):
     return sae_lib.decoder_constraint(optimizer)
@@ -135,8 +155,9 @@ class SAETask(base.Task):
     if "acts" in batch:
       acts = batch["acts"]
     else:
-      acts = sites.capture(self.lm, {"params": frozen["lm"]}, batch["tokens"], self.site,
-                           **self._lm_kwargs(batch))
+      acts = sites.capture(
+        self.lm, {"params": frozen["lm"]}, batch["tokens"], self.site, **self._lm_kwargs(batch)
+      )
     acts = jax.lax.stop_gradient(acts.astype(jnp.float32))
     return acts.reshape(-1, acts.shape[-1])
 
@@ -160,29 +181,38 @@ class SAETask(base.Task):
     x = self.activations(frozen, batch) * task_state["norm_scale"]
     since = task_state["tokens_since_fired"]
     dead = since >= self.options["dead_window"]
-    loss, metrics, f = sae_lib.loss_and_code(self.model, self.variables(params, task_state), x,
-                                             dead_F=dead)
+    loss, metrics, f = sae_lib.loss_and_code(
+      self.model, self.variables(params, task_state), x, dead_F=dead
+    )
     fired = (f != 0).any(0)
     since = jnp.where(fired, 0, jnp.minimum(since + x.shape[0], self.DEAD_CAP))
     task_state = {**task_state, "tokens_since_fired": since}
     if cfg.arch == "batch_topk":
-      task_state["threshold"] = sae_lib.update_threshold(task_state["threshold"], f,
-                                                         cfg.threshold_lr)
+      task_state["threshold"] = sae_lib.update_threshold(
+        task_state["threshold"], f, cfg.threshold_lr
+      )
     metrics["dead_frac"] = (since >= self.options["dead_window"]).mean()
     return loss, (metrics, task_state)
 
   def encode(self, params, frozen, batch, task_state):
     """``[B * L, num_latents]``: the inference-time code of the batch's activations."""
     x = self.activations(frozen, batch) * task_state["norm_scale"]
-    return self.model.apply(self.variables(params, task_state), x, True,
-                            method=self.model.encode)
+    return self.model.apply(self.variables(params, task_state), x, True, method=self.model.encode)
 
   def evaluate(self, params, frozen, batch, task_state):
-    return sae_lib.eval_sums(self.lm, {"params": frozen["lm"]}, batch["tokens"], self.site,
-                             self.model, self.variables(params, task_state),
-                             norm_scale=task_state["norm_scale"], **self._lm_kwargs(batch))
+    return sae_lib.eval_sums(
+      self.lm,
+      {"params": frozen["lm"]},
+      batch["tokens"],
+      self.site,
+      self.model,
+      self.variables(params, task_state),
+      norm_scale=task_state["norm_scale"],
+      **self._lm_kwargs(batch),
+    )
 
   def flops_per_token(self):
     cfg = self.model.config
     return 6 * 2 * cfg.d_in * cfg.num_latents + (
-        self.lm.config.flops_per_token(self.seq_len) / 3 if self.cache is None else 0)
+      self.lm.config.flops_per_token(self.seq_len) / 3 if self.cache is None else 0
+    )
