@@ -14,9 +14,7 @@ import pytest
 from flaxseed import training
 from flaxseed.configs import lm
 
-# One xdist worker runs this file and test_kernel_lowering.py, in order: only one process may
-# hold libtpu at a time (aot.py here, topologies there); the reference run is shared too.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("libtpu")]
+pytestmark = pytest.mark.slow
 
 TEST_CONFIG = "--config=configs/lm.py:test"
 

@@ -15,10 +15,6 @@ import pytest
 from flaxseed import kernels
 from flaxseed.kernels import masks
 
-# Only one process may hold libtpu: one xdist worker runs this file and tests/experiments/
-# test_launch.py (which compiles for a TPU topology in a subprocess).
-pytestmark = pytest.mark.xdist_group("libtpu")
-
 LENGTH = 1000  # ragged: padded to the block size inside
 
 CASES = [

@@ -19,9 +19,6 @@ from flaxseed.models import params as params_lib
 from flaxseed.training import tasks
 from flaxseed.training import trainer
 
-# One xdist worker runs this file: its base run is trained once.
-pytestmark = pytest.mark.xdist_group("lora_task")
-
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):

@@ -13,10 +13,6 @@ from flaxseed.configs import lm
 from flaxseed.training import metrics as metrics_lib
 from flaxseed.training import trainer
 
-# One xdist worker runs this file: its module fixtures (an XLA reference run, a finished run)
-# are trained once.
-pytestmark = pytest.mark.xdist_group("train")
-
 
 def _config(**overrides):
   """The ``test`` variant of configs/lm.py with dotted-key overrides."""

@@ -28,6 +28,12 @@ class Task(abc.ABC):
 
   # --- What every task defines. ---
 
+  @classmethod
+  @abc.abstractmethod
+  def from_config(cls, config) -> "Task":
+    """The task ``config`` describes (what the registry calls); checks its config section, and
+    errors name the offending key."""
+
   @abc.abstractmethod
   def init(self, rng, batch: Batch) -> tuple[Params, Params]:
     """(trainable params, frozen params); params may carry ``nn.LogicallyPartitioned`` boxes."""
