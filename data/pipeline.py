@@ -100,6 +100,27 @@ def batches(
   return grain.MapDataset.range(num_batches).map(local_batch)
 
 
+def train_and_eval(
+  train,
+  evaluation,
+  *,
+  global_batch: int,
+  rows: tuple[int, int],
+  row_len: int,
+  stride: int,
+  train_batches: int,
+  eval_batches: int,
+  seed: int,
+):
+  """(train, eval) ``batches`` of two splits: the train rows shuffled with ``seed``, the eval rows
+  in order (what a task's ``datasets`` returns)."""
+  common = dict(global_batch=global_batch, rows=rows, row_len=row_len, stride=stride)
+  return (
+    batches(train, num_batches=train_batches, seed=seed, name="train", **common),
+    batches(evaluation, num_batches=eval_batches, seed=None, name="validation", **common),
+  )
+
+
 def train_iterator(dataset: grain.MapDataset):
   """A checkpointable iterator with background prefetching."""
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

@@ -54,16 +54,17 @@ class LMTask(base.Task):
     }
 
   def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
-    common = dict(
-      global_batch=global_batch, rows=rows, row_len=self.seq_len + 1, stride=self.seq_len
+    return pipeline.train_and_eval(
+      self.corpus.train,
+      self.corpus.validation,
+      global_batch=global_batch,
+      rows=rows,
+      row_len=self.seq_len + 1,
+      stride=self.seq_len,
+      train_batches=train_batches,
+      eval_batches=eval_batches,
+      seed=seed,
     )
-    train = pipeline.batches(
-      self.corpus.train, num_batches=train_batches, seed=seed, name="train", **common
-    )
-    evaluation = pipeline.batches(
-      self.corpus.validation, num_batches=eval_batches, seed=None, name="validation", **common
-    )
-    return train, evaluation
 
   def init(self, rng, batch):
     inputs = batch["tokens"][:, :-1]

@@ -109,12 +109,16 @@ class SAETask(base.Task):
       train, evaluation = self.cache.split("train"), self.cache.split("validation")
     else:
       train, evaluation = self.corpus.train, self.corpus.validation
-    common = dict(global_batch=global_batch, rows=rows, row_len=self.seq_len, stride=self.seq_len)
-    return (
-      pipeline.batches(train, num_batches=train_batches, seed=seed, name="train", **common),
-      pipeline.batches(
-        evaluation, num_batches=eval_batches, seed=None, name="validation", **common
-      ),
+    return pipeline.train_and_eval(
+      train,
+      evaluation,
+      global_batch=global_batch,
+      rows=rows,
+      row_len=self.seq_len,
+      stride=self.seq_len,
+      train_batches=train_batches,
+      eval_batches=eval_batches,
+      seed=seed,
     )
 
   def init(self, rng, batch):
