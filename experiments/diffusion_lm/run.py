@@ -398,6 +398,23 @@ def report(results, *, quick: bool) -> str:
   return "\n".join(lines)
 
 
+def goal(results) -> dict:
+  """The study's goal: diffusion answers the reverse questions (>= 0.8) where AR is near chance
+  (<= 0.1), and both answer the forward ones (>= 0.8)."""
+  ar, diffusion = results["reversal"]["ar"], results["reversal"]["diffusion"]
+  return {
+    "diffusion_reverse": diffusion["reverse"],
+    "ar_reverse": ar["reverse"],
+    "diffusion_forward": diffusion["forward"],
+    "ar_forward": ar["forward"],
+    "met": bool(
+      diffusion["reverse"] >= 0.8
+      and ar["reverse"] <= 0.1
+      and min(ar["forward"], diffusion["forward"]) >= 0.8
+    ),
+  }
+
+
 def main(argv):
   del argv
   details = bpb_study()
@@ -422,6 +439,7 @@ def main(argv):
     ),
   }
   results["reversal"]["setup"] = reversal["setup"]
+  results["goal"] = goal(results)
   suffix = studies.suffix(_QUICK.value)
   with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)

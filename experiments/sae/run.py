@@ -181,6 +181,11 @@ def main(argv):
     "cache_rows": CACHE_ROWS,
     "saes": saes,
     "goal_met_by": [f"topk k={s['k']}" for s in goal],
+    "goal": {
+      "criteria": "topk with l0 <= 32, fvu <= 0.15, dead_frac <= 0.1, ce_loss_recovered >= 0.9",
+      "met_by": [f"topk k={s['k']}" for s in goal],
+      "met": bool(goal),
+    },
   }
   with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
