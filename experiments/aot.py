@@ -12,9 +12,10 @@ seconds, instead of on the pod.
 import json
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from flaxseed.experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file.", lock_config=True
@@ -76,12 +77,8 @@ def compile_for_topology(config, topology: str) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    report = compile_for_topology(_CONFIG.value, _TOPOLOGY.value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  report = compile_for_topology(cli.config(_CONFIG), _TOPOLOGY.value)
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
@@ -113,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,20 +3,20 @@
     python experiments/main.py --config=configs/lm.py:tiny --workdir=DIR
 
 Flags: ``--config`` (a config file and ``:variant``; unknown ``--config.<key>`` overrides are
-errors), ``--workdir`` (checkpoints, metrics.jsonl, TensorBoard; rerunning resumes), and for
-multi-process runs ``--coordinator_address``, ``--num_processes``, ``--process_id`` (on TPU pods
-and SLURM these may be left out: ``jax.distributed.initialize`` finds them itself).
+errors), ``--workdir`` (checkpoints, metrics.jsonl, TensorBoard; rerunning resumes; locked while a
+run holds it), and for multi-process runs ``--coordinator_address``, ``--num_processes``,
+``--process_id`` (on TPU pods and SLURM these may be left out: ``jax.distributed.initialize``
+finds them itself). Every config, flag or file problem is one ``error:`` line and exit 2
+(``experiments/cli.py``); divergence exits 3; Ctrl-C saves a checkpoint and exits 130.
 """
 
-import sys
-
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
 from flaxseed import training
+from flaxseed.experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file.", lock_config=True
@@ -38,7 +38,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  config = cli.config(_CONFIG)
   if not flags.FLAGS["verbosity"].present:
     # The run prints its own progress; library INFO logs (orbax writes many) only on request.
     logging.set_verbosity(logging.WARNING)
@@ -54,14 +55,12 @@ def main(argv):
     "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )
   try:
-    training.train(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # a bad config or input: say which key, exit non-zero
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    training.train(config, _WORKDIR.value)
   except training.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    cli.fail(str(e), code=3)
+  except KeyboardInterrupt as e:  # Ctrl-C: the loop saved a checkpoint first (if it was running)
+    cli.fail(f"interrupted{': ' + str(e) if str(e) else ''}", code=130)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

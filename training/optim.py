@@ -15,15 +15,23 @@ import optax
 
 
 def schedule(optim_config, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to ``lr``, then cosine decay to ``lr * final_lr_fraction``."""
+  """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine decay to
+  ``lr * final_lr_fraction`` at the schedule's end (``decay_steps``, default ``total_steps``).
+
+  A warmup longer than the schedule is honoured, never shortened to fit: the learning rate is
+  still rising when the run ends (the loop prints a note), and the same run extended later
+  continues the same warmup."""
   total_steps = optim_config.decay_steps or total_steps
-  warmup = min(optim_config.warmup_steps, total_steps)
+  warmup = optim_config.warmup_steps
+  peak = optim_config.lr
+  if warmup >= total_steps:
+    return optax.linear_schedule(0.0, peak, max(warmup, 1))
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
-    peak_value=optim_config.lr,
+    peak_value=peak,
     warmup_steps=warmup,
-    decay_steps=max(total_steps, warmup + 1),
-    end_value=optim_config.lr * optim_config.final_lr_fraction,
+    decay_steps=total_steps,
+    end_value=peak * optim_config.final_lr_fraction,
   )
 
 
@@ -32,9 +40,10 @@ def decay_mask(params):
 
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-  parts = []
-  if optim_config.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
+  # identity() when clipping is off: the state has one structure for every config, so a run may
+  # resume with other optimizer hyperparameters (training/workdir.py).
+  clip = optim_config.grad_clip
+  parts = [optax.clip_by_global_norm(clip) if clip > 0 else optax.identity()]
   parts.append(
     optax.adamw(
       schedule(optim_config, total_steps),

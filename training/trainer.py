@@ -44,6 +44,7 @@ from flaxseed.training import metrics as metrics_lib
 from flaxseed.training import optim
 from flaxseed.training import step as step_lib
 from flaxseed.training import tasks as tasks_lib
+from flaxseed.training import workdir as workdir_lib
 from flaxseed.training.state import TrainState
 
 POSITIVE_KEYS = ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "max_to_keep")
@@ -63,8 +64,8 @@ def validate(config, mesh: Mesh) -> None:
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be >= 0")
   optim.validate(config.optim)
-  if config.get("init_from") and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
-    raise ValueError(f"config.init_from={config.init_from!r} has no checkpoints/ directory")
+  if config.get("init_from"):
+    checkpoint_lib.require_checkpoint(config.init_from, "config.init_from")
   divisor = mesh_lib.batch_divisor(mesh) * config.optim.accum_steps
   if config.batch_size % divisor:
     raise ValueError(
@@ -271,27 +272,36 @@ def memory_report(compiled) -> dict[str, int] | None:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls; all processes agree on the step to stop at."""
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop polls at each step, which
+  then saves and stops; a second Ctrl-C interrupts at once (the previous checkpoint is intact).
+  In a multi-process run jax's coordination service catches SIGTERM and all processes agree on
+  the step to stop at; SIGINT keeps Python's default there (one process cannot stop alone)."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal: signal.Signals | None = None
+    self._previous = {}
     self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      for signum in () if self._multi else (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.signal = signal.Signals(signum)
+    if signum == signal.SIGINT:  # the next Ctrl-C is Python's KeyboardInterrupt again
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def reached(self, step: int) -> bool:
-    if self._multi:  # jax's coordination service catches SIGTERM and syncs the step
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    if self.signal is not None:
+      return True
+    if self._multi and multihost_utils.reached_preemption_sync_point(step):
+      self.signal = signal.SIGTERM
+      return True
+    return False
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _global_batch(local: dict[str, np.ndarray], spec: dict) -> dict[str, jax.Array]:
@@ -383,17 +393,24 @@ def train(config, workdir: str) -> dict[str, float]:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
 
   Returns the last logged train metrics and the final eval metrics (``eval/...``). Raises
-  ``ValueError`` for a bad config (before compiling) and ``NonFiniteLossError`` if training
-  diverges.
+  ``ValueError`` before compiling for a bad config, a workdir another run holds (its lock) or
+  whose checkpoint belongs to a run of another config (``training/workdir.py``), and an
+  ``init_from`` run whose parameters do not fit; ``NonFiniteLossError`` if training diverges;
+  ``KeyboardInterrupt`` after saving a checkpoint on Ctrl-C (SIGINT).
   """
-  s = setup(config)
-  train_data, eval_data = s.datasets()
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  with s.context():
-    return _Loop(config, workdir, s, train_data, eval_data).run()
+  lead = jax.process_index() == 0
+  workdir_lib.prepare(workdir)
+  with workdir_lib.Lock(workdir) if lead else contextlib.nullcontext():
+    s = setup(config)
+    resuming = checkpoint_lib.has_checkpoint(workdir)
+    workdir_lib.check_resume(config, workdir, resuming)
+    if config.get("init_from") and not resuming:
+      checkpoint_lib.check_params_match(
+        config.init_from, s.abstract_state.params, "config.init_from"
+      )
+    train_data, eval_data = s.datasets()
+    with s.context():
+      return _Loop(config, workdir, s, train_data, eval_data).run()
 
 
 class _Loop:
@@ -412,18 +429,7 @@ class _Loop:
       f"trainable params; mesh {dict(s.mesh.shape)} over "
       f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}"
     )
-    t = time.perf_counter()
-    self.compiled = compile_train_step(s)
-    report = memory_report(self.compiled)
-    self._print(
-      f"compiled the train step in {time.perf_counter() - t:.1f} s"
-      + (
-        f"; per device: {report['total'] / 2**20:.1f} MiB (arguments "
-        f"{report['argument'] / 2**20:.1f}, temporaries {report['temp'] / 2**20:.1f})"
-        if report
-        else ""
-      )
-    )
+    # Restore first: a damaged checkpoint is skipped (or reported) before the long compile.
     self.state, self.step = self.ckpt.restore_latest(s.abstract_state, self.train_iter)
     self.frozen = s.frozen()
     if self.state is None:
@@ -442,6 +448,25 @@ class _Loop:
     else:
       logging.info("resumed from %s at step %d", workdir, self.step)
       self._print(f"resumed from checkpoint at step {self.step}")
+    if self.lead:  # only now: a rejected or failed resume leaves the stored config as it was
+      workdir_lib.write_config(config, workdir)
+    if config.optim.warmup_steps > (config.optim.decay_steps or config.steps):
+      self._print(
+        f"note: optim.warmup_steps={config.optim.warmup_steps} is longer than the schedule "
+        f"({config.optim.decay_steps or config.steps} steps): the run ends during warmup"
+      )
+    t = time.perf_counter()
+    self.compiled = compile_train_step(s)
+    report = memory_report(self.compiled)
+    self._print(
+      f"compiled the train step in {time.perf_counter() - t:.1f} s"
+      + (
+        f"; per device: {report['total'] / 2**20:.1f} MiB (arguments "
+        f"{report['argument'] / 2**20:.1f}, temporaries {report['temp'] / 2**20:.1f})"
+        if report
+        else ""
+      )
+    )
     self.eval_batches = [_global_batch(b, s.batch_spec) for b in eval_data]
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.lead, start_step=self.step)
     self.flops_per_token = self.task.flops_per_token()
@@ -463,7 +488,10 @@ class _Loop:
         if preemption.reached(self.step):
           self.save()
           self.ckpt.wait()
-          self._print(f"SIGTERM: saved checkpoint at step {self.step}; exiting")
+          message = f"saved checkpoint at step {self.step}"
+          if preemption.signal == signal.SIGINT:
+            raise KeyboardInterrupt(message)
+          self._print(f"{preemption.signal.name}: {message}; exiting")
           return self.summary
         batch = _global_batch(next(self.train_iter), self.s.batch_spec)
         self.state, device_metrics = self.compiled(self.state, self.frozen, batch)

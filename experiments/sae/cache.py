@@ -9,12 +9,10 @@ The cache holds the model, site and ``seq_len`` of ``--config``; runs that read 
 anything about the SAE (architecture, width, sparsity, optimizer, steps).
 """
 
-import sys
-
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from flaxseed.experiments import cli
 from flaxseed.training import activations
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An SAE config file.", lock_config=True)
@@ -27,14 +25,10 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    meta = activations.write(_CONFIG.value, _OUT.value, max_rows=_MAX_ROWS.value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  meta = activations.write(cli.config(_CONFIG), _OUT.value, max_rows=_MAX_ROWS.value)
   print(f"wrote {meta['rows']} rows of {meta['seq_len']} tokens at {meta['site']} to {_OUT.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -108,20 +108,26 @@ def _lines(path):
     return 0
 
 
-def test_sigterm_saves_then_resume_continues_exactly(
-  tmp_path, repo, child_env, main_cmd, reference_losses, losses
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_saves_then_resume_continues_exactly(
+  tmp_path, repo, child_env, main_cmd, reference_losses, losses, signum, code
 ):
+  """SIGTERM (preemption) and Ctrl-C both save at the current step; Ctrl-C then exits 130."""
   cmd = main_cmd(TEST_CONFIG, f"--workdir={tmp_path}", "--config.checkpoint_every=0", *LONG)
   proc = subprocess.Popen(
     cmd, env=child_env(1), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
   _wait_for(lambda: _lines(tmp_path / "metrics.jsonl") >= 20, proc)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out = proc.communicate(timeout=120)[0]
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == code, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
   saved = [int(d) for d in os.listdir(tmp_path / "checkpoints")]
   assert len(saved) == 1 and 20 <= saved[0] < 300, saved
-  assert f"SIGTERM: saved checkpoint at step {saved[0]}" in out
+  if signum == signal.SIGTERM:
+    assert f"SIGTERM: saved checkpoint at step {saved[0]}" in out
+  else:
+    assert f"error: interrupted: saved checkpoint at step {saved[0]}" in out
   result = _run(cmd, child_env(1), repo)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from checkpoint at step {saved[0]}" in result.stdout
@@ -154,17 +160,41 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(
 
 
 @pytest.mark.parametrize(
-  "flag,message",
+  "flags,message",
   [
-    ("--config.no_such_key=1", "no_such_key"),
-    ("--config.model.num_heads=3", "num_heads=3 must divide d_model=32"),
-    ("--config.data.corpus=/nonexistent/*.txt", "config.data.corpus='/nonexistent/*.txt'"),
+    (
+      ["--config.stpes=10"],
+      "--config.stpes: the config has no key 'stpes' (did you mean --config.steps",
+    ),
+    (
+      ["--config=configs/sae.py:test", "--config.model.lm_workdir=/tmp/lm"],
+      "(did you mean --config.sae.lm_workdir",
+    ),
+    (["--config=configs/nope.py"], "--config: no such config file: configs/nope.py"),
+    (["--config=configs/lm.py:nope"], "unknown variant 'nope' of configs/lm.py"),
+    (["--config.steps=ten"], "--config.steps=ten"),
+    (["--config.model.num_heads=3"], "num_heads=3 must divide d_model=32"),
+    (["--config.data.corpus=/nonexistent/*.txt"], "config.data.corpus='/nonexistent/*.txt'"),
   ],
 )
-def test_cli_rejects_bad_input_with_a_message(tmp_path, repo, child_env, main_cmd, flag, message):
-  result = _run(main_cmd(TEST_CONFIG, f"--workdir={tmp_path}", flag), child_env(1), repo)
-  assert result.returncode != 0
+def test_cli_rejects_bad_input_with_one_line(tmp_path, repo, child_env, main_cmd, flags, message):
+  """Every config, flag or file problem: one ``error:`` line naming the key or path, exit 2."""
+  result = _run(main_cmd(TEST_CONFIG, f"--workdir={tmp_path}", *flags), child_env(1), repo)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
   assert message in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_second_run_on_a_locked_workdir_exits_2_naming_the_holder(
+  tmp_path, repo, child_env, main_cmd
+):
+  from flaxseed.training import workdir  # pylint: disable=g-import-not-at-top
+
+  with workdir.Lock(str(tmp_path)):
+    result = _run(main_cmd(TEST_CONFIG, f"--workdir={tmp_path}"), child_env(1), repo)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert f"is in use by pid {os.getpid()} on {socket.gethostname()}" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
 
 

@@ -126,9 +126,12 @@ def build_model(config) -> nn.Module:
     raise ValueError(f"config.model: {e}") from e
 
 
-def model_from_run(workdir: str) -> nn.Module:
-  """The model a flaxseed run in ``workdir`` trained (its ``config.json``'s model section)."""
+def model_from_run(workdir: str, what: str = "workdir") -> nn.Module:
+  """The model a flaxseed run in ``workdir`` trained (its ``config.json``'s model section). The
+  run must have a complete checkpoint, else a ``ValueError`` naming ``what`` (the config key that
+  pointed here), before anything compiles."""
   run = checkpoint.run_config(workdir)
+  checkpoint.require_checkpoint(workdir, what)
   try:
     return models.build(run.model_family, run.model.to_dict())
   except (TypeError, ValueError) as e:

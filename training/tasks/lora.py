@@ -59,7 +59,7 @@ class LoRATask(lm.LMTask):
       )
     options = config.lora
     if options.base_workdir:
-      model = base.model_from_run(options.base_workdir)
+      model = base.model_from_run(options.base_workdir, "config.lora.base_workdir")
     else:
       logging.warning(
         "config.lora.base_workdir is empty: fine-tuning a randomly initialized %s",

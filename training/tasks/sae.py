@@ -74,7 +74,7 @@ class SAETask(base.Task):
       )
     options = config.sae
     if options.lm_workdir:
-      lm = base.model_from_run(options.lm_workdir)
+      lm = base.model_from_run(options.lm_workdir, "config.sae.lm_workdir")
     else:
       logging.warning(
         "config.sae.lm_workdir is empty: the SAE reads a randomly initialized %s", options.lm_family
