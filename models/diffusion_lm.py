@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxseed.models import sampling
 from flaxseed.models import transformer
 
 REMASKING = ("low_confidence", "random")
@@ -179,6 +180,14 @@ def generate(
   if prompt_BP.ndim != 2:
     raise ValueError(f"prompt_BP must be a [B, P] array, got shape {prompt_BP.shape}")
   _check_tokens("prompt_BP", prompt_BP, config)
+  gen_length, steps, block_length = (
+    sampling.check_integer(name, value)
+    for name, value in (
+      ("gen_length", gen_length),
+      ("steps", steps),
+      ("block_length", block_length),
+    )
+  )
   if (prompt_BP == config.mask_token_id).any():
     raise ValueError(
       f"prompt_BP contains mask_token_id={config.mask_token_id}; use infill() to "
@@ -234,6 +243,7 @@ def infill(
   if tokens_BL.ndim != 2:
     raise ValueError(f"tokens_BL must be a [B, L] array, got shape {tokens_BL.shape}")
   _check_tokens("tokens_BL", tokens_BL, config)
+  steps = sampling.check_integer("steps", steps)
   fewest = int((tokens_BL == config.mask_token_id).sum(axis=1).min())
   if not 1 <= steps <= fewest:
     raise ValueError(f"steps={steps} must be in [1, {fewest}] (the fewest masks in a row)")
@@ -256,17 +266,18 @@ def infill(
 
 
 def _check_tokens(name, tokens, config):
-  if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
-    raise ValueError(f"{name} has token ids outside [0, {config.vocab_size}) (vocab_size)")
+  """Integer ids in ``[0, vocab_size)``: floats are refused, never rounded."""
+  sampling.check_token_ids(name, tokens, config.vocab_size)
 
 
 def _check_sampling(temperature, remasking, cfg_scale):
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  # Written so that NaN fails them: every comparison with NaN is False.
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
   if remasking not in REMASKING:
     raise ValueError(f"remasking={remasking!r} is not one of {REMASKING}")
-  if cfg_scale < 0:
-    raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+  if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+    raise ValueError(f"cfg_scale must be >= 0 and finite, got {cfg_scale}")
 
 
 def _key(rng):
@@ -395,6 +406,14 @@ def elbo(
   if tokens_BL.ndim != 2:
     raise ValueError(f"tokens_BL must be a [B, L] array, got shape {tokens_BL.shape}")
   _check_tokens("tokens_BL", tokens_BL, model.config)
+  num_samples, prompt_len, batch_size = (
+    sampling.check_integer(name, value)
+    for name, value in (
+      ("num_samples", num_samples),
+      ("prompt_len", prompt_len),
+      ("batch_size", batch_size),
+    )
+  )
   if not 0 <= prompt_len < tokens_BL.shape[1]:
     raise ValueError(f"prompt_len={prompt_len} must be in [0, {tokens_BL.shape[1]})")
   if num_samples < 1 or batch_size < 1 or num_samples % min(batch_size, num_samples):

@@ -32,9 +32,10 @@ layout.
 
 Whatever a family's ``config.json`` asks for that the transformer cannot do (another rope
 scaling, an exact-erf GELU, Qwen2's per-layer sliding windows...) raises a ``ValueError`` naming
-the field. Parameters are float32 (bf16 files are upcast). ``from_pretrained(dir, mesh=...)``
-places each parameter straight into its sharded device arrays (one layer's tensor at a time on the
-host).
+the field; so do tensors no parameter reads (a config with fewer layers than the weights) and
+files that cannot be read (naming the file). Parameters are float32 (bf16 files are upcast).
+``from_pretrained(dir, mesh=...)`` places each parameter straight into its sharded device arrays
+(one layer's tensor at a time on the host).
 ``safetensors`` is the one extra dependency (the ``hf`` extra).
 """
 
@@ -507,14 +508,14 @@ def to_state_dict(params, cfg: transformer.TransformerConfig) -> dict[str, np.nd
   return out
 
 
-def _reader(tensors, cfg):
+def _reader(tensors, cfg, source="checkpoint"):
   """``read(path, layer, shape)``: one parameter (one layer of it) from ``tensors``."""
   lay = layout(cfg)
 
   def read(path, layer, shape):
     name, part = _tensor_name(path, layer, cfg)
     if name not in tensors:
-      raise ValueError(f"checkpoint has no tensor {name!r} (for parameter {path!r})")
+      raise ValueError(f"{source} has no tensor {name!r} (for parameter {path!r})")
     w = np.asarray(tensors[name], np.float32)
     if part is not None:  # one third of a fused q/k/v along the output columns
       w = np.split(w, 3, axis=-1)[part]
@@ -525,20 +526,72 @@ def _reader(tensors, cfg):
   return read
 
 
+# Tensors a checkpoint may hold that no parameter reads (``_unread``): rotary caches of older
+# RoPE-family exports, GPT-2's causal-mask buffers; ``lm_head.weight`` when tied is handled there.
+_ROPE_BUFFERS = r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq"
+_GPT2_BUFFERS = r"transformer\.h\.\d+\.attn\.(bias|masked_bias)"
+
+
+def _unread(names, boxed, cfg) -> list[str]:
+  """The tensor ``names`` that no parameter of ``boxed`` reads, less the allowed buffers and,
+  with tied embeddings, ``lm_head.weight`` (a copy of the embedding)."""
+  wanted = set()
+  for key_path, x in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)):
+    path = params_lib.path_string(key_path)
+    for i in range(x.shape[0]) if _split_path(path)[0] else [None]:
+      wanted.add(_tensor_name(path, i, cfg)[0])
+  buffers = _GPT2_BUFFERS if layout(cfg).conv1d else _ROPE_BUFFERS
+  return sorted(
+    n
+    for n in names
+    if n not in wanted
+    and not re.fullmatch(buffers, n)
+    and not (n == "lm_head.weight" and cfg.tie_embeddings)
+  )
+
+
+def _summary(names: list[str], limit: int = 6) -> str:
+  """``names`` with each layer's tensors as one ``prefix.{i}.*`` entry, at most ``limit``."""
+  groups = {}
+  for n in names:
+    m = re.match(r"(.*?\.(?:layers|h)\.)(\d+)\.", n)
+    key = (m.group(1), int(m.group(2))) if m else (n, -1)
+    groups.setdefault(key, []).append(n)
+  items = [
+    f"{prefix}{i}.* ({len(g)} tensors)" if i >= 0 else prefix
+    for (prefix, i), g in sorted(groups.items())
+  ]
+  more = f", and {len(items) - limit} more" if len(items) > limit else ""
+  return ", ".join(items[:limit]) + more
+
+
 def from_state_dict(
-  model: transformer.Transformer, tensors, *, mesh=None, rules=sh.DEFAULT_RULES
+  model: transformer.Transformer,
+  tensors,
+  *,
+  mesh=None,
+  rules=sh.DEFAULT_RULES,
+  source: str = "checkpoint",
 ) -> dict:
   """``params`` of ``model`` from ``tensors`` (name -> array; a mapping read lazily is fine).
 
   With a ``jax.sharding.Mesh``, each parameter goes straight to its sharded device arrays
   (``rules``: logical axis rules): every device's shard is cut from one tensor (one layer's, for
   stacked parameters) at a time on the host, so no host holds the model, nor a whole stack of
-  layers. Missing names raise a ``ValueError``; extra ones (rotary caches, GPT-2's attention-mask
-  buffers) are ignored.
+  layers. Missing names and names no parameter reads (extra layers: a config that does not match
+  the weights) raise a ``ValueError`` naming ``source``; rotary caches, GPT-2's attention-mask
+  buffers and a tied ``lm_head.weight`` are ignored.
   """
   cfg = model.config
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  read = _reader(tensors, cfg)
+  unread = _unread(tensors.keys(), boxed, cfg)
+  if unread:
+    raise ValueError(
+      f"{source}: no parameter of this config (num_layers={cfg.num_layers}, "
+      f"tie_embeddings={cfg.tie_embeddings}) reads {len(unread)} of its tensors: "
+      f"{_summary(unread)}; does the config match the weights?"
+    )
+  read = _reader(tensors, cfg, source)
   shardings = None
   if mesh is not None:
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
@@ -569,19 +622,30 @@ class _Tensors:
   """name -> array over one or several safetensors files, read on access."""
 
   def __init__(self, directory: str):
+    from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-      with open(index, encoding="utf-8") as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no 'weight_map' object (tensor name -> file)")
+      files = sorted(set(weight_map.values()))
     else:
       files = [n for n in sorted(os.listdir(directory)) if n.endswith(".safetensors")]
     if not files:
       raise ValueError(f"{directory}: no *.safetensors files")
-    # framework="flax" reads bf16 (numpy has no bfloat16); arrays are upcast on read.
-    self._handles = [safe_open(os.path.join(directory, n), framework="flax") for n in files]
+    self._handles = []
+    for n in files:
+      path = os.path.join(directory, n)
+      try:  # framework="flax" reads bf16 (numpy has no bfloat16); arrays are upcast on read.
+        self._handles.append(safe_open(path, framework="flax"))
+      except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read as safetensors: {e}") from e
     self._where = {k: h for h in self._handles for k in h.keys()}
+
+  def keys(self):
+    return self._where.keys()
 
   def __contains__(self, name):
     return name in self._where
@@ -597,9 +661,21 @@ def from_pretrained(directory: str, *, mesh=None, rules=sh.DEFAULT_RULES, **over
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{directory}: no config.json (hf.from_pretrained reads local folders)")
-  with open(path, encoding="utf-8") as f:
-    model = transformer.Transformer(from_hf_config(json.load(f), **overrides))
-  return model, from_state_dict(model, _Tensors(directory), mesh=mesh, rules=rules)
+  model = transformer.Transformer(from_hf_config(_read_json(path), **overrides))
+  tensors = _Tensors(directory)
+  return model, from_state_dict(model, tensors, mesh=mesh, rules=rules, source=directory)
+
+
+def _read_json(path: str) -> dict:
+  """The JSON object in ``path``, or a ``ValueError`` naming the file and what is wrong."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON: {e}") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: not a JSON object (got a {type(value).__name__})")
+  return value
 
 
 def tokenizer(directory: str):

@@ -213,6 +213,11 @@ ROPE_SCALINGS = {  # kind -> its fields and their defaults (Hugging Face's names
 }
 
 
+def finite_positive(x) -> bool:
+  """``0 < x < inf``; False for NaN, which a check ``x <= 0`` would let through."""
+  return math.isfinite(x) and x > 0
+
+
 def parse_rope_scaling(spec: str | None) -> dict | None:
   """``"llama3:factor=8,high_freq_factor=4"`` -> ``{"rope_type": "llama3", "factor": 8.0, ...}``
   with the kind's defaults filled in; ``None`` -> ``None``. Raises a ``ValueError`` naming a bad
@@ -234,8 +239,8 @@ def parse_rope_scaling(spec: str | None) -> dict | None:
     except ValueError:
       raise ValueError(f"rope_scaling={spec!r}: {name}={value!r} is not a number") from None
   for name, value in fields.items():
-    if value is None or value <= 0:
-      raise ValueError(f"rope_scaling={spec!r}: {name} must be a positive number")
+    if value is None or not finite_positive(value):
+      raise ValueError(f"rope_scaling={spec!r}: {name} must be a positive number, not {value}")
   if kind == "llama3" and fields["high_freq_factor"] <= fields["low_freq_factor"]:
     raise ValueError(f"rope_scaling={spec!r}: high_freq_factor must exceed low_freq_factor")
   return {"rope_type": kind, **fields}

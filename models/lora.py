@@ -66,8 +66,8 @@ class LoraConfig:
   def __post_init__(self):
     if self.rank <= 0:
       raise ValueError(f"rank={self.rank} must be positive")
-    if self.alpha <= 0:
-      raise ValueError(f"alpha={self.alpha} must be positive")
+    if not (math.isfinite(self.alpha) and self.alpha > 0):  # NaN fails it, unlike `<= 0`
+      raise ValueError(f"alpha={self.alpha} must be positive and finite")
     if self.variant not in VARIANTS:
       raise ValueError(f"variant={self.variant!r} is not one of {VARIANTS}")
     if self.init not in INITS:

@@ -47,6 +47,7 @@ the reconstruction spliced into a model (``models/sites.py``).
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -95,12 +96,15 @@ class SAEConfig:
       raise ValueError(
         f"normalize_activations={self.normalize_activations!r} is not one of {NORMALIZATIONS}"
       )
+    # Written so that NaN fails them: every comparison with NaN is False.
     for name in ("aux_coefficient", "l1_coefficient", "l0_coefficient"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+      value = getattr(self, name)
+      if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
     for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "decoder_init_norm"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+      value = getattr(self, name)
+      if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
 
   @property
   def num_aux(self) -> int:
@@ -154,8 +158,17 @@ class SAE(nn.Module):
       # Not a parameter: a statistic that batch_topk_threshold moves (like BatchNorm's).
       self.threshold = self.variable("batch_stats", "threshold", jnp.zeros, ())
 
+  def _check_width(self, name, x, field, width):
+    """A ``ValueError`` (at trace time, before anything compiles) unless ``x``'s last axis is
+    ``width``, the config's ``field``."""
+    if x.ndim < 1 or x.shape[-1] != width:
+      raise ValueError(
+        f"SAE {name} must be [..., {field}={width}] (SAEConfig.{field}), got shape {x.shape}"
+      )
+
   def pre_activations(self, x_ND):
     """``(x - b_dec) W_enc + b_enc`` (the gate pre-activations for ``gated``)."""
+    self._check_width("input", x_ND, "d_in", self.config.d_in)
     if self.config.apply_b_dec_to_input:
       x_ND = x_ND - self.b_dec[None]
     return x_ND @ self.w_enc + self.b_enc[None]
@@ -181,11 +194,13 @@ class SAE(nn.Module):
 
   def magnitude(self, x_ND):
     """The gated SAE's magnitude path: shared directions rescaled by ``exp(r_mag)``."""
+    self._check_width("input", x_ND, "d_in", self.config.d_in)
     if self.config.apply_b_dec_to_input:
       x_ND = x_ND - self.b_dec[None]
     return (x_ND @ self.w_enc) * jnp.exp(self.r_mag)[None] + self.b_mag[None]
 
   def decode(self, f_NF):
+    self._check_width("code", f_NF, "num_latents", self.config.num_latents)
     return f_NF @ self.w_dec + self.b_dec[None]
 
   def __call__(self, x_ND, inference: bool = False):

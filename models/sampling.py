@@ -11,6 +11,8 @@ recompilation per token) that stops early once every row has emitted a stop toke
 """
 
 import functools
+import math
+import operator
 from typing import Sequence
 
 import jax
@@ -46,10 +48,32 @@ def sample_logits(
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
+def check_integer(name: str, value) -> int:
+  """``value`` as an ``int``, or a ``ValueError`` naming ``name`` (floats and bools are refused,
+  never rounded)."""
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def check_token_ids(name: str, tokens, vocab_size: int | None = None) -> np.ndarray:
+  """``tokens`` as a numpy array, or a ``ValueError`` naming ``name`` unless it holds integer ids
+  (floats and bools are refused, never cast) in ``[0, vocab_size)``."""
+  tokens = np.asarray(tokens)
+  if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"{name} must be integer token ids, got {tokens.dtype}")
+  if vocab_size is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    raise ValueError(f"{name} has token ids outside [0, {vocab_size}) (vocab_size={vocab_size})")
+  return tokens
+
+
 def _left_pad(prompts, pad_token: int):
   """``(tokens [B, P], pads [B])``: rows right-aligned, ``pad_token`` on the left."""
   if isinstance(prompts, (jax.Array, np.ndarray)):
-    prompts = np.asarray(prompts)
+    prompts = check_token_ids("prompt_tokens", prompts)
     if prompts.ndim != 2 or prompts.shape[1] == 0:
       raise ValueError(
         f"prompt_tokens must be a non-empty [B, P] array or a list of token "
@@ -59,6 +83,8 @@ def _left_pad(prompts, pad_token: int):
   rows = [np.asarray(p).reshape(-1) for p in prompts]
   if not rows or min(r.size for r in rows) == 0:
     raise ValueError("prompt_tokens: every prompt needs at least one token")
+  for b, r in enumerate(rows):
+    check_token_ids(f"prompt_tokens[{b}]", r)
   width = max(r.size for r in rows)
   tokens = np.full((len(rows), width), pad_token, np.int64)
   for b, r in enumerate(rows):
@@ -89,14 +115,15 @@ def generate(
     stop_tokens: a row that emits one of these keeps it and is then filled with ``pad_token``.
 
   Returns ``[B, P + max_new_tokens]`` int32: the (left-padded) prompts followed by the samples.
-  Token ids outside the model's vocabulary raise a ``ValueError`` (never clamped).
+  Token ids that are not integers or lie outside the model's vocabulary, and NaN or infinite
+  ``temperature`` / ``top_p``, raise a ``ValueError`` (never rounded or clamped).
   """
   vocab = model.config.vocab_size
+  pad_token = check_integer("pad_token", pad_token)
   if not 0 <= pad_token < vocab:
     raise ValueError(f"pad_token={pad_token} is outside [0, {vocab})")
   tokens, pads = _left_pad(prompt_tokens, pad_token)
-  if tokens.min() < 0 or tokens.max() >= vocab:
-    raise ValueError(f"prompt_tokens has token ids outside [0, {vocab}) (vocab_size={vocab})")
+  check_token_ids("prompt_tokens", tokens, vocab)
   if pads.any():
     from flaxseed.models import transformer  # pylint: disable=g-import-not-at-top
 
@@ -105,15 +132,16 @@ def generate(
         f"prompts of different lengths need segment ids in the cache, which "
         f"{type(model).__name__} does not use; give equal-length prompts"
       )
-  if max_new_tokens < 1:
+  if check_integer("max_new_tokens", max_new_tokens) < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if top_k is not None and not 0 < top_k <= vocab:
+  # Written so that NaN fails them: every comparison with NaN is False.
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
+  if top_k is not None and not 0 < check_integer("top_k", top_k) <= vocab:
     raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}")
-  if top_p is not None and not 0 < top_p <= 1:
+  if top_p is not None and not (top_p > 0 and top_p <= 1):
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  stop = tuple(int(t) for t in stop_tokens)
+  stop = tuple(check_integer("stop_tokens", t) for t in stop_tokens)
   if any(not 0 <= t < vocab for t in stop):
     raise ValueError(f"stop_tokens {stop} has ids outside [0, {vocab})")
   rng = jax.random.key(0) if rng is None else rng
@@ -124,8 +152,8 @@ def generate(
     jnp.asarray(pads),
     rng,
     float(temperature),
-    max_new_tokens=max_new_tokens,
-    top_k=top_k,
+    max_new_tokens=int(max_new_tokens),
+    top_k=None if top_k is None else int(top_k),
     top_p=None if top_p is None else float(top_p),
     stop=stop,
     pad_token=int(pad_token),

@@ -131,10 +131,12 @@ class TitansConfig:
       )
     if self.head_size % 2:
       raise ValueError(f"the attention head dim ({self.head_size}) must be even for RoPE")
-    if self.memory_max_lr <= 0:
-      raise ValueError(f"memory_max_lr must be positive, got {self.memory_max_lr}")
-    if self.memory_grad_clip is not None and self.memory_grad_clip <= 0:
-      raise ValueError(f"memory_grad_clip must be positive or None, got {self.memory_grad_clip}")
+    if not layers.finite_positive(self.memory_max_lr):  # NaN fails it, unlike `<= 0`
+      raise ValueError(f"memory_max_lr must be positive and finite, got {self.memory_max_lr}")
+    if self.memory_grad_clip is not None and not layers.finite_positive(self.memory_grad_clip):
+      raise ValueError(
+        f"memory_grad_clip must be positive and finite, or None, got {self.memory_grad_clip}"
+      )
     if self.variant == "mac" and self.window % self.memory_chunk:
       raise ValueError(
         f"variant 'mac': memory_chunk={self.memory_chunk} must divide "
@@ -814,6 +816,8 @@ class Titans(nn.Module):
     collection (``sampling.init_cache``), one token at a time."""
     del segment_ids, positions
     cfg = self.config
+    if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):  # jnp.take would say "indices"
+      raise ValueError(f"tokens_BL must be integer token ids, got {tokens_BL.dtype}")
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, name="embed")
     x_BLD = embed(tokens_BL)
     stack = TitansStack(cfg, decode, tokens_BL.shape[1], name="stack")

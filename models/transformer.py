@@ -127,8 +127,9 @@ class TransformerConfig:
       raise ValueError("norm_offset applies to norm='rms' only")
     if self.biases not in BIASES:
       raise ValueError(f"biases={self.biases!r} is not one of {BIASES}")
-    if self.attn_scale is not None and self.attn_scale <= 0:
-      raise ValueError(f"attn_scale must be positive or None, got {self.attn_scale}")
+    # The float checks are written so that NaN fails them (every comparison with NaN is False).
+    if self.attn_scale is not None and not layers.finite_positive(self.attn_scale):
+      raise ValueError(f"attn_scale must be positive and finite, or None, got {self.attn_scale}")
     if self.mlp_activation not in MLP_ACTIVATIONS:
       raise ValueError(f"mlp_activation={self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}")
     if self.dtype not in DTYPES:
@@ -136,10 +137,10 @@ class TransformerConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
     for name in ("logit_soft_cap", "attn_logit_soft_cap"):
-      if getattr(self, name) is not None and getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
-    if self.rope_theta <= 0:
-      raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+      if getattr(self, name) is not None and not layers.finite_positive(getattr(self, name)):
+        raise ValueError(f"{name} must be positive and finite, or None, got {getattr(self, name)}")
+    if not layers.finite_positive(self.rope_theta):
+      raise ValueError(f"rope_theta must be positive and finite, got {self.rope_theta}")
     if self.quant not in QUANT_MODES:
       raise ValueError(f"quant={self.quant!r} is not one of {QUANT_MODES}")
     if isinstance(self.attention_pattern, str):
@@ -497,6 +498,8 @@ class Transformer(nn.Module):
     cfg = self.config
     if decode and not cfg.causal:
       raise ValueError("decode=True needs a causal model (config.causal=False)")
+    if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):  # jnp.take would say "indices"
+      raise ValueError(f"tokens_BL must be integer token ids, got {tokens_BL.dtype}")
     if cfg.max_positions is not None and tokens_BL.shape[1] > cfg.max_positions:
       raise ValueError(
         f"{tokens_BL.shape[1]} tokens exceed max_positions={cfg.max_positions} "

@@ -331,6 +331,46 @@ def test_sampler_argument_errors(model_and_params):
     diffusion_lm.generate(model, params, prompt * MASK, gen_length=8, steps=8, block_length=8)
 
 
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (dict(temperature=float("nan")), "temperature must be >= 0 and finite, got nan"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 and finite, got inf"),
+    (dict(cfg_scale=float("nan")), "cfg_scale must be >= 0 and finite, got nan"),
+    (dict(cfg_scale=float("inf")), "cfg_scale must be >= 0 and finite, got inf"),
+    (dict(steps=8.0), "steps must be an integer, got 8.0"),
+    (dict(block_length=8.0), "block_length must be an integer, got 8.0"),
+  ],
+)
+def test_sampler_refuses_nan_inf_and_non_integer_arguments(model_and_params, bad, match):
+  # NaN passed `temperature < 0` and gave all-zero tokens; NaN cfg_scale silently meant no guidance.
+  model, params = model_and_params
+  prompt = np.ones((1, 2), np.int32)
+  kw = {**dict(gen_length=8, steps=8, block_length=8), **bad}
+  with pytest.raises(ValueError, match=match):
+    diffusion_lm.generate(model, params, prompt, **kw)
+  if "temperature" in bad or "cfg_scale" in bad:
+    tokens = np.array([[1, MASK, MASK]])
+    with pytest.raises(ValueError, match=match):
+      diffusion_lm.infill(model, params, tokens, steps=2, **bad)
+
+
+def test_float_token_ids_are_refused(model_and_params):
+  # They were truncated ([[1.7, 2.2]] ran as [[1, 2]]).
+  model, params = model_and_params
+  floats = np.array([[1.7, 2.2, 3.0]])
+  with pytest.raises(ValueError, match="prompt_BP must be integer token ids, got float64"):
+    diffusion_lm.generate(model, params, floats, gen_length=8, steps=8, block_length=8)
+  with pytest.raises(ValueError, match="tokens_BL must be integer token ids, got float64"):
+    diffusion_lm.infill(model, params, np.array([[1.5, MASK, MASK]]), steps=2)
+  with pytest.raises(ValueError, match="tokens_BL must be integer token ids, got float64"):
+    diffusion_lm.elbo(model, params, floats, num_samples=2)
+  with pytest.raises(ValueError, match="prompt_len must be an integer, got 1.5"):
+    diffusion_lm.elbo(model, params, np.array([[1, 2, 3]]), num_samples=2, prompt_len=1.5)
+  with pytest.raises(ValueError, match="outside"):
+    diffusion_lm.elbo(model, params, np.array([[1, 2, 264]]), num_samples=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Likelihood
 

@@ -226,6 +226,98 @@ def test_unsupported_configs_are_refused(tmp_path):
     hf.from_pretrained(str(tmp_path))
 
 
+def _save_file(tensors, path):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _load_file(path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  return load_file(str(path))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tensors_no_parameter_reads_are_refused(tmp_path, family):
+  # A config.json with fewer layers than the weights hold: the extra layers must not be dropped.
+  kw = FAMILIES[family][1] if family == "gpt2" else {}
+  model, params = _model(num_layers=3, **kw)
+  hf.to_pretrained(model, params, str(tmp_path))
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["n_layer" if family == "gpt2" else "num_hidden_layers"] = 2
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  prefix = "transformer.h.2" if family == "gpt2" else "model.layers.2"
+  with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}: .*{re.escape(prefix)}\.\*"):
+    hf.from_pretrained(str(tmp_path))
+  # A stray top-level tensor is named as it is.
+  config["n_layer" if family == "gpt2" else "num_hidden_layers"] = 3
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  tensors = _load_file(tmp_path / "model.safetensors")
+  _save_file(
+    {**tensors, "score.weight": np.zeros((2, 48), np.float32)}, tmp_path / "model.safetensors"
+  )
+  with pytest.raises(ValueError, match="reads 1 of its tensors: score.weight;"):
+    hf.from_pretrained(str(tmp_path))
+  with pytest.raises(ValueError, match="checkpoint: .* reads 1 of its tensors: score.weight;"):
+    hf.from_state_dict(model, {**tensors, "score.weight": np.zeros(2, np.float32)})
+
+
+def test_buffers_and_a_tied_lm_head_are_not_unread_tensors(tmp_path):
+  # What published checkpoints carry besides parameters loads as before.
+  model, params = _model(tie_embeddings=True)
+  hf.to_pretrained(model, params, str(tmp_path / "llama"))
+  tensors = _load_file(tmp_path / "llama" / "model.safetensors")
+  extra = {
+    "lm_head.weight": tensors["model.embed_tokens.weight"],
+    "model.rotary_emb.inv_freq": np.ones(6, np.float32),
+    "model.layers.1.self_attn.rotary_emb.inv_freq": np.ones(6, np.float32),
+  }
+  _save_file({**tensors, **extra}, tmp_path / "llama" / "model.safetensors")
+  _, loaded = hf.from_pretrained(str(tmp_path / "llama"))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  model, params = _model(scan_layers=False, **FAMILIES["gpt2"][1])
+  hf.to_pretrained(model, params, str(tmp_path / "gpt2"))
+  tensors = _load_file(tmp_path / "gpt2" / "model.safetensors")
+  extra = {
+    "lm_head.weight": tensors["transformer.wte.weight"],
+    "transformer.h.0.attn.bias": np.tril(np.ones((1, 1, 32, 32), np.float32)),
+    "transformer.h.1.attn.masked_bias": np.asarray(-1e4, np.float32),
+  }
+  _save_file({**tensors, **extra}, tmp_path / "gpt2" / "model.safetensors")
+  _, loaded = hf.from_pretrained(str(tmp_path / "gpt2"), scan_layers=False)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unreadable_files_are_named(tmp_path):
+  model, params = _model()
+  hf.to_pretrained(model, params, str(tmp_path / "cut"))
+  weights = tmp_path / "cut" / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+  with pytest.raises(
+    ValueError, match=rf"{re.escape(str(weights))}: cannot be read as safetensors"
+  ):
+    hf.from_pretrained(str(tmp_path / "cut"))
+  hf.to_pretrained(model, params, str(tmp_path / "json"))
+  config = tmp_path / "json" / "config.json"
+  config.write_text(config.read_text()[:-10])
+  with pytest.raises(ValueError, match=rf"{re.escape(str(config))}: not valid JSON"):
+    hf.from_pretrained(str(tmp_path / "json"))
+  config.write_text("[1, 2]")
+  with pytest.raises(ValueError, match=rf"{re.escape(str(config))}: not a JSON object"):
+    hf.from_pretrained(str(tmp_path / "json"))
+  hf.to_pretrained(model, params, str(tmp_path / "index"))
+  index = tmp_path / "index" / "model.safetensors.index.json"
+  index.write_text('{"weight_map": {"model.norm.weight": "model.safetensors"')
+  with pytest.raises(ValueError, match=rf"{re.escape(str(index))}: not valid JSON"):
+    hf.from_pretrained(str(tmp_path / "index"))
+  index.write_text('{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}')
+  with pytest.raises(ValueError, match="model-00002-of-00002.safetensors: cannot be read"):
+    hf.from_pretrained(str(tmp_path / "index"))
+
+
 # ------------------------------------------------------------------ parity with transformers
 
 

@@ -175,3 +175,9 @@ def test_errors():
   adapters = lora.init(jax.random.key(0), params, cfg)
   with pytest.raises(ValueError, match="dora.*cannot be unmerged"):
     lora.unmerge(params, adapters, cfg)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_nan_and_inf_alpha_are_refused(alpha):
+  with pytest.raises(ValueError, match=f"alpha={alpha} must be positive and finite"):
+    lora.LoraConfig(alpha=alpha)  # NaN passed `alpha <= 0`

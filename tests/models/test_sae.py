@@ -150,6 +150,31 @@ def test_zoo_and_config_errors():
     sae.SAEConfig(d_in=8, num_latents=64, l1_coefficient=-1.0)
 
 
+@pytest.mark.parametrize(
+  "field", ["aux_coefficient", "l1_coefficient", "l0_coefficient", "jumprelu_bandwidth"]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_coefficients_are_refused(field, value):
+  with pytest.raises(ValueError, match=f"{field} must be .* and finite, got {value}"):
+    sae.SAEConfig(d_in=8, num_latents=64, **{field: value})  # NaN passed `< 0` and `<= 0`
+
+
+@pytest.mark.parametrize("arch", sae.ARCHS)
+def test_wrong_width_names_d_in_and_the_shape(arch):
+  # It failed inside jax (a broadcasting TypeError) instead.
+  cfg = sae.SAEConfig(d_in=16, num_latents=64, arch=arch, k=4)
+  model = sae.SAE(cfg)
+  with pytest.raises(ValueError, match=r"d_in=16.*got shape \(4, 8\)"):
+    model.init(jax.random.key(0), jnp.zeros((4, 8)))
+  model, v = _init(cfg, _data(n=4, d=16))
+  with pytest.raises(ValueError, match=r"d_in=16.*got shape \(4, 32\)"):
+    model.apply(v, jnp.zeros((4, 32)), method=model.encode)
+  with pytest.raises(ValueError, match=r"d_in=16.*got shape \(4, 32\)"):
+    sae.loss(model, v, jnp.zeros((4, 32)))
+  with pytest.raises(ValueError, match=r"num_latents=64.*got shape \(4, 16\)"):
+    model.apply(v, jnp.zeros((4, 16)), method=model.decode)
+
+
 # ---------------------------------------------------------------------------------------------
 # Activation sites
 

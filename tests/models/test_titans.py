@@ -221,6 +221,25 @@ def test_generate_greedy_matches_argmax_of_the_full_forward():
   np.testing.assert_array_equal(out[0, 5:], jnp.argmax(logits[0, 4:-1], axis=-1))
 
 
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (dict(memory_max_lr=float("nan")), "memory_max_lr must be positive and finite, got nan"),
+    (dict(memory_grad_clip=float("nan")), "memory_grad_clip must be positive and finite"),
+    (dict(memory_grad_clip=float("inf")), "memory_grad_clip must be positive and finite"),
+  ],
+)
+def test_nan_and_inf_config_values_are_refused(bad, match):
+  with pytest.raises(ValueError, match=match):  # NaN passed `<= 0`
+    titans.TitansConfig(**{**TINY, **bad})
+
+
+def test_model_refuses_float_tokens_naming_them():
+  model = _model("mac")
+  with pytest.raises(ValueError, match="tokens_BL must be integer token ids, got float32"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.float32))
+
+
 def _config(variant, **overrides):
   return common.override(titans_configs.get_config(f"{variant}-test"), **overrides)
 

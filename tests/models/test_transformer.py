@@ -186,6 +186,69 @@ def test_generate_rejects_out_of_vocabulary_prompt():
     sampling.generate(model, _init(model), np.array([[1, 256]]), max_new_tokens=2)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (dict(temperature=NAN), "temperature must be >= 0 and finite, got nan"),
+    (dict(temperature=INF), "temperature must be >= 0 and finite, got inf"),
+    (dict(top_p=NAN), r"top_p must be in \(0, 1\], got nan"),
+    (dict(top_k=NAN), "top_k must be an integer, got nan"),
+    (dict(top_k=2.5), "top_k must be an integer, got 2.5"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be an integer, got 2.0"),
+    (dict(pad_token=1.5), "pad_token must be an integer, got 1.5"),
+    (dict(stop_tokens=(2.7,)), "stop_tokens must be an integer, got 2.7"),
+  ],
+)
+def test_generate_refuses_nan_and_non_integer_arguments(bad, match):
+  # NaN slips through `x < 0` (every comparison with NaN is False): NaN temperature gave all-zero
+  # samples; float counts and ids were cut to integers or failed inside jax.
+  model = _model()
+  args = {"max_new_tokens": 2, **bad}
+  with pytest.raises(ValueError, match=match):
+    sampling.generate(model, _init(model), np.array([[1, 2]]), **args)
+
+
+@pytest.mark.parametrize(
+  "prompts,match",
+  [
+    (np.array([[1.7, 2.2]]), "prompt_tokens must be integer token ids, got float64"),
+    (jnp.array([[1.7, 2.2]]), "prompt_tokens must be integer token ids, got float32"),
+    (np.array([[True, False]]), "prompt_tokens must be integer token ids, got bool"),
+    ([[1, 2], [3.0]], r"prompt_tokens\[1\] must be integer token ids, got float64"),
+  ],
+)
+def test_generate_refuses_float_token_ids(prompts, match):
+  model = _model()
+  with pytest.raises(ValueError, match=match):  # they were truncated: [[1.7, 2.2]] ran as [[1, 2]]
+    sampling.generate(model, _init(model), prompts, max_new_tokens=2, temperature=0.0)
+
+
+def test_model_refuses_float_tokens_naming_them():
+  model = _model()
+  with pytest.raises(ValueError, match="tokens_BL must be integer token ids, got float32"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.float32))
+
+
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (dict(rope_theta=NAN), "rope_theta must be positive and finite, got nan"),
+    (dict(rope_theta=INF), "rope_theta must be positive and finite, got inf"),
+    (dict(attn_scale=NAN), "attn_scale must be positive and finite, or None, got nan"),
+    (dict(logit_soft_cap=NAN), "logit_soft_cap must be positive and finite, or None, got nan"),
+    (dict(attn_logit_soft_cap=INF), "attn_logit_soft_cap must be positive and finite"),
+    (dict(rope_scaling="linear:factor=nan"), "factor must be a positive number, not nan"),
+    (dict(rope_scaling="llama3:factor=8,low_freq_factor=inf"), "low_freq_factor must be a"),
+  ],
+)
+def test_nan_and_inf_config_values_are_refused(bad, match):
+  with pytest.raises(ValueError, match=match):
+    transformer.TransformerConfig(**{**TINY, **bad})
+
+
 def test_packed_documents_do_not_see_each_other():
   model = _model()
   params = _init(model, 16)

@@ -175,3 +175,11 @@ def test_a_resume_may_lower_the_learning_rate_and_turn_off_clipping(tmp_path, ru
   assert [resumed[s] for s in range(1, 7)] == [run6[1][s] for s in range(1, 7)]
   assert sorted(resumed) == list(range(1, 9))
   assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 1e-4
+
+
+def test_a_run_config_that_is_not_json_is_named(tmp_path):
+  from flaxseed.training import checkpoint  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / "config.json").write_text('{"model": {"d_model": 3')  # torn by a crash mid-write
+  with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+    checkpoint.run_config(str(tmp_path))
