@@ -415,7 +415,17 @@ def _period(kinds: list) -> list:
 
 def from_hf_config(hf: dict, **overrides) -> transformer.TransformerConfig:
   """The ``TransformerConfig`` of a Hugging Face ``config.json`` dict (``overrides``: extra
-  fields such as ``scan_layers`` or ``dtype``)."""
+  fields such as ``scan_layers`` or ``dtype``). A required key it lacks is a ``ValueError``
+  naming it."""
+  try:
+    return _from_hf_config(hf, **overrides)
+  except KeyError as e:
+    raise ValueError(
+      f"config.json has no {e.args[0]!r} (needed for model_type={hf.get('model_type')!r})"
+    ) from None
+
+
+def _from_hf_config(hf: dict, **overrides) -> transformer.TransformerConfig:
   model_type = _require(hf, "model_type", MODEL_TYPES)
   if model_type == "gpt2":
     for key, want in (
@@ -468,10 +478,16 @@ def from_hf_config(hf: dict, **overrides) -> transformer.TransformerConfig:
   elif model_type == "qwen2":
     _require(hf, "use_sliding_window", (False,), False)
   elif model_type == "gemma2":
-    kinds = hf.get("layer_types") or ["sliding_attention", "full_attention"] * (
-      (fields["num_layers"] + 1) // 2
-    )
-    kinds = kinds[: fields["num_layers"]]
+    kinds = hf.get("layer_types")
+    if kinds is None:  # Gemma 2's default: sliding and global layers alternate
+      kinds = (["sliding_attention", "full_attention"] * fields["num_layers"])[
+        : fields["num_layers"]
+      ]
+    elif len(kinds) != fields["num_layers"]:  # never cut or padded to fit
+      raise ValueError(
+        f"config.json: layer_types has {len(kinds)} entries but num_hidden_layers="
+        f"{fields['num_layers']}"
+      )
     for kind in kinds:
       _require({"layer_types": kind}, "layer_types", ("sliding_attention", "full_attention"))
     if "sliding_attention" in kinds:

@@ -25,6 +25,7 @@ Packed sequences pass ``segment_ids`` (tokens attend within their segment) and `
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -141,6 +142,10 @@ class TransformerConfig:
         raise ValueError(f"{name} must be positive and finite, or None, got {getattr(self, name)}")
     if not layers.finite_positive(self.rope_theta):
       raise ValueError(f"rope_theta must be positive and finite, got {self.rope_theta}")
+    if not layers.finite_positive(self.norm_eps):
+      raise ValueError(f"norm_eps must be positive and finite, got {self.norm_eps}")
+    if not math.isfinite(self.norm_offset):
+      raise ValueError(f"norm_offset must be finite, got {self.norm_offset}")
     if self.quant not in QUANT_MODES:
       raise ValueError(f"quant={self.quant!r} is not one of {QUANT_MODES}")
     if isinstance(self.attention_pattern, str):

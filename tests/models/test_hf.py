@@ -222,6 +222,12 @@ def test_unsupported_configs_are_refused(tmp_path):
       hf.from_hf_config({**base, key: value})
   with pytest.raises(ValueError, match="use_sliding_window"):
     hf.from_hf_config({**base, "model_type": "qwen2", "use_sliding_window": True})
+  with pytest.raises(ValueError, match=r"config.json has no 'hidden_size' \(needed for model_type"):
+    hf.from_hf_config({k: v for k, v in base.items() if k != "hidden_size"})
+  gemma2 = hf.to_hf_config(transformer.TransformerConfig(num_layers=2, **FAMILIES["gemma2"][1]))
+  kinds = gemma2["layer_types"]
+  with pytest.raises(ValueError, match=r"layer_types has \d+ entries but num_hidden_layers"):
+    hf.from_hf_config({**gemma2, "layer_types": kinds + kinds})  # never cut to fit
   with pytest.raises(ValueError, match="no config.json"):
     hf.from_pretrained(str(tmp_path))
 

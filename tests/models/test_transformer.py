@@ -463,3 +463,9 @@ def test_default_attention_gets_the_mesh_where_it_resolves_to_a_pallas_kernel(mo
     got = layers._kernel_mesh(None, 128, masks.causal())
     assert got["mesh"].shape == mesh.shape
     assert got["spec"] == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+
+
+@pytest.mark.parametrize("field", ["norm_eps", "norm_offset"])
+def test_nan_norm_fields_are_refused(field):
+  with pytest.raises(ValueError, match=rf"{field} must be"):
+    transformer.TransformerConfig(**{field: float("nan")})
