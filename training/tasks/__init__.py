@@ -13,6 +13,7 @@ from flaxseed.training.tasks.diffusion import DiffusionTask
 from flaxseed.training.tasks.lm import LMTask
 from flaxseed.training.tasks.lora import LoRATask
 from flaxseed.training.tasks.needle import NeedleTask
+from flaxseed.training.tasks.preference import PreferenceTask
 from flaxseed.training.tasks.sae import SAETask
 
 TASKS: dict[str, type[Task]] = {
@@ -21,6 +22,7 @@ TASKS: dict[str, type[Task]] = {
   "diffusion": DiffusionTask,
   "sae": SAETask,
   "lora": LoRATask,
+  "preference": PreferenceTask,
 }
 
 

@@ -1,0 +1,122 @@
+"""The preference task in the loop: DPO's start at log 2, learning, resume, mesh, bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from flaxseed import training
+from flaxseed.configs import common
+from flaxseed.configs import lm
+from flaxseed.configs import preference as preference_configs
+from flaxseed.data import preference as preference_data
+from flaxseed.data import tokenizers
+
+
+def _write_pairs(path, n=200, seed=0):
+  """``n`` pairs: a digit string, its sorted version chosen, a shuffled one rejected."""
+  rng = np.random.default_rng(seed)
+  with open(path, "w", encoding="utf-8") as f:
+    for _ in range(n):
+      digits = "".join(rng.choice(list("0123456789"), size=int(rng.integers(3, 7))))
+      shuffled = "".join(rng.permutation(list(digits)))
+      rejected = shuffled if shuffled != "".join(sorted(digits)) else digits[::-1] + "0"
+      f.write(
+        json.dumps(
+          {"prompt": f"sort {digits}:", "chosen": "".join(sorted(digits)), "rejected": rejected}
+        )
+        + "\n"
+      )
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+  return _write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
+
+
+def _config(pairs, **overrides):
+  c = preference_configs.get_config("test")
+  c.preference.data = pairs
+  return common.override(c, **{"mesh.data": 1, "sample_tokens": 0, **overrides})
+
+
+def test_dpo_starts_at_log_2_and_learns_the_preference(tmp_path, pairs, losses):
+  summary = training.train(_config(pairs, steps=40, **{"optim.lr": 3e-3}), str(tmp_path))
+  run = losses(tmp_path)
+  assert run[1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+  assert run[40] < 0.8 * math.log(2), run  # the margin grows (beta=0.1: slowly)
+  assert summary["eval/rewards/accuracy"] > 0.9, summary
+  assert summary["eval/kl"] > 0
+
+
+def test_the_reference_is_the_init_from_run(tmp_path, pairs, losses):
+  base = tmp_path / "base"
+  training.train(
+    common.override(lm.get_config("test"), **{"mesh.data": 1, "sample_tokens": 0}), str(base)
+  )
+  training.train(_config(pairs, steps=2, init_from=str(base)), str(tmp_path / "dpo"))
+  # The policy starts from the run's parameters and the reference is loaded from them: log 2.
+  assert losses(tmp_path / "dpo")[1] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_reference_free_loss_holds_no_frozen_copy(tmp_path, pairs, losses):
+  """SimPO (and ORPO) need no reference: the loop runs with empty frozen parameters. The other
+  losses differ from DPO only in the formula, tested in test_losses.py."""
+  config = _config(pairs, steps=3, **{"preference.loss": "simpo", "preference.beta": 2.0})
+  from flaxseed.training import trainer  # pylint: disable=g-import-not-at-top
+
+  assert trainer.setup(config).abstract_frozen == {}
+  training.train(config, str(tmp_path))
+  assert all(math.isfinite(v) for v in losses(tmp_path).values())
+
+
+def test_resume_and_mesh_give_the_same_losses(tmp_path, pairs, losses):
+  common_ = {"steps": 4, "checkpoint_every": 2, "optim.decay_steps": 4}
+  training.train(_config(pairs, **common_), str(tmp_path / "whole"))
+  training.train(_config(pairs, **{**common_, "steps": 2}), str(tmp_path / "split"))
+  training.train(_config(pairs, **common_), str(tmp_path / "split"))
+  assert losses(tmp_path / "whole") == losses(tmp_path / "split")  # bit for bit
+  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  training.train(_config(pairs, **common_, **mesh), str(tmp_path / "mesh"))
+  one, sharded = losses(tmp_path / "whole"), losses(tmp_path / "mesh")
+  for step in one:
+    assert sharded[step] == pytest.approx(one[step], abs=1e-5)
+
+
+def test_pairs_that_do_not_fit_are_counted_not_cut(tmp_path):
+  path = tmp_path / "p.jsonl"
+  rows = [{"prompt": "p", "chosen": "ab", "rejected": "c"}] * 20
+  rows += [{"prompt": "x" * 10, "chosen": "y" * 30, "rejected": "z"}] * 3
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  train, evaluation, skipped = preference_data.preference_rows(
+    str(path), tokenizers.ByteTokenizer(), 15, eos_id=0
+  )
+  assert (skipped.count, skipped.total, skipped.longest) == (3, 23, 41)
+  assert len(train.arrays["tokens"]) + len(evaluation.arrays["tokens"]) == 20
+  # The chosen row: "p" then "ab" then EOS; the mask covers the completion and its EOS.
+  np.testing.assert_array_equal(train.arrays["tokens"][0, 0, :4], [ord("p"), ord("a"), ord("b"), 0])
+  np.testing.assert_array_equal(train.arrays["mask"][0, 0, :5], [0, 1, 1, 1, 0])
+  with pytest.raises(ValueError, match=r"no pair fits seq_len \+ 1 = 2 tokens: 23 of 23 pairs"):
+    preference_data.preference_rows(str(path), tokenizers.ByteTokenizer(), 1)
+
+
+def test_bad_input_is_named(tmp_path, pairs):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(
+    '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"\n'
+  )
+  with pytest.raises(ValueError, match=rf"config.preference.data: {path}:2: need a JSON object"):
+    preference_data.preference_rows(str(path), tokenizers.ByteTokenizer(), 16)
+  with pytest.raises(ValueError, match=r"config.preference.loss='dpo' is not one of"):
+    training.train(_config(pairs, **{"preference.loss": "dpo"}), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"config.preference.data is empty"):
+    training.train(
+      _config(
+        "",
+      ),
+      str(tmp_path / "b"),
+    )
+  with pytest.raises(ValueError, match=r"config.preference: beta must be positive"):
+    training.train(_config(pairs, **{"preference.beta": float("nan")}), str(tmp_path / "c"))

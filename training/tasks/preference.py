@@ -1,0 +1,177 @@
+"""Preference optimization (DPO, IPO, SimPO, ORPO, hinge) on pairs: ``task="preference"``.
+
+``config.preference``: ``data`` (a glob of JSONL pairs, ``data/preference.py``), ``loss`` (a key
+of ``training/losses/preference.LOSSES``), ``beta``, ``label_smoothing``, ``gamma_beta_ratio``,
+``orpo_lambda``, ``eos_id`` (appended to every completion when set) and ``pad_id``.
+
+The policy starts from ``config.init_from`` (a pre-training or SFT run; without it, from a fresh
+init, for tests). The reference is the frozen copy of the same parameters: loaded from
+``init_from`` by ``load_frozen`` (or, without ``init_from``, initialized from the same rng as the
+policy, so the two start equal). Losses without a reference (SimPO, ORPO) hold no frozen copy.
+
+A batch is ``tokens [B, 2, seq_len + 1]`` (chosen, rejected) with ``mask`` on the completions;
+one forward pass of the policy (and one of the reference) over the ``2B`` rows gives the summed
+completion log-probabilities the loss compares. Logged: the loss, TRL's ``logps/*`` and
+``rewards/*`` (margin, accuracy), and ``kl``, the token-level KL(π ‖ π_ref) on the pairs'
+completions, the price the policy paid for its margin.
+"""
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from flaxseed.data import pipeline
+from flaxseed.data import preference as preference_data
+from flaxseed.data import tokenizers
+from flaxseed.training import checkpoint
+from flaxseed.training.losses import distillation
+from flaxseed.training.losses import preference as losses
+from flaxseed.training.tasks import base
+from flaxseed.training.tasks import lm
+
+
+class PreferenceTask(lm.LMTask):
+  """Pairs -> a preference loss of the policy against its frozen reference (module docstring).
+  Subclasses the LM task for its model, sampling and FLOPs; replaces its data and loss."""
+
+  def __init__(self, model, *, seq_len, data_config, options: dict, init_from: str = ""):
+    super().__init__(model, seq_len=seq_len, data_config=data_config)
+    self.options = options
+    self.loss_name = options["loss"]
+    self.loss_options = losses.Options(
+      beta=options["beta"],
+      label_smoothing=options["label_smoothing"],
+      gamma_beta_ratio=options["gamma_beta_ratio"],
+      orpo_lambda=options["orpo_lambda"],
+    )
+    self.needs_reference = losses.NEEDS_REFERENCE[self.loss_name]
+    self.init_from = init_from
+
+  @classmethod
+  def from_config(cls, config) -> "PreferenceTask":
+    if "preference" not in config:
+      raise ValueError(
+        "config.task='preference' needs a config.preference section (configs/preference.py)"
+      )
+    options = config.preference.to_dict()
+    if options["loss"] not in losses.LOSSES:
+      raise ValueError(
+        f"config.preference.loss={options['loss']!r} is not one of {sorted(losses.LOSSES)}"
+      )
+    if not options["data"]:
+      raise ValueError(
+        "config.preference.data is empty: a glob of JSONL files of {prompt, chosen, rejected}"
+      )
+    try:
+      losses.Options(
+        beta=options["beta"],
+        label_smoothing=options["label_smoothing"],
+        gamma_beta_ratio=options["gamma_beta_ratio"],
+        orpo_lambda=options["orpo_lambda"],
+      )
+    except ValueError as e:
+      raise ValueError(f"config.preference: {e}") from e
+    model = base.build_model(config)
+    for name in ("eos_id", "pad_id"):
+      value = options[name]
+      if value is not None and not 0 <= value < model.config.vocab_size:
+        raise ValueError(
+          f"config.preference.{name}={value} is outside [0, {model.config.vocab_size})"
+        )
+    return cls(
+      model,
+      seq_len=config.seq_len,
+      data_config=config.data,
+      options=options,
+      init_from=config.get("init_from", ""),
+    )
+
+  @property
+  def tokenizer(self):
+    return tokenizers.load(self.data_config.tokenizer)
+
+  def batch_spec(self, global_batch):
+    shape = (global_batch, 2, self.seq_len + 1)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "mask")}
+
+  def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
+    train, evaluation, skipped = preference_data.preference_rows(
+      self.options["data"],
+      self.tokenizer,
+      self.seq_len,
+      eos_id=self.options["eos_id"],
+      pad_id=self.options["pad_id"],
+    )
+    if skipped.count:
+      logging.warning(
+        "config.preference.data: skipped %s that do not fit seq_len + 1 = %d tokens",
+        skipped,
+        self.seq_len + 1,
+      )
+    return pipeline.train_and_eval(
+      train,
+      evaluation,
+      global_batch=global_batch,
+      rows=rows,
+      row_len=self.seq_len + 1,
+      stride=self.seq_len + 1,
+      train_batches=train_batches,
+      eval_batches=eval_batches,
+      seed=seed,
+    )
+
+  def init(self, rng, batch):
+    params = self.model.init(rng, batch["tokens"][:, 0, :-1])["params"]
+    return params, ({"reference": params} if self.needs_reference else {})
+
+  def load_frozen(self, abstract_frozen):
+    if not (self.needs_reference and self.init_from):
+      return None  # no reference, or the fresh init's twin of the policy
+    params, _ = checkpoint.restore_params(self.init_from, abstract_frozen["reference"])
+    return {"reference": params}
+
+  def _forward(self, params, batch):
+    """(summed completion log-probs [B, 2], completion lengths [B, 2], logits [2B, L, V])."""
+    tokens, mask = batch["tokens"], batch["mask"]
+    b, _, length = tokens.shape
+    flat, flat_mask = tokens.reshape(2 * b, length), mask.reshape(2 * b, length)
+    logits = self.model.apply({"params": params}, flat[:, :-1])
+    total, count = losses.sequence_logps(logits, flat[:, 1:], flat_mask[:, 1:])
+    return total.reshape(b, 2), count.reshape(b, 2), logits
+
+  def _pairs(self, params, frozen, batch):
+    logps, lengths, logits = self._forward(params, batch)
+    ref = ref_logits = None
+    if self.needs_reference:
+      ref, _, ref_logits = self._forward(jax.lax.stop_gradient(frozen["reference"]), batch)
+    pairs = losses.Pairs(
+      chosen=logps[:, 0],
+      rejected=logps[:, 1],
+      chosen_len=jnp.maximum(lengths[:, 0], 1.0),
+      rejected_len=jnp.maximum(lengths[:, 1], 1.0),
+      ref_chosen=None if ref is None else ref[:, 0],
+      ref_rejected=None if ref is None else ref[:, 1],
+    )
+    loss, metrics = losses.paired_loss(self.loss_name, pairs, self.loss_options)
+    if ref_logits is not None:  # token-level KL(π ‖ π_ref) on the completions (per pair)
+      kl = distillation.divergence(ref_logits, logits, "reverse_kl")
+      mask = batch["mask"].reshape(kl.shape[0], -1)[:, 1:].astype(jnp.float32)
+      per_row = (kl * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+      metrics["kl"] = per_row.reshape(-1, 2).mean(-1)
+    return loss, metrics
+
+  def loss(self, params, frozen, batch, rng):
+    del rng
+    loss, metrics = self._pairs(params, frozen, batch)
+    return loss.mean(), {"loss": loss.mean(), **{k: v.mean() for k, v in metrics.items()}}
+
+  def evaluate(self, params, frozen, batch, task_state):
+    del task_state
+    loss, metrics = self._pairs(params, frozen, batch)
+    count = jnp.asarray(loss.shape[0], jnp.float32)
+    return {"loss": (loss.sum(), count), **{k: (v.sum(), count) for k, v in metrics.items()}}
+
+  def flops_per_token(self):
+    # Two rows a pair; the reference adds a forward pass (1/3 of a training step's FLOPs).
+    per_row = self.model.config.flops_per_token(self.seq_len)
+    return 2 * per_row * (4 / 3 if self.needs_reference else 1)
