@@ -10,6 +10,7 @@ from flaxseed.training.tasks.base import build_model
 from flaxseed.training.tasks.base import model_from_run
 from flaxseed.training.tasks.base import overrides
 from flaxseed.training.tasks.diffusion import DiffusionTask
+from flaxseed.training.tasks.distill import DistillTask
 from flaxseed.training.tasks.lm import LMTask
 from flaxseed.training.tasks.lora import LoRATask
 from flaxseed.training.tasks.needle import NeedleTask
@@ -23,6 +24,7 @@ TASKS: dict[str, type[Task]] = {
   "sae": SAETask,
   "lora": LoRATask,
   "preference": PreferenceTask,
+  "distill": DistillTask,
 }
 
 

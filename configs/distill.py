@@ -1,0 +1,34 @@
+"""Knowledge distillation of a trained teacher run into a smaller student (``task="distill"``).
+
+    python experiments/main.py --config=configs/lm.py:small --workdir=/tmp/teacher
+    python experiments/main.py --config=configs/distill.py:tiny --workdir=/tmp/student \\
+        --config.distill.teacher_workdir=/tmp/teacher
+
+The student is ``config.model`` (``configs/lm.py:tiny``'s by default), trained on the same corpus
+as an LM run, on ``alpha * T² * D(teacher/T, student/T) + (1 - alpha) * CE``
+(``training/tasks/distill.py``). ``--config.distill.divergence=reverse_kl|jsd``,
+``--config.distill.top_k=8`` (the teacher's top 8 tokens only). Defaults: ``alpha=0.5``,
+``temperature=1.0`` (MaxText's; tunix uses 2.0), forward KL. Variants: ``tiny``, ``test``.
+"""
+
+import ml_collections
+
+from flaxseed.configs import lm
+
+
+def get_config(arg: str = "tiny"):
+  if arg not in ("tiny", "test"):
+    raise ValueError(f"unknown variant {arg!r} of configs/distill.py: tiny, test")
+  c = lm.get_config(arg)
+  c.task = "distill"
+  c.distill = ml_collections.ConfigDict(
+    dict(
+      teacher_workdir="",
+      alpha=0.5,
+      temperature=1.0,
+      divergence="forward_kl",
+      beta=0.5,
+      top_k=0,
+    )
+  )
+  return c
