@@ -16,6 +16,7 @@ succeeded.
 
 import json
 import os
+import pathlib
 import shutil
 
 from absl import logging
@@ -175,7 +176,8 @@ def check_params_match(workdir: str, abstract_params, what: str) -> None:
   require_checkpoint(workdir, what)
   directory = os.path.join(workdir, "checkpoints")
   step = next(s for s in _steps(directory) if _complete(directory, s))
-  metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "state"))
+  handler = ocp.StandardCheckpointHandler()  # the item's tree metadata; nothing is read
+  metadata = handler.metadata(pathlib.Path(directory) / str(step) / "state")
   stored = getattr(metadata, "item_metadata", metadata)["params"]
 
   def shapes(tree):

@@ -16,6 +16,7 @@ from flaxseed.training.tasks.lora import LoRATask
 from flaxseed.training.tasks.needle import NeedleTask
 from flaxseed.training.tasks.preference import PreferenceTask
 from flaxseed.training.tasks.sae import SAETask
+from flaxseed.training.tasks.sft import SFTTask
 
 TASKS: dict[str, type[Task]] = {
   "lm": LMTask,
@@ -25,6 +26,7 @@ TASKS: dict[str, type[Task]] = {
   "lora": LoRATask,
   "preference": PreferenceTask,
   "distill": DistillTask,
+  "sft": SFTTask,
 }
 
 

@@ -81,6 +81,8 @@ class LMTask(base.Task):
     )
     targets = tokens[:, 1:]
     weights = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
+    if "loss_mask" in batch:  # only some targets count (chat SFT: the assistant's tokens)
+      weights = weights * batch["loss_mask"][:, 1:].astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
@@ -103,12 +105,15 @@ class LMTask(base.Task):
     nll, _, correct, weights = self._nll(params, frozen, batch)
     count = weights.sum()
     nll_sum = (nll * weights).sum()
-    bits_per_byte = nll_sum / math.log(2) / self.corpus.bytes_per_token
-    return {
-      "loss": (nll_sum, count),
-      "bpb": (bits_per_byte, count),
-      "accuracy": ((correct * weights).sum(), count),
-    }
+    sums = {"loss": (nll_sum, count), "accuracy": ((correct * weights).sum(), count)}
+    if self.bytes_per_token is not None:
+      sums["bpb"] = (nll_sum / math.log(2) / self.bytes_per_token, count)
+    return sums
+
+  @property
+  def bytes_per_token(self) -> float | None:
+    """Turns nats per token into bits per byte (``None``: no ``bpb`` metric)."""
+    return self.corpus.bytes_per_token
 
   def flops_per_token(self):
     return self.model.config.flops_per_token(self.seq_len)

@@ -1,0 +1,30 @@
+"""Chat supervised fine-tuning of a trained LM (``task="sft"``, ``training/tasks/sft.py``).
+
+    python experiments/main.py --config=configs/lm.py:tiny --workdir=/tmp/lm
+    python experiments/main.py --config=configs/sft.py:tiny --workdir=/tmp/sft \\
+        --config.init_from=/tmp/lm --config.sft.data='/tmp/chats/*.jsonl'
+
+JSONL lines are ``{"messages": [{"role", "content"}, ...]}`` or ``{"prompt", "response"}``,
+rendered with the built-in template of ``data/chat.py`` and packed several to a row; the loss is
+on the assistant's tokens only. The model section must be the ``init_from`` run's (checked before
+compiling). Variants: ``tiny`` (``configs/lm.py:tiny``'s model) and ``test``.
+"""
+
+import ml_collections
+
+from flaxseed.configs import lm
+
+
+def get_config(arg: str = "tiny"):
+  if arg not in ("tiny", "test"):
+    raise ValueError(f"unknown variant {arg!r} of configs/sft.py: tiny, test")
+  c = lm.get_config(arg)
+  c.task = "sft"
+  if arg == "tiny":
+    c.steps, c.eval_every, c.checkpoint_every = 500, 100, 100
+  else:
+    c.seq_len = 128  # the template alone takes 32 bytes per exchange
+  c.optim.update(lr=1e-3 if arg == "tiny" else 3e-3, warmup_steps=20 if arg == "tiny" else 2)
+  c.sample_prompt = "<|user|>\nHello\n<|assistant|>\n"
+  c.sft = ml_collections.ConfigDict(dict(data="", pad_id=0))
+  return c

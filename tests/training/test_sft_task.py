@@ -1,0 +1,139 @@
+"""Chat SFT: the loss on the assistant's tokens only, packing isolation, the loop, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxseed import training
+from flaxseed.configs import common
+from flaxseed.configs import lm
+from flaxseed.configs import sft as sft_configs
+from flaxseed.data import chat
+from flaxseed.data import tokenizers
+from flaxseed.training import tasks
+
+BYTES = tokenizers.ByteTokenizer()
+
+
+def _write(path, conversations):
+  path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+  return str(path)
+
+
+def _conversations(n=600):
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(n):
+    a, b = (int(x) for x in rng.integers(0, 50, 2))
+    if i % 2:
+      out.append({"prompt": f"add {a} {b}", "response": str(a + b)})
+    else:
+      out.append(
+        {
+          "messages": [
+            {"role": "system", "content": "math"},
+            {"role": "user", "content": f"add {a} {b}"},
+            {"role": "assistant", "content": str(a + b)},
+          ]
+        }
+      )
+  return out
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+  return _write(tmp_path_factory.mktemp("chats") / "c.jsonl", _conversations())
+
+
+def _config(data, **overrides):
+  c = sft_configs.get_config("test")
+  c.sft.data = data
+  return common.override(c, **{"mesh.data": 1, "sample_tokens": 0, **overrides})
+
+
+def test_the_loss_is_on_the_assistants_tokens_only(chats):
+  tokens, mask = chat.render(
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], BYTES
+  )
+  text = "<|user|>\nhi\n<|assistant|>\nyo<|end|>\n"
+  np.testing.assert_array_equal(tokens, list(text.encode()))
+  learned = len("<|user|>\nhi\n<|assistant|>\n")
+  np.testing.assert_array_equal(mask, [0] * learned + [1] * len("yo<|end|>\n"))
+  # The task's loss: the mean NLL of exactly those tokens, computed here from the logits.
+  task = tasks.build(_config(chats))
+  row = np.zeros((1, 129), np.int32)
+  row[0, : len(tokens)] = tokens
+  batch = {
+    "tokens": row,
+    "loss_mask": np.pad(mask, (0, 129 - len(mask)))[None],
+    "segment_ids": (np.arange(129) < len(tokens)).astype(np.int32)[None],
+    "positions": np.where(np.arange(129) < len(tokens), np.arange(129), 0)[None].astype(np.int32),
+  }
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  params, _ = task.init(jax.random.key(0), batch)
+  loss, _ = task.loss(params, {}, batch, None)
+  logits = task.model.apply({"params": params}, jnp.asarray(tokens[None, :-1]))
+  logp = jax.nn.log_softmax(logits[0], axis=-1)
+  want = -np.mean([float(logp[t - 1, tokens[t]]) for t in range(learned, len(tokens))])
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_packed_conversations_do_not_see_each_other(tmp_path, chats):
+  convs = _conversations(20)
+  train, _, _ = chat.chat_rows(_write(tmp_path / "c.jsonl", convs), BYTES, 128)
+  rows = train.arrays
+  assert rows["segment_ids"][0].max() >= 2  # several conversations share the first row
+  task = tasks.build(_config(chats))
+  batch = {k: jnp.asarray(v[:1]) for k, v in rows.items()}
+  params, _ = task.init(jax.random.key(0), batch)
+  nll, _, _, weights = task._nll(params, {}, batch)  # pylint: disable=protected-access
+  # The second conversation of the row, alone in a row of its own.
+  seg = rows["segment_ids"][0]
+  where = np.flatnonzero(seg == 2)
+  alone = {k: np.zeros_like(v[:1]) for k, v in rows.items()}
+  for k in alone:
+    alone[k][0, : len(where)] = rows[k][0, where]
+  alone["segment_ids"][0, : len(where)] = 1
+  alone = {k: jnp.asarray(v) for k, v in alone.items()}
+  nll_alone, _, _, weights_alone = task._nll(params, {}, alone)  # pylint: disable=protected-access
+  span = where[:-1]  # targets inside the conversation
+  np.testing.assert_allclose(nll[0, span], nll_alone[0, : len(span)], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(weights[0, span], weights_alone[0, : len(span)])
+  assert float(weights[0, where[0] - 1]) == 0.0  # nothing predicts across the boundary
+
+
+def test_sft_from_a_pretraining_run_resumes_and_shards_exactly(tmp_path, chats, losses):
+  base = tmp_path / "base"
+  training.train(
+    common.override(lm.get_config("test"), **{"mesh.data": 1, "sample_tokens": 0, "seq_len": 128}),
+    str(base),
+  )
+  run = {"steps": 4, "checkpoint_every": 2, "optim.decay_steps": 4, "init_from": str(base)}
+  summary = training.train(_config(chats, **run), str(tmp_path / "whole"))
+  assert "eval/loss" in summary and "eval/bpb" not in summary
+  training.train(_config(chats, **{**run, "steps": 2}), str(tmp_path / "split"))
+  training.train(_config(chats, **run), str(tmp_path / "split"))
+  assert losses(tmp_path / "whole") == losses(tmp_path / "split")
+  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  training.train(_config(chats, **run, **mesh), str(tmp_path / "mesh"))
+  one, sharded = losses(tmp_path / "whole"), losses(tmp_path / "mesh")
+  for step in one:
+    assert sharded[step] == pytest.approx(one[step], abs=1e-5)
+
+
+def test_bad_conversations_are_named_and_long_ones_counted(tmp_path):
+  bad = _write(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"messages": []}])
+  with pytest.raises(ValueError, match=rf"config.sft.data: {bad}:2: 'messages' must be"):
+    chat.chat_rows(bad, BYTES, 128)
+  no_answer = _write(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
+  with pytest.raises(ValueError, match=r":1: no assistant message"):
+    chat.chat_rows(no_answer, BYTES, 128)
+  role = _write(tmp_path / "r.jsonl", [{"messages": [{"role": "bot", "content": "a"}]}])
+  with pytest.raises(ValueError, match=r":1: message 0 must be"):
+    chat.chat_rows(role, BYTES, 128)
+  long = _conversations(20) + [{"prompt": "x" * 200, "response": "y"}]
+  _, _, skipped = chat.chat_rows(_write(tmp_path / "l.jsonl", long), BYTES, 128)
+  assert (skipped.count, skipped.total) == (1, 21) and skipped.longest > 200

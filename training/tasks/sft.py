@@ -1,0 +1,76 @@
+"""Chat supervised fine-tuning of a causal LM: ``task="sft"``.
+
+``config.sft``: ``data`` (a glob of JSONL conversations, ``data/chat.py``) and ``pad_id``. The
+model starts from ``config.init_from`` (a pre-training run) and learns the assistant's turns: the
+LM task's next-token loss, weighted by ``loss_mask`` (the assistant's content and its end marker)
+on packed rows whose ``segment_ids`` keep conversations apart. It reports ``loss`` and
+``accuracy`` over the assistant's tokens (no ``bpb``: that needs the bytes of those tokens).
+The masked-diffusion LM has its own SFT (``task="diffusion"`` with ``config.diffusion.sft_data``).
+"""
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from flaxseed.data import chat
+from flaxseed.data import pipeline
+from flaxseed.data import tokenizers
+from flaxseed.training.tasks import base
+from flaxseed.training.tasks import lm
+
+
+class SFTTask(lm.LMTask):
+  """The LM task on packed chat rows, with the loss on the assistant's tokens only."""
+
+  def __init__(self, model, *, seq_len, data_config, options: dict):
+    super().__init__(model, seq_len=seq_len, data_config=data_config)
+    self.options = options
+
+  @classmethod
+  def from_config(cls, config) -> "SFTTask":
+    if "sft" not in config:
+      raise ValueError("config.task='sft' needs a config.sft section (configs/sft.py)")
+    options = config.sft.to_dict()
+    if not options["data"]:
+      raise ValueError("config.sft.data is empty: a glob of JSONL files of conversations")
+    model = base.build_model(config)
+    if not 0 <= options["pad_id"] < model.config.vocab_size:
+      raise ValueError(
+        f"config.sft.pad_id={options['pad_id']} is outside [0, {model.config.vocab_size})"
+      )
+    return cls(model, seq_len=config.seq_len, data_config=config.data, options=options)
+
+  @property
+  def tokenizer(self):
+    return tokenizers.load(self.data_config.tokenizer)
+
+  @property
+  def bytes_per_token(self):
+    return None
+
+  def batch_spec(self, global_batch):
+    shape = (global_batch, self.seq_len + 1)
+    keys = ("tokens", "segment_ids", "positions", "loss_mask")
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in keys}
+
+  def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
+    train, evaluation, skipped = chat.chat_rows(
+      self.options["data"], self.tokenizer, self.seq_len, pad_id=self.options["pad_id"]
+    )
+    if skipped.count:
+      logging.warning(
+        "config.sft.data: skipped %s longer than seq_len + 1 = %d tokens",
+        skipped,
+        self.seq_len + 1,
+      )
+    return pipeline.train_and_eval(
+      train,
+      evaluation,
+      global_batch=global_batch,
+      rows=rows,
+      row_len=self.seq_len + 1,
+      stride=self.seq_len + 1,
+      train_batches=train_batches,
+      eval_batches=eval_batches,
+      seed=seed,
+    )
