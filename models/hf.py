@@ -588,6 +588,7 @@ def from_state_dict(
   mesh=None,
   rules=sh.DEFAULT_RULES,
   source: str = "checkpoint",
+  abstract=None,
 ) -> dict:
   """``params`` of ``model`` from ``tensors`` (name -> array; a mapping read lazily is fine).
 
@@ -599,8 +600,15 @@ def from_state_dict(
   buffers and a tied ``lm_head.weight`` are ignored.
   """
   cfg = model.config
-  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  unread = _unread(tensors.keys(), boxed, cfg)
+  if abstract is None:
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    shardings = None
+    if mesh is not None:
+      shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = nn.unbox(boxed)
+  else:  # shapes and shardings given (a training setup's abstract parameters)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  unread = _unread(tensors.keys(), abstract, cfg)
   if unread:
     raise ValueError(
       f"{source}: no parameter of this config (num_layers={cfg.num_layers}, "
@@ -608,9 +616,6 @@ def from_state_dict(
       f"{_summary(unread)}; does the config match the weights?"
     )
   read = _reader(tensors, cfg, source)
-  shardings = None
-  if mesh is not None:
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
 
   def host(path, shape, index=None):
     """The parameter (``index``: the part of it that one device holds) as a host array; a
@@ -628,7 +633,7 @@ def from_state_dict(
       x.shape, params_lib.get(shardings, path), lambda index: host(path, x.shape, index)
     )
 
-  return jax.tree_util.tree_map_with_path(leaf, nn.unbox(boxed))
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 # ---------------------------------------------------------------------------------- folders
@@ -678,8 +683,65 @@ def from_pretrained(directory: str, *, mesh=None, rules=sh.DEFAULT_RULES, **over
   if not os.path.exists(path):
     raise ValueError(f"{directory}: no config.json (hf.from_pretrained reads local folders)")
   model = transformer.Transformer(from_hf_config(_read_json(path), **overrides))
-  tensors = _Tensors(directory)
-  return model, from_state_dict(model, tensors, mesh=mesh, rules=rules, source=directory)
+  return model, load_params(model, directory, mesh=mesh, rules=rules)
+
+
+def is_folder(path: str) -> bool:
+  """Whether ``path`` is a Hugging Face model folder (``config.json`` and safetensors files) rather
+  than a flaxseed run's workdir (which has ``checkpoints/``)."""
+  return (
+    os.path.isdir(path)
+    and os.path.isfile(os.path.join(path, "config.json"))
+    and not os.path.isdir(os.path.join(path, "checkpoints"))
+    and any(n.endswith(".safetensors") for n in os.listdir(path))
+  )
+
+
+# Fields that change how a model runs, never its weights or what it computes.
+_EXECUTION_FIELDS = (
+  "dtype",
+  "scan_layers",
+  "remat_policy",
+  "attention_impl",
+  "attention_interpret",
+  "quant",
+)
+
+
+def _canonical(cfg: transformer.TransformerConfig) -> dict:
+  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _EXECUTION_FIELDS}
+  fields.update(num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size)
+  fields["attention_pattern"] = tuple(fields["attention_pattern"])
+  return fields
+
+
+def check_matches(directory: str, cfg: transformer.TransformerConfig, what: str) -> None:
+  """A ``ValueError`` naming ``what`` and every differing field unless the folder's
+  ``config.json`` describes the model ``cfg`` describes (up to how it runs: dtype, scanning,
+  rematerialization, attention kernel); read before anything compiles."""
+  folder = from_hf_config(_read_json(os.path.join(directory, "config.json")))
+  have, want = _canonical(folder), _canonical(cfg)
+  diffs = [f"{k}: folder {have[k]!r}, config {want[k]!r}" for k in have if have[k] != want[k]]
+  if diffs:
+    raise ValueError(
+      f"{what}={directory!r}: its config.json describes another model than config.model: "
+      + "; ".join(diffs)
+    )
+
+
+def load_params(
+  model: transformer.Transformer,
+  directory: str,
+  *,
+  mesh=None,
+  rules=sh.DEFAULT_RULES,
+  abstract=None,
+):
+  """``model``'s parameters from the Hugging Face folder ``directory`` (see ``from_state_dict``;
+  ``abstract``: a tree of ``jax.ShapeDtypeStruct`` with shardings to place them in)."""
+  return from_state_dict(
+    model, _Tensors(directory), mesh=mesh, rules=rules, source=directory, abstract=abstract
+  )
 
 
 def _read_json(path: str) -> dict:

@@ -38,6 +38,8 @@ from jax.sharding import PartitionSpec
 import numpy as np
 
 from flaxseed.data import pipeline
+from flaxseed.models import hf
+from flaxseed.models import transformer
 from flaxseed.training import checkpoint as checkpoint_lib
 from flaxseed.training import mesh as mesh_lib
 from flaxseed.training import metrics as metrics_lib
@@ -64,7 +66,7 @@ def validate(config, mesh: Mesh) -> None:
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be >= 0")
   optim.validate(config.optim)
-  if config.get("init_from"):
+  if config.get("init_from") and not hf.is_folder(config.init_from):
     checkpoint_lib.require_checkpoint(config.init_from, "config.init_from")
   divisor = mesh_lib.batch_divisor(mesh) * config.optim.accum_steps
   if config.batch_size % divisor:
@@ -389,6 +391,37 @@ def restore(config, workdir: str) -> Restored:
   )
 
 
+def _check_hf_init(s: Setup, folder: str) -> None:
+  """``config.init_from`` is a Hugging Face folder: the task must train a transformer's own
+  parameters, and the folder's config.json must describe ``config.model``."""
+  model = s.task.model
+  if not isinstance(model, transformer.Transformer) or jax.tree.structure(
+    s.abstract_state.params
+  ) != jax.tree.structure(nn.unbox(_hf_abstract(model))):
+    raise ValueError(
+      f"config.init_from={folder!r} is a Hugging Face folder: it can initialize a task whose "
+      f"trainable parameters are a transformer's (task {s.config.task!r} trains others)"
+    )
+  hf.check_matches(folder, model.config, "config.init_from")
+
+
+def _hf_abstract(model):
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def _init_params(s: Setup, path: str):
+  """(params, where they came from) for ``config.init_from``: a run's latest checkpoint or a
+  Hugging Face folder, placed in the training parameters' shardings."""
+  if hf.is_folder(path):
+    params = hf.load_params(s.task.model, path, abstract=s.abstract_state.params)
+    return params, "Hugging Face folder"
+  try:
+    params, step = checkpoint_lib.restore_params(path, s.abstract_state.params)
+  except ValueError as e:
+    raise ValueError(f"config.init_from={path!r}: {e}") from e
+  return params, f"step {step}"
+
+
 def train(config, workdir: str) -> dict[str, float]:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
 
@@ -405,9 +438,12 @@ def train(config, workdir: str) -> dict[str, float]:
     resuming = checkpoint_lib.has_checkpoint(workdir)
     workdir_lib.check_resume(config, workdir, resuming)
     if config.get("init_from") and not resuming:
-      checkpoint_lib.check_params_match(
-        config.init_from, s.abstract_state.params, "config.init_from"
-      )
+      if hf.is_folder(config.init_from):
+        _check_hf_init(s, config.init_from)
+      else:
+        checkpoint_lib.check_params_match(
+          config.init_from, s.abstract_state.params, "config.init_from"
+        )
     train_data, eval_data = s.datasets()
     with s.context():
       return _Loop(config, workdir, s, train_data, eval_data).run()
@@ -435,14 +471,9 @@ class _Loop:
     if self.state is None:
       self.state, self.step = s.init(), 0
       if config.get("init_from"):
-        try:
-          params, from_step = checkpoint_lib.restore_params(
-            config.init_from, s.abstract_state.params
-          )
-        except ValueError as e:
-          raise ValueError(f"config.init_from={config.init_from!r}: {e}") from e
+        params, source = _init_params(s, config.init_from)
         self.state = s.with_params(self.state, params)
-        self._print(f"initialized from {config.init_from} (step {from_step})")
+        self._print(f"initialized from {config.init_from} ({source})")
       if s.prepare is not None:  # data-dependent init from the first batch it will train on
         self.state = s.prepare(self.state, self.frozen, _global_batch(train_data[0], s.batch_spec))
     else:

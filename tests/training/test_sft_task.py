@@ -105,7 +105,7 @@ def test_packed_conversations_do_not_see_each_other(tmp_path, chats):
   assert float(weights[0, where[0] - 1]) == 0.0  # nothing predicts across the boundary
 
 
-def test_sft_from_a_pretraining_run_resumes_and_shards_exactly(tmp_path, chats, losses):
+def test_sft_from_a_run_or_hf_folder_resumes_and_shards_exactly(tmp_path, chats, losses):
   base = tmp_path / "base"
   training.train(
     common.override(lm.get_config("test"), **{"mesh.data": 1, "sample_tokens": 0, "seq_len": 128}),
@@ -122,6 +122,19 @@ def test_sft_from_a_pretraining_run_resumes_and_shards_exactly(tmp_path, chats, 
   one, sharded = losses(tmp_path / "whole"), losses(tmp_path / "mesh")
   for step in one:
     assert sharded[step] == pytest.approx(one[step], abs=1e-5)
+  # The same parameters as a Hugging Face folder: init_from it gives the same run.
+  pytest.importorskip("safetensors")
+  from flaxseed.models import hf  # pylint: disable=g-import-not-at-top
+
+  restored = training.restore(_config(chats, **run), str(tmp_path / "base"))
+  hf.to_pretrained(restored.setup.task.model, restored.params, str(tmp_path / "hf"))
+  training.train(_config(chats, **{**run, "init_from": str(tmp_path / "hf")}), str(tmp_path / "h"))
+  assert losses(tmp_path / "h") == one
+  with pytest.raises(ValueError, match=r"config.init_from=.*describes another model.*d_model"):
+    training.train(
+      _config(chats, **{**run, "init_from": str(tmp_path / "hf"), "model.d_model": 48}),
+      str(tmp_path / "wrong"),
+    )
 
 
 def test_bad_conversations_are_named_and_long_ones_counted(tmp_path):
