@@ -39,7 +39,7 @@ _FRESH = flags.DEFINE_bool("fresh", False, "Recompute cached results.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/distill_study", "Checkpoints and logs.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TEACHER_STEPS, STUDENT_STEPS, SEEDS = 1500, 800, (0, 1)
+TEACHER_STEPS, STUDENT_STEPS, SEEDS = 800, 800, (0, 1)
 DATA = {"data.corpus": "default:prose", "batch_size": 16, "seq_len": 128, "sample_tokens": 0}
 DISTILL = {"distill.alpha": 0.5, "distill.temperature": 1.0, "distill.divergence": "forward_kl"}
 
