@@ -431,10 +431,10 @@ def train(config, workdir: str) -> dict[str, float]:
   ``init_from`` run whose parameters do not fit; ``NonFiniteLossError`` if training diverges;
   ``KeyboardInterrupt`` after saving a checkpoint on Ctrl-C (SIGINT).
   """
+  s = setup(config)  # the config alone first: a bad one leaves no trace in the workdir
   lead = jax.process_index() == 0
   workdir_lib.prepare(workdir)
   with workdir_lib.Lock(workdir) if lead else contextlib.nullcontext():
-    s = setup(config)
     resuming = checkpoint_lib.has_checkpoint(workdir)
     workdir_lib.check_resume(config, workdir, resuming)
     if config.get("init_from") and not resuming:
