@@ -6,10 +6,11 @@ Pre-train (or SFT) a policy, then optimize it on JSONL pairs ``{prompt, chosen, 
     python experiments/main.py --config=configs/preference.py:tiny --workdir=/tmp/dpo \\
         --config.init_from=/tmp/lm --config.preference.data='/tmp/pairs/*.jsonl'
 
-``--config.preference.loss=ipo|simpo|orpo|hinge`` picks another loss of the registry
-(``training/losses/preference.py``); ``beta`` is each loss's β (SimPO's reference value is 2.0,
-set it with the loss). The model section must be the ``init_from`` run's (checked before
-compiling). Variants: ``tiny`` (``configs/lm.py:tiny``'s model, 300 steps) and ``test``.
+``--config.preference.loss=ipo|simpo|orpo|hinge|kto`` picks another loss of the registry
+(``training/losses/preference.py``; KTO reads unpaired ``{prompt, completion, label}`` lines);
+``beta`` is each loss's β (SimPO's reference value is 2.0, set it with the loss). The model
+section must be the ``init_from`` run's (checked before compiling). Variants: ``tiny``
+(``configs/lm.py:tiny``'s model, 300 steps) and ``test``.
 
 Defaults follow TRL's DPO: β = 0.1, sigmoid loss, no label smoothing; Adam without weight decay at
 a learning rate far below pre-training's (preference optimization forgets quickly at high ones).
@@ -37,6 +38,8 @@ def get_config(arg: str = "tiny"):
       label_smoothing=0.0,
       gamma_beta_ratio=0.25,
       orpo_lambda=0.1,
+      desirable_weight=1.0,  # KTO
+      undesirable_weight=1.0,  # KTO
       eos_id=config_dict.placeholder(int),
       pad_id=0,
     )

@@ -4,6 +4,7 @@ Each pair becomes two rows of ``seq_len + 1`` tokens (the chosen and the rejecte
 each after the prompt, then ``eos_id`` if given, then padding), stacked as ``tokens [2, seq_len +
 1]``, and ``mask [2, seq_len + 1]``, 1 on the completion's tokens (and its EOS): the tokens whose
 log-probabilities the preference losses sum. Every tenth pair is held out for evaluation.
+``kto_rows`` reads unpaired KTO examples ``{"prompt", "completion", "label"}`` the same way.
 
 A pair that does not fit ``seq_len + 1`` is never cut (a truncated completion would be judged on
 another text): it is skipped and counted, and ``Skipped`` says how many and the longest; a file
@@ -28,9 +29,10 @@ class Skipped:
   count: int
   total: int
   longest: int
+  what: str = "pairs"
 
   def __str__(self):
-    return f"{self.count} of {self.total} pairs (the longest {self.longest} tokens)"
+    return f"{self.count} of {self.total} {self.what} (the longest {self.longest} tokens)"
 
 
 def _row(prompt, completion, length, eos_id, pad_id):
@@ -42,6 +44,50 @@ def _row(prompt, completion, length, eos_id, pad_id):
   return tokens, mask
 
 
+def _examples(pattern: str, key: str, fields: tuple[str, ...]):
+  """``(where, example)`` for every non-empty JSONL line of the files matching ``pattern``, each
+  a JSON object holding ``fields``; errors name ``key``, the file and the line."""
+  paths = sorted(glob.glob(pattern))
+  if not paths:
+    raise ValueError(f"{key}={pattern!r}: no files match this glob")
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        where = f"{key}: {path}:{line_no}"
+        try:
+          example = json.loads(line)
+          for k in fields:
+            example[k]  # pylint: disable=pointless-statement
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ValueError(f"{where}: need a JSON object with {', '.join(fields)} ({e})") from e
+        yield where, example
+
+
+def _texts(where, example, fields):
+  texts = [example[k] for k in fields]
+  if not all(isinstance(t, str) for t in texts) or not all(texts[1:]):
+    raise ValueError(f"{where}: {', '.join(fields)} must be strings, completions non-empty")
+  return texts
+
+
+def _split(arrays: dict, skipped: Skipped, pattern: str, key: str, length: int, what: str):
+  """(train, eval, skipped): every tenth example held out."""
+  n = len(arrays["tokens"])
+  if not n:
+    raise ValueError(f"{key}={pattern!r}: no {what} fits seq_len + 1 = {length} tokens: {skipped}")
+  held_out = np.arange(n) % 10 == 9
+  if not held_out.any():
+    raise ValueError(f"{key}={pattern!r}: {n} {what}s; need at least 10 (every tenth is held out)")
+  arrays = {k: np.stack(v) for k, v in arrays.items()}
+  return (
+    pipeline.Rows({k: v[~held_out] for k, v in arrays.items()}),
+    pipeline.Rows({k: v[held_out] for k, v in arrays.items()}),
+    skipped,
+  )
+
+
 def preference_rows(
   pattern: str,
   tokenizer,
@@ -51,47 +97,61 @@ def preference_rows(
   pad_id: int = 0,
   key: str = "config.preference.data",
 ) -> tuple[pipeline.Rows, pipeline.Rows, Skipped]:
-  """(train, eval, skipped) of the JSONL files matching ``pattern``; errors name ``key``, the
+  """(train, eval, skipped) of the JSONL pairs matching ``pattern``; errors name ``key``, the
   file and the line."""
-  paths = sorted(glob.glob(pattern))
-  if not paths:
-    raise ValueError(f"{key}={pattern!r}: no files match this glob")
   length = seq_len + 1
-  tokens, masks, too_long = [], [], []
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{key}: {path}:{line_no}"
-        try:
-          example = json.loads(line)
-          texts = [example[k] for k in FIELDS]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise ValueError(f"{where}: need a JSON object with {', '.join(FIELDS)} ({e})") from e
-        if not all(isinstance(t, str) for t in texts) or not texts[1] or not texts[2]:
-          raise ValueError(
-            f"{where}: prompt, chosen and rejected must be strings, completions non-empty"
-          )
-        prompt, chosen, rejected = (np.asarray(tokenizer.encode(t), np.int32) for t in texts)
-        need = len(prompt) + max(len(chosen), len(rejected)) + (eos_id is not None)
-        if need > length:
-          too_long.append(need)
-          continue
-        pair = [_row(prompt, c, length, eos_id, pad_id) for c in (chosen, rejected)]
-        tokens.append(np.stack([t for t, _ in pair]))
-        masks.append(np.stack([m for _, m in pair]))
-  skipped = Skipped(len(too_long), len(tokens) + len(too_long), max(too_long, default=0))
-  if not tokens:
-    raise ValueError(f"{key}={pattern!r}: no pair fits seq_len + 1 = {length} tokens: {skipped}")
-  held_out = np.arange(len(tokens)) % 10 == 9
-  if not held_out.any():
-    raise ValueError(
-      f"{key}={pattern!r}: {len(tokens)} pairs; need at least 10 (every tenth is held out)"
-    )
-  tokens, masks = np.stack(tokens), np.stack(masks)
-  return (
-    pipeline.Rows({"tokens": tokens[~held_out], "mask": masks[~held_out]}),
-    pipeline.Rows({"tokens": tokens[held_out], "mask": masks[held_out]}),
-    skipped,
-  )
+  arrays, too_long = {"tokens": [], "mask": []}, []
+  for where, example in _examples(pattern, key, FIELDS):
+    texts = _texts(where, example, FIELDS)
+    prompt, chosen, rejected = (np.asarray(tokenizer.encode(t), np.int32) for t in texts)
+    need = len(prompt) + max(len(chosen), len(rejected)) + (eos_id is not None)
+    if need > length:
+      too_long.append(need)
+      continue
+    pair = [_row(prompt, c, length, eos_id, pad_id) for c in (chosen, rejected)]
+    arrays["tokens"].append(np.stack([t for t, _ in pair]))
+    arrays["mask"].append(np.stack([m for _, m in pair]))
+  n = len(arrays["tokens"])
+  skipped = Skipped(len(too_long), n + len(too_long), max(too_long, default=0))
+  return _split(arrays, skipped, pattern, key, length, "pair")
+
+
+KTO_FIELDS = ("prompt", "completion", "label")
+
+
+def kto_rows(
+  pattern: str,
+  tokenizer,
+  seq_len: int,
+  *,
+  eos_id: int | None = None,
+  pad_id: int = 0,
+  key: str = "config.preference.data",
+) -> tuple[pipeline.Rows, pipeline.Rows, Skipped]:
+  """(train, eval, skipped) of unpaired KTO examples ``{prompt, completion, label}`` (``label``:
+  true for a desirable completion). Row 0 of ``tokens [2, seq_len + 1]`` is the example, row 1 its
+  prompt with the next example's completion: the mismatched pairs whose policy/reference
+  log-ratio estimates KL(π ‖ π_ref) (TRL's KTO shifts completions within the batch; here the
+  shift is fixed when the data is read). ``label [1]`` is 1 or 0."""
+  length = seq_len + 1
+  examples = []
+  for where, example in _examples(pattern, key, KTO_FIELDS):
+    prompt, completion = _texts(where, example, KTO_FIELDS[:2])
+    if not isinstance(example["label"], bool):
+      raise ValueError(f"{where}: label must be true or false, got {example['label']!r}")
+    ids = [np.asarray(tokenizer.encode(t), np.int32) for t in (prompt, completion)]
+    examples.append((*ids, example["label"]))
+  arrays, too_long = {"tokens": [], "mask": [], "label": []}, []
+  for i, (prompt, completion, label) in enumerate(examples):
+    partner = examples[(i + 1) % len(examples)][1]
+    need = len(prompt) + max(len(completion), len(partner)) + (eos_id is not None)
+    if need > length:
+      too_long.append(need)
+      continue
+    rows = [_row(prompt, c, length, eos_id, pad_id) for c in (completion, partner)]
+    arrays["tokens"].append(np.stack([t for t, _ in rows]))
+    arrays["mask"].append(np.stack([m for _, m in rows]))
+    arrays["label"].append(np.asarray([label], np.int32))
+  n = len(arrays["tokens"])
+  skipped = Skipped(len(too_long), n + len(too_long), max(too_long, default=0), "examples")
+  return _split(arrays, skipped, pattern, key, length, "example")

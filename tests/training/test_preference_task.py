@@ -120,3 +120,28 @@ def test_bad_input_is_named(tmp_path, pairs):
     )
   with pytest.raises(ValueError, match=r"config.preference: beta must be positive"):
     training.train(_config(pairs, **{"preference.beta": float("nan")}), str(tmp_path / "c"))
+
+
+def test_kto_starts_at_one_half_and_reads_unpaired_examples(tmp_path, losses):
+  """At the reference every log-ratio and the KL estimate are 0: each example's loss is
+  w (1 - σ(0)) = 1/2 with unit weights (also the loop's first loss)."""
+  rng = np.random.default_rng(1)
+  path = tmp_path / "kto.jsonl"
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(200):
+      digits = "".join(rng.choice(list("0123456789"), size=4))
+      good = i % 2 == 0
+      completion = "".join(sorted(digits)) if good else digits[::-1]
+      f.write(json.dumps({"prompt": f"sort {digits}:", "completion": completion, "label": good}))
+      f.write("\n")
+  train, _, _ = preference_data.kto_rows(str(path), tokenizers.ByteTokenizer(), 32)
+  # Row 1 is row 0's prompt with the next example's completion.
+  assert (train.arrays["tokens"][0, 1, :10] == train.arrays["tokens"][0, 0, :10]).all()
+  np.testing.assert_array_equal(train.arrays["label"][:4, 0], [1, 0, 1, 0])
+  config = _config(str(path), steps=3, **{"preference.loss": "kto"})
+  training.train(config, str(tmp_path / "run"))
+  assert losses(tmp_path / "run")[1] == pytest.approx(0.5, abs=1e-6)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a", "completion": "b", "label": "yes"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:1: label must be true or false"):
+    preference_data.kto_rows(str(bad), tokenizers.ByteTokenizer(), 32)

@@ -1,8 +1,10 @@
-"""Preference optimization (DPO, IPO, SimPO, ORPO, hinge) on pairs: ``task="preference"``.
+"""Preference optimization (DPO, IPO, SimPO, ORPO, hinge; KTO) on pairs: ``task="preference"``.
 
-``config.preference``: ``data`` (a glob of JSONL pairs, ``data/preference.py``), ``loss`` (a key
-of ``training/losses/preference.LOSSES``), ``beta``, ``label_smoothing``, ``gamma_beta_ratio``,
-``orpo_lambda``, ``eos_id`` (appended to every completion when set) and ``pad_id``.
+``config.preference``: ``data`` (a glob of JSONL pairs, ``data/preference.py``; for ``kto``,
+unpaired ``{prompt, completion, label}``), ``loss`` (a key of
+``training/losses/preference.LOSSES``, or ``kto``), ``beta``, ``label_smoothing``,
+``gamma_beta_ratio``, ``orpo_lambda``, ``desirable_weight`` and ``undesirable_weight`` (KTO),
+``eos_id`` (appended to every completion when set) and ``pad_id``.
 
 The policy starts from ``config.init_from`` (a pre-training or SFT run; without it, from a fresh
 init, for tests). The reference is the frozen copy of the same parameters: loaded from
@@ -14,6 +16,10 @@ one forward pass of the policy (and one of the reference) over the ``2B`` rows g
 completion log-probabilities the loss compares. Logged: the loss, TRL's ``logps/*`` and
 ``rewards/*`` (margin, accuracy), and ``kl``, the token-level KL(π ‖ π_ref) on the pairs'
 completions, the price the policy paid for its margin.
+
+KTO's batch row 0 is the example and row 1 its prompt with another example's completion; the mean
+policy/reference log-ratio of the row-1 pairs over the global batch is KTO's KL estimate (detached,
+clamped at 0), logged as ``kto/kl_estimate``.
 """
 
 from absl import logging
@@ -44,7 +50,8 @@ class PreferenceTask(lm.LMTask):
       gamma_beta_ratio=options["gamma_beta_ratio"],
       orpo_lambda=options["orpo_lambda"],
     )
-    self.needs_reference = losses.NEEDS_REFERENCE[self.loss_name]
+    self.kto = self.loss_name == "kto"
+    self.needs_reference = self.kto or losses.NEEDS_REFERENCE[self.loss_name]
     self.init_from = init_from
 
   @classmethod
@@ -54,10 +61,14 @@ class PreferenceTask(lm.LMTask):
         "config.task='preference' needs a config.preference section (configs/preference.py)"
       )
     options = config.preference.to_dict()
-    if options["loss"] not in losses.LOSSES:
+    if options["loss"] not in (*losses.LOSSES, "kto"):
       raise ValueError(
-        f"config.preference.loss={options['loss']!r} is not one of {sorted(losses.LOSSES)}"
+        f"config.preference.loss={options['loss']!r} is not one of "
+        f"{sorted(losses.LOSSES) + ['kto']}"
       )
+    for name in ("desirable_weight", "undesirable_weight"):
+      if not options[name] >= 0:  # NaN fails too
+        raise ValueError(f"config.preference.{name}={options[name]} must be >= 0")
     if not options["data"]:
       raise ValueError(
         "config.preference.data is empty: a glob of JSONL files of {prompt, chosen, rejected}"
@@ -92,10 +103,14 @@ class PreferenceTask(lm.LMTask):
 
   def batch_spec(self, global_batch):
     shape = (global_batch, 2, self.seq_len + 1)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "mask")}
+    spec = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "mask")}
+    if self.kto:  # row 0: the example, row 1: its prompt with another's completion
+      spec["label"] = jax.ShapeDtypeStruct((global_batch, 1), jnp.int32)  # rank 2, like a batch
+    return spec
 
   def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
-    train, evaluation, skipped = preference_data.preference_rows(
+    read = preference_data.kto_rows if self.kto else preference_data.preference_rows
+    train, evaluation, skipped = read(
       self.options["data"],
       self.tokenizer,
       self.seq_len,
@@ -144,6 +159,24 @@ class PreferenceTask(lm.LMTask):
     ref = ref_logits = None
     if self.needs_reference:
       ref, _, ref_logits = self._forward(jax.lax.stop_gradient(frozen["reference"]), batch)
+    if self.kto:
+      # KL(π ‖ π_ref) estimated on the mismatched rows (row 1), over the whole global batch.
+      kl = (logps[:, 1] - ref[:, 1]).mean()
+      loss, metrics = losses.kto(
+        logps[:, 0],
+        ref[:, 0],
+        batch["label"][:, 0] > 0,
+        kl,
+        beta=self.loss_options.beta,
+        desirable_weight=self.options["desirable_weight"],
+        undesirable_weight=self.options["undesirable_weight"],
+      )
+      metrics = {
+        "logps/completion": logps[:, 0],
+        "rewards/kto": metrics["rewards/kto"],
+        "kto/kl_estimate": jnp.broadcast_to(metrics["kl"], loss.shape),
+      }
+      return loss, self._with_token_kl(metrics, logits, ref_logits, batch)
     pairs = losses.Pairs(
       chosen=logps[:, 0],
       rejected=logps[:, 1],
@@ -153,12 +186,17 @@ class PreferenceTask(lm.LMTask):
       ref_rejected=None if ref is None else ref[:, 1],
     )
     loss, metrics = losses.paired_loss(self.loss_name, pairs, self.loss_options)
-    if ref_logits is not None:  # token-level KL(π ‖ π_ref) on the completions (per pair)
+    return loss, self._with_token_kl(metrics, logits, ref_logits, batch)
+
+  def _with_token_kl(self, metrics, logits, ref_logits, batch):
+    """``metrics`` plus ``kl``: the token-level KL(π ‖ π_ref) on the completions (per example,
+    the mean of its two rows), where there is a reference."""
+    if ref_logits is not None:
       kl = distillation.divergence(ref_logits, logits, "reverse_kl")
       mask = batch["mask"].reshape(kl.shape[0], -1)[:, 1:].astype(jnp.float32)
       per_row = (kl * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
       metrics["kl"] = per_row.reshape(-1, 2).mean(-1)
-    return loss, metrics
+    return metrics
 
   def loss(self, params, frozen, batch, rng):
     del rng
