@@ -18,29 +18,14 @@ counted (never cut: a truncated answer teaches another text); a file where none 
 Every tenth conversation is held out for evaluation (before packing).
 """
 
-import dataclasses
-import glob
-import json
-
 import numpy as np
 
+from flaxseed.data import jsonl
 from flaxseed.data import pipeline
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE = {role: f"<|{role}|>\n" for role in ROLES}
 END = {"system": "\n", "user": "\n", "assistant": "<|end|>\n"}
-
-
-@dataclasses.dataclass
-class Skipped:
-  """Conversations that did not fit a row: how many of how many, and the longest one's tokens."""
-
-  count: int
-  total: int
-  longest: int
-
-  def __str__(self):
-    return f"{self.count} of {self.total} conversations (the longest {self.longest} tokens)"
 
 
 def messages_of(example, where: str) -> list[dict]:
@@ -118,43 +103,27 @@ def chat_rows(
   *,
   pad_id: int = 0,
   key: str = "config.sft.data",
-) -> tuple[pipeline.Rows, pipeline.Rows, Skipped]:
+) -> tuple[pipeline.Rows, pipeline.Rows, jsonl.Skipped]:
   """(train, eval, skipped) packed rows of the JSONL files matching ``pattern``; errors name
   ``key``, the file and the line."""
-  paths = sorted(glob.glob(pattern))
-  if not paths:
-    raise ValueError(f"{key}={pattern!r}: no files match this glob")
   length = seq_len + 1
   conversations, too_long = [], []
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{key}: {path}:{line_no}"
-        try:
-          example = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}: not valid JSON ({e})") from e
-        tokens, mask = render(messages_of(example, where), tokenizer)
-        if len(tokens) > length:
-          too_long.append(len(tokens))
-        else:
-          conversations.append((tokens, mask))
-  skipped = Skipped(len(too_long), len(conversations) + len(too_long), max(too_long, default=0))
-  if not conversations:
-    raise ValueError(
-      f"{key}={pattern!r}: no conversation fits seq_len + 1 = {length} tokens: {skipped}"
-    )
-  held_out = [c for i, c in enumerate(conversations) if i % 10 == 9]
-  if not held_out:
-    raise ValueError(
-      f"{key}={pattern!r}: {len(conversations)} conversations; need at least 10 (every tenth is "
-      "held out)"
-    )
-  train = [c for i, c in enumerate(conversations) if i % 10 != 9]
+  need = "'messages' or 'prompt' and 'response'"
+  for where, example in jsonl.examples(pattern, key, need=need):
+    tokens, mask = render(messages_of(example, where), tokenizer)
+    if len(tokens) > length:
+      too_long.append(len(tokens))
+    else:
+      conversations.append((tokens, mask))
+  total = len(conversations) + len(too_long)
+  skipped = jsonl.Skipped(len(too_long), total, max(too_long, default=0), "conversations")
+  fits = f"seq_len + 1 = {length} tokens: {skipped}"
+  jsonl.check_split(len(conversations), key, pattern, "conversation", fits)
+  held_out = jsonl.held_out(len(conversations))
+  train = [c for c, h in zip(conversations, held_out) if not h]
+  evaluation = [c for c, h in zip(conversations, held_out) if h]
   return (
     pipeline.Rows(_pack(train, length, pad_id)),
-    pipeline.Rows(_pack(held_out, length, pad_id)),
+    pipeline.Rows(_pack(evaluation, length, pad_id)),
     skipped,
   )

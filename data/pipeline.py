@@ -107,13 +107,15 @@ def train_and_eval(
   global_batch: int,
   rows: tuple[int, int],
   row_len: int,
-  stride: int,
+  stride: int | None = None,
   train_batches: int,
   eval_batches: int,
   seed: int,
 ):
   """(train, eval) ``batches`` of two splits: the train rows shuffled with ``seed``, the eval rows
-  in order (what a task's ``datasets`` returns)."""
+  in order (what a task's ``datasets`` returns). ``stride`` defaults to ``row_len`` (rows that do
+  not overlap; fixed ``Rows`` ignore it)."""
+  stride = row_len if stride is None else stride
   common = dict(global_batch=global_batch, rows=rows, row_len=row_len, stride=stride)
   return (
     batches(train, num_batches=train_batches, seed=seed, name="train", **common),

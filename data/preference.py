@@ -8,31 +8,16 @@ log-probabilities the preference losses sum. Every tenth pair is held out for ev
 
 A pair that does not fit ``seq_len + 1`` is never cut (a truncated completion would be judged on
 another text): it is skipped and counted, and ``Skipped`` says how many and the longest; a file
-where no pair fits is an error. Malformed lines are errors naming the config key, file and line.
+where no pair fits is an error. Malformed lines are errors naming the config key, file and line
+(``data/jsonl.py`` reads the files).
 """
-
-import dataclasses
-import glob
-import json
 
 import numpy as np
 
+from flaxseed.data import jsonl
 from flaxseed.data import pipeline
 
 FIELDS = ("prompt", "chosen", "rejected")
-
-
-@dataclasses.dataclass
-class Skipped:
-  """Pairs that did not fit: how many of how many, and the longest one's tokens."""
-
-  count: int
-  total: int
-  longest: int
-  what: str = "pairs"
-
-  def __str__(self):
-    return f"{self.count} of {self.total} {self.what} (the longest {self.longest} tokens)"
 
 
 def _row(prompt, completion, length, eos_id, pad_id):
@@ -44,27 +29,6 @@ def _row(prompt, completion, length, eos_id, pad_id):
   return tokens, mask
 
 
-def _examples(pattern: str, key: str, fields: tuple[str, ...]):
-  """``(where, example)`` for every non-empty JSONL line of the files matching ``pattern``, each
-  a JSON object holding ``fields``; errors name ``key``, the file and the line."""
-  paths = sorted(glob.glob(pattern))
-  if not paths:
-    raise ValueError(f"{key}={pattern!r}: no files match this glob")
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{key}: {path}:{line_no}"
-        try:
-          example = json.loads(line)
-          for k in fields:
-            example[k]  # pylint: disable=pointless-statement
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise ValueError(f"{where}: need a JSON object with {', '.join(fields)} ({e})") from e
-        yield where, example
-
-
 def _texts(where, example, fields):
   texts = [example[k] for k in fields]
   if not all(isinstance(t, str) for t in texts) or not all(texts[1:]):
@@ -72,14 +36,11 @@ def _texts(where, example, fields):
   return texts
 
 
-def _split(arrays: dict, skipped: Skipped, pattern: str, key: str, length: int, what: str):
+def _split(arrays: dict, skipped: jsonl.Skipped, pattern: str, key: str, length: int, what: str):
   """(train, eval, skipped): every tenth example held out."""
   n = len(arrays["tokens"])
-  if not n:
-    raise ValueError(f"{key}={pattern!r}: no {what} fits seq_len + 1 = {length} tokens: {skipped}")
-  held_out = np.arange(n) % 10 == 9
-  if not held_out.any():
-    raise ValueError(f"{key}={pattern!r}: {n} {what}s; need at least 10 (every tenth is held out)")
+  jsonl.check_split(n, key, pattern, what, f"seq_len + 1 = {length} tokens: {skipped}")
+  held_out = jsonl.held_out(n)
   arrays = {k: np.stack(v) for k, v in arrays.items()}
   return (
     pipeline.Rows({k: v[~held_out] for k, v in arrays.items()}),
@@ -96,12 +57,12 @@ def preference_rows(
   eos_id: int | None = None,
   pad_id: int = 0,
   key: str = "config.preference.data",
-) -> tuple[pipeline.Rows, pipeline.Rows, Skipped]:
+) -> tuple[pipeline.Rows, pipeline.Rows, jsonl.Skipped]:
   """(train, eval, skipped) of the JSONL pairs matching ``pattern``; errors name ``key``, the
   file and the line."""
   length = seq_len + 1
   arrays, too_long = {"tokens": [], "mask": []}, []
-  for where, example in _examples(pattern, key, FIELDS):
+  for where, example in jsonl.examples(pattern, key, FIELDS):
     texts = _texts(where, example, FIELDS)
     prompt, chosen, rejected = (np.asarray(tokenizer.encode(t), np.int32) for t in texts)
     need = len(prompt) + max(len(chosen), len(rejected)) + (eos_id is not None)
@@ -112,7 +73,7 @@ def preference_rows(
     arrays["tokens"].append(np.stack([t for t, _ in pair]))
     arrays["mask"].append(np.stack([m for _, m in pair]))
   n = len(arrays["tokens"])
-  skipped = Skipped(len(too_long), n + len(too_long), max(too_long, default=0))
+  skipped = jsonl.Skipped(len(too_long), n + len(too_long), max(too_long, default=0), "pairs")
   return _split(arrays, skipped, pattern, key, length, "pair")
 
 
@@ -127,7 +88,7 @@ def kto_rows(
   eos_id: int | None = None,
   pad_id: int = 0,
   key: str = "config.preference.data",
-) -> tuple[pipeline.Rows, pipeline.Rows, Skipped]:
+) -> tuple[pipeline.Rows, pipeline.Rows, jsonl.Skipped]:
   """(train, eval, skipped) of unpaired KTO examples ``{prompt, completion, label}`` (``label``:
   true for a desirable completion). Row 0 of ``tokens [2, seq_len + 1]`` is the example, row 1 its
   prompt with the next example's completion: the mismatched pairs whose policy/reference
@@ -135,7 +96,7 @@ def kto_rows(
   shift is fixed when the data is read). ``label [1]`` is 1 or 0."""
   length = seq_len + 1
   examples = []
-  for where, example in _examples(pattern, key, KTO_FIELDS):
+  for where, example in jsonl.examples(pattern, key, KTO_FIELDS):
     prompt, completion = _texts(where, example, KTO_FIELDS[:2])
     if not isinstance(example["label"], bool):
       raise ValueError(f"{where}: label must be true or false, got {example['label']!r}")
@@ -153,5 +114,5 @@ def kto_rows(
     arrays["mask"].append(np.stack([m for _, m in rows]))
     arrays["label"].append(np.asarray([label], np.int32))
   n = len(arrays["tokens"])
-  skipped = Skipped(len(too_long), n + len(too_long), max(too_long, default=0), "examples")
+  skipped = jsonl.Skipped(len(too_long), n + len(too_long), max(too_long, default=0))
   return _split(arrays, skipped, pattern, key, length, "example")

@@ -114,14 +114,14 @@ def test_sft_from_a_run_or_hf_folder_resumes_and_shards_exactly(tmp_path, chats,
   run = {"steps": 4, "checkpoint_every": 2, "optim.decay_steps": 4, "init_from": str(base)}
   summary = training.train(_config(chats, **run), str(tmp_path / "whole"))
   assert "eval/loss" in summary and "eval/bpb" not in summary
+  # Split at step 2 and resumed on the 2 x 2 x 2 mesh: the same losses.
   training.train(_config(chats, **{**run, "steps": 2}), str(tmp_path / "split"))
-  training.train(_config(chats, **run), str(tmp_path / "split"))
-  assert losses(tmp_path / "whole") == losses(tmp_path / "split")
   mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-  training.train(_config(chats, **run, **mesh), str(tmp_path / "mesh"))
-  one, sharded = losses(tmp_path / "whole"), losses(tmp_path / "mesh")
-  for step in one:
-    assert sharded[step] == pytest.approx(one[step], abs=1e-5)
+  training.train(_config(chats, **run, **mesh), str(tmp_path / "split"))
+  one, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+  assert list(split) == [1, 2, 3, 4] and [split[1], split[2]] == [one[1], one[2]]
+  for step in (3, 4):
+    assert split[step] == pytest.approx(one[step], abs=1e-5)
   # The same parameters as a Hugging Face folder: init_from it gives the same run.
   pytest.importorskip("safetensors")
   from flaxseed.models import hf  # pylint: disable=g-import-not-at-top

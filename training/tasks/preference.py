@@ -22,7 +22,6 @@ policy/reference log-ratio of the row-1 pairs over the global batch is KTO's KL 
 clamped at 0), logged as ``kto/kl_estimate``.
 """
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -108,7 +107,7 @@ class PreferenceTask(lm.LMTask):
       spec["label"] = jax.ShapeDtypeStruct((global_batch, 1), jnp.int32)  # rank 2, like a batch
     return spec
 
-  def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
+  def datasets(self, **batching):
     read = preference_data.kto_rows if self.kto else preference_data.preference_rows
     train, evaluation, skipped = read(
       self.options["data"],
@@ -117,23 +116,8 @@ class PreferenceTask(lm.LMTask):
       eos_id=self.options["eos_id"],
       pad_id=self.options["pad_id"],
     )
-    if skipped.count:
-      logging.warning(
-        "config.preference.data: skipped %s that do not fit seq_len + 1 = %d tokens",
-        skipped,
-        self.seq_len + 1,
-      )
-    return pipeline.train_and_eval(
-      train,
-      evaluation,
-      global_batch=global_batch,
-      rows=rows,
-      row_len=self.seq_len + 1,
-      stride=self.seq_len + 1,
-      train_batches=train_batches,
-      eval_batches=eval_batches,
-      seed=seed,
-    )
+    skipped.warn("config.preference.data", self.seq_len + 1)
+    return pipeline.train_and_eval(train, evaluation, row_len=self.seq_len + 1, **batching)
 
   def init(self, rng, batch):
     params = self.model.init(rng, batch["tokens"][:, 0, :-1])["params"]

@@ -115,7 +115,6 @@ class SAETask(base.Task):
       global_batch=global_batch,
       rows=rows,
       row_len=self.seq_len,
-      stride=self.seq_len,
       train_batches=train_batches,
       eval_batches=eval_batches,
       seed=seed,

@@ -8,7 +8,6 @@ on packed rows whose ``segment_ids`` keep conversations apart. It reports ``loss
 The masked-diffusion LM has its own SFT (``task="diffusion"`` with ``config.diffusion.sft_data``).
 """
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -53,24 +52,9 @@ class SFTTask(lm.LMTask):
     keys = ("tokens", "segment_ids", "positions", "loss_mask")
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in keys}
 
-  def datasets(self, *, global_batch, rows, train_batches, eval_batches, seed):
+  def datasets(self, **batching):
     train, evaluation, skipped = chat.chat_rows(
       self.options["data"], self.tokenizer, self.seq_len, pad_id=self.options["pad_id"]
     )
-    if skipped.count:
-      logging.warning(
-        "config.sft.data: skipped %s longer than seq_len + 1 = %d tokens",
-        skipped,
-        self.seq_len + 1,
-      )
-    return pipeline.train_and_eval(
-      train,
-      evaluation,
-      global_batch=global_batch,
-      rows=rows,
-      row_len=self.seq_len + 1,
-      stride=self.seq_len + 1,
-      train_batches=train_batches,
-      eval_batches=eval_batches,
-      seed=seed,
-    )
+    skipped.warn("config.sft.data", self.seq_len + 1)
+    return pipeline.train_and_eval(train, evaluation, row_len=self.seq_len + 1, **batching)
