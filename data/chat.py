@@ -117,8 +117,8 @@ def chat_rows(
       conversations.append((tokens, mask))
   total = len(conversations) + len(too_long)
   skipped = jsonl.Skipped(len(too_long), total, max(too_long, default=0), "conversations")
-  fits = f"seq_len + 1 = {length} tokens: {skipped}"
-  jsonl.check_split(len(conversations), key, pattern, "conversation", fits)
+  fits = f"seq_len + 1 = {length} tokens"
+  jsonl.check_split(len(conversations), skipped, key, pattern, "conversation", fits)
   held_out = jsonl.held_out(len(conversations))
   train = [c for c, h in zip(conversations, held_out) if not h]
   evaluation = [c for c, h in zip(conversations, held_out) if h]

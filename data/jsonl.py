@@ -45,11 +45,13 @@ def held_out(n: int) -> np.ndarray:
   return np.arange(n) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
 
 
-def check_split(n: int, key: str, pattern: str, what: str, fits: str) -> None:
-  """Errors for ``n`` usable examples: none at all (``fits`` says why), or too few to hold one
-  out."""
+def check_split(n: int, skipped: "Skipped", key: str, pattern: str, what: str, fits: str) -> None:
+  """Errors for ``n`` usable examples (besides ``skipped``): an empty file, none that fits (``fits``
+  says what), or too few to hold one out."""
+  if not skipped.total:
+    raise ValueError(f"{key}={pattern!r}: the files hold no {what}s")
   if not n:
-    raise ValueError(f"{key}={pattern!r}: no {what} fits {fits}")
+    raise ValueError(f"{key}={pattern!r}: no {what} fits {fits}: {skipped}")
   if not held_out(n).any():
     raise ValueError(
       f"{key}={pattern!r}: {n} {what}s; need at least {HELD_OUT_EVERY} (every tenth is held out)"

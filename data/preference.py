@@ -39,7 +39,7 @@ def _texts(where, example, fields):
 def _split(arrays: dict, skipped: jsonl.Skipped, pattern: str, key: str, length: int, what: str):
   """(train, eval, skipped): every tenth example held out."""
   n = len(arrays["tokens"])
-  jsonl.check_split(n, key, pattern, what, f"seq_len + 1 = {length} tokens: {skipped}")
+  jsonl.check_split(n, skipped, key, pattern, what, f"seq_len + 1 = {length} tokens")
   held_out = jsonl.held_out(n)
   arrays = {k: np.stack(v) for k, v in arrays.items()}
   return (

@@ -98,6 +98,9 @@ def test_pairs_that_do_not_fit_are_counted_not_cut(tmp_path):
   np.testing.assert_array_equal(train.arrays["mask"][0, 0, :5], [0, 1, 1, 1, 0])
   with pytest.raises(ValueError, match=r"no pair fits seq_len \+ 1 = 2 tokens: 23 of 23 pairs"):
     preference_data.preference_rows(str(path), tokenizers.ByteTokenizer(), 1)
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(ValueError, match=r"empty.jsonl': the files hold no pairs"):
+    preference_data.preference_rows(str(tmp_path / "empty.jsonl"), tokenizers.ByteTokenizer(), 15)
 
 
 def test_bad_input_is_named(tmp_path, pairs):
