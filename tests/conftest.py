@@ -97,3 +97,36 @@ def child_env():
 def main_cmd():
   """``main_cmd(*flags)``: the command line of ``experiments/main.py``."""
   return main_command
+
+
+MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+
+
+def check_resume_and_mesh(config, tmp_path, *, half: int) -> tuple[dict, dict[int, float]]:
+  """Trains ``config`` uninterrupted on one device, then the same run split at step ``half``,
+  resumed (a) on one device: the uninterrupted losses bit for bit, and (b) from a copy of the
+  split's checkpoint on the 2 x 2 x 2 mesh: the same losses within 1e-5 (sharding and resuming on
+  another mesh at once). ``config`` must checkpoint at ``half`` and fix its schedule
+  (``optim.decay_steps``). Returns the uninterrupted run's (summary, losses)."""
+  from flaxseed import training  # pylint: disable=g-import-not-at-top
+  from flaxseed.configs import common  # pylint: disable=g-import-not-at-top
+
+  losses = lambda name: {s: r["loss"] for s, r in read_train_metrics(tmp_path / name).items()}  # noqa: E731
+  copy = config.copy_and_resolve_references  # override sets keys in place
+  summary = training.train(copy(), str(tmp_path / "whole"))
+  training.train(common.override(copy(), steps=half), str(tmp_path / "split"))
+  shutil.copytree(tmp_path / "split", tmp_path / "mesh")
+  training.train(copy(), str(tmp_path / "split"))
+  training.train(common.override(copy(), **MESH), str(tmp_path / "mesh"))
+  whole, split, mesh = losses("whole"), losses("split"), losses("mesh")
+  assert split == whole, (whole, split)  # bit for bit
+  assert list(mesh) == list(whole), (whole, mesh)
+  for step in whole:
+    assert mesh[step] == pytest.approx(whole[step], abs=1e-5), (step, whole, mesh)
+  return summary, whole
+
+
+@pytest.fixture(scope="session")
+def resume_and_mesh():
+  """``resume_and_mesh(config, tmp_path, half=...)``: see ``check_resume_and_mesh``."""
+  return check_resume_and_mesh

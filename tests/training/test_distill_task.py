@@ -37,21 +37,11 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_at_alpha_1(tmp_path, teach
   assert summary["distill/ce"] > 1.0  # the hard term is there, weighted 0
 
 
-def test_resume_on_a_mesh_gives_the_same_losses(tmp_path, teacher, losses):
-  """Steps 1-2 on one device, resumed for steps 3-4 on the 2 x 2 x 2 mesh: the losses of an
-  uninterrupted one-device run (the teacher and the data position come back with the step)."""
+def test_resume_and_mesh_give_the_same_losses(tmp_path, teacher, resume_and_mesh):
   # A student narrower than its teacher, on the teacher's top 8 tokens.
   student = {"model.d_model": 16, "model.mlp_dim": 32, "distill.top_k": 8}
-  common_ = {"steps": 4, "checkpoint_every": 2, "optim.decay_steps": 4, **student}
-  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-  training.train(_config(teacher, **common_), str(tmp_path / "whole"))
-  training.train(_config(teacher, **{**common_, "steps": 2}), str(tmp_path / "split"))
-  training.train(_config(teacher, **common_, **mesh), str(tmp_path / "split"))
-  whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
-  assert list(split) == [1, 2, 3, 4]
-  assert [split[1], split[2]] == [whole[1], whole[2]]  # the same program: bit for bit
-  for step in (3, 4):
-    assert split[step] == pytest.approx(whole[step], abs=1e-5)
+  run = {"steps": 4, "checkpoint_every": 2, "optim.decay_steps": 4, **student}
+  resume_and_mesh(_config(teacher, **run), tmp_path, half=2)
 
 
 @pytest.mark.parametrize(

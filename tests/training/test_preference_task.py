@@ -42,24 +42,15 @@ def _config(pairs, **overrides):
   return common.override(c, **{"mesh.data": 1, "sample_tokens": 0, **overrides})
 
 
-def test_dpo_starts_at_log_2_learns_and_resumes_on_a_mesh_exactly(tmp_path, pairs, losses):
-  """40 steps on one device; the same run split at step 20 and resumed on the 2 x 2 x 2 mesh
-  gives the same losses (the frozen reference and the data position come back with the step)."""
+def test_dpo_starts_at_log_2_learns_resumes_and_shards_exactly(tmp_path, pairs, resume_and_mesh):
+  """40 steps; resumed at step 20 on one device and on the 2 x 2 x 2 mesh: the same losses (the
+  frozen reference and the data position come back with the step)."""
   run = {"steps": 40, "checkpoint_every": 20, "optim.lr": 3e-3, "optim.decay_steps": 40}
-  summary = training.train(_config(pairs, **run), str(tmp_path / "whole"))
-  whole = losses(tmp_path / "whole")
+  summary, whole = resume_and_mesh(_config(pairs, **run), tmp_path, half=20)
   assert whole[1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
   assert whole[40] < 0.8 * math.log(2), whole  # the margin grows (beta=0.1: slowly)
   assert summary["eval/rewards/accuracy"] > 0.9, summary
   assert summary["eval/kl"] > 0
-  training.train(_config(pairs, **{**run, "steps": 20}), str(tmp_path / "split"))
-  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-  training.train(_config(pairs, **run, **mesh), str(tmp_path / "split"))
-  split = losses(tmp_path / "split")
-  assert list(split) == list(whole)
-  assert [split[s] for s in range(1, 21)] == [whole[s] for s in range(1, 21)]  # bit for bit
-  for step in range(21, 41):
-    assert split[step] == pytest.approx(whole[step], abs=1e-5)
 
 
 def test_the_reference_is_the_init_from_run(tmp_path, pairs, losses):

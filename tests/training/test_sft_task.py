@@ -105,23 +105,17 @@ def test_packed_conversations_do_not_see_each_other(tmp_path, chats):
   assert float(weights[0, where[0] - 1]) == 0.0  # nothing predicts across the boundary
 
 
-def test_sft_from_a_run_or_hf_folder_resumes_and_shards_exactly(tmp_path, chats, losses):
+def test_sft_from_a_run_or_hf_folder_resumes_and_shards_exactly(
+  tmp_path, chats, losses, resume_and_mesh
+):
   base = tmp_path / "base"
   training.train(
     common.override(lm.get_config("test"), **{"mesh.data": 1, "sample_tokens": 0, "seq_len": 128}),
     str(base),
   )
   run = {"steps": 4, "checkpoint_every": 2, "optim.decay_steps": 4, "init_from": str(base)}
-  summary = training.train(_config(chats, **run), str(tmp_path / "whole"))
+  summary, one = resume_and_mesh(_config(chats, **run), tmp_path, half=2)
   assert "eval/loss" in summary and "eval/bpb" not in summary
-  # Split at step 2 and resumed on the 2 x 2 x 2 mesh: the same losses.
-  training.train(_config(chats, **{**run, "steps": 2}), str(tmp_path / "split"))
-  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-  training.train(_config(chats, **run, **mesh), str(tmp_path / "split"))
-  one, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
-  assert list(split) == [1, 2, 3, 4] and [split[1], split[2]] == [one[1], one[2]]
-  for step in (3, 4):
-    assert split[step] == pytest.approx(one[step], abs=1e-5)
   # The same parameters as a Hugging Face folder: init_from it gives the same run.
   pytest.importorskip("safetensors")
   from flaxseed.models import hf  # pylint: disable=g-import-not-at-top
