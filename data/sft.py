@@ -31,6 +31,8 @@ def sft_rows(
     row[: len(p) + len(r)] = np.concatenate([p, r])
     tokens.append(row)
     prompt_mask.append((np.arange(seq_len) < len(p)).astype(np.int32))
+  if not tokens:
+    raise ValueError(f"{key}={pattern!r}: the files hold no examples")
   held_out = jsonl.held_out(len(tokens))
   tokens, prompt_mask = np.stack(tokens), np.stack(prompt_mask)
   return (

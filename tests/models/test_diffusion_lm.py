@@ -182,6 +182,11 @@ def test_sft_data_errors_name_the_file_and_line(tmp_path):
   task = tasks.build(_config(**{"diffusion.sft_data": str(path)}))
   with pytest.raises(ValueError, match=r"bad.jsonl:1.*seq_len=32"):
     task.datasets(global_batch=2, rows=(0, 2), train_batches=1, eval_batches=1, seed=0)
+  path.write_text("\n\n")
+  with pytest.raises(
+    ValueError, match=r"diffusion.sft_data=.*bad.jsonl': the files hold no examples"
+  ):
+    task.datasets(global_batch=2, rows=(0, 2), train_batches=1, eval_batches=1, seed=0)
 
 
 def test_trains_through_the_loop_sharded_like_one_device(tmp_path, losses, train_metrics):
