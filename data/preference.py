@@ -29,6 +29,20 @@ def _row(prompt, completion, length, eos_id, pad_id):
   return tokens, mask
 
 
+def _add(arrays, too_long, prompt, completions, length, eos_id, pad_id) -> bool:
+  """Appends the prompt followed by each completion (``tokens`` and ``mask``, one row each) to
+  ``arrays``; if the longest does not fit ``length``, counts its length in ``too_long`` instead.
+  Returns whether it was appended."""
+  need = len(prompt) + max(len(c) for c in completions) + (eos_id is not None)
+  if need > length:
+    too_long.append(need)
+    return False
+  rows = [_row(prompt, c, length, eos_id, pad_id) for c in completions]
+  arrays["tokens"].append(np.stack([t for t, _ in rows]))
+  arrays["mask"].append(np.stack([m for _, m in rows]))
+  return True
+
+
 def _texts(where, example, fields):
   texts = [example[k] for k in fields]
   if not all(isinstance(t, str) for t in texts) or not all(texts[1:]):
@@ -36,9 +50,10 @@ def _texts(where, example, fields):
   return texts
 
 
-def _split(arrays: dict, skipped: jsonl.Skipped, pattern: str, key: str, length: int, what: str):
+def _split(arrays: dict, too_long: list, pattern: str, key: str, length: int, what: str):
   """(train, eval, skipped): every tenth example held out."""
   n = len(arrays["tokens"])
+  skipped = jsonl.Skipped(len(too_long), n + len(too_long), max(too_long, default=0), f"{what}s")
   jsonl.check_split(n, skipped, key, pattern, what, f"seq_len + 1 = {length} tokens")
   held_out = jsonl.held_out(n)
   arrays = {k: np.stack(v) for k, v in arrays.items()}
@@ -65,16 +80,8 @@ def preference_rows(
   for where, example in jsonl.examples(pattern, key, FIELDS):
     texts = _texts(where, example, FIELDS)
     prompt, chosen, rejected = (np.asarray(tokenizer.encode(t), np.int32) for t in texts)
-    need = len(prompt) + max(len(chosen), len(rejected)) + (eos_id is not None)
-    if need > length:
-      too_long.append(need)
-      continue
-    pair = [_row(prompt, c, length, eos_id, pad_id) for c in (chosen, rejected)]
-    arrays["tokens"].append(np.stack([t for t, _ in pair]))
-    arrays["mask"].append(np.stack([m for _, m in pair]))
-  n = len(arrays["tokens"])
-  skipped = jsonl.Skipped(len(too_long), n + len(too_long), max(too_long, default=0), "pairs")
-  return _split(arrays, skipped, pattern, key, length, "pair")
+    _add(arrays, too_long, prompt, (chosen, rejected), length, eos_id, pad_id)
+  return _split(arrays, too_long, pattern, key, length, "pair")
 
 
 KTO_FIELDS = ("prompt", "completion", "label")
@@ -105,14 +112,6 @@ def kto_rows(
   arrays, too_long = {"tokens": [], "mask": [], "label": []}, []
   for i, (prompt, completion, label) in enumerate(examples):
     partner = examples[(i + 1) % len(examples)][1]
-    need = len(prompt) + max(len(completion), len(partner)) + (eos_id is not None)
-    if need > length:
-      too_long.append(need)
-      continue
-    rows = [_row(prompt, c, length, eos_id, pad_id) for c in (completion, partner)]
-    arrays["tokens"].append(np.stack([t for t, _ in rows]))
-    arrays["mask"].append(np.stack([m for _, m in rows]))
-    arrays["label"].append(np.asarray([label], np.int32))
-  n = len(arrays["tokens"])
-  skipped = jsonl.Skipped(len(too_long), n + len(too_long), max(too_long, default=0))
-  return _split(arrays, skipped, pattern, key, length, "example")
+    if _add(arrays, too_long, prompt, (completion, partner), length, eos_id, pad_id):
+      arrays["label"].append(np.asarray([label], np.int32))
+  return _split(arrays, too_long, pattern, key, length, "example")

@@ -295,6 +295,12 @@ def plot(results, suffix):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  def save(fig, ax, name):
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, name), dpi=120)
+    plt.close(fig)
+
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.scatter([0.0], [results["sft"]["reward"]], color="black", label="SFT policy")
   for name, m in results["methods"].items():
@@ -304,10 +310,7 @@ def plot(results, suffix):
   ax.set_xscale("symlog", linthresh=0.1)
   ax.set_xlabel("KL(π ‖ π_SFT), nats per completion (held-out samples); small dots: other lrs")
   ax.set_ylabel("mean reward of sampled completions")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(HERE, f"frontier{suffix}.png"), dpi=120)
-  plt.close(fig)
+  save(fig, ax, f"frontier{suffix}.png")
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, m in results["methods"].items():
@@ -315,10 +318,7 @@ def plot(results, suffix):
       ax.plot(*zip(*m["chosen_logps"]), label=name)
   ax.set_xlabel("step")
   ax.set_ylabel("log-prob of the chosen completions (train batch)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(HERE, f"chosen_logps{suffix}.png"), dpi=120)
-  plt.close(fig)
+  save(fig, ax, f"chosen_logps{suffix}.png")
 
 
 def report(results, *, quick: bool) -> str:
