@@ -23,6 +23,20 @@ def model_section(model_config) -> ml_collections.ConfigDict:
   return section
 
 
+def variant(arg: str, variants: tuple[str, ...], path: str, options=()) -> tuple[str, set[str]]:
+  """``"tiny"`` or ``"tiny,lora"`` -> ``("tiny", {"lora"})``: a config's variant and the options
+  after it (``--config=configs/sft.py:tiny,lora``); an unknown one is a ``ValueError``."""
+  name, *extra = arg.split(",")
+  if name not in variants:
+    raise ValueError(f"unknown variant {name!r} of {path}: {', '.join(variants)}")
+  for option in extra:
+    if option not in options:
+      raise ValueError(
+        f"unknown option {option!r} of {path}:{arg} (options: {', '.join(options) or 'none'})"
+      )
+  return name, set(extra)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Keys every experiment has. Configs override what they need."""
   c = ml_collections.ConfigDict()

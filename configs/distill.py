@@ -13,12 +13,13 @@ as an LM run, on ``alpha * T² * D(teacher/T, student/T) + (1 - alpha) * CE``
 
 import ml_collections
 
+from flaxseed.configs import common
 from flaxseed.configs import lm
+from flaxseed.configs import lora
 
 
 def get_config(arg: str = "tiny"):
-  if arg not in ("tiny", "test"):
-    raise ValueError(f"unknown variant {arg!r} of configs/distill.py: tiny, test")
+  arg, options = common.variant(arg, ("tiny", "test"), "configs/distill.py", ("lora",))
   c = lm.get_config(arg)
   c.task = "distill"
   c.distill = ml_collections.ConfigDict(
@@ -31,4 +32,6 @@ def get_config(arg: str = "tiny"):
       top_k=0,
     )
   )
+  if "lora" in options:  # adapters over the frozen init_from (training/tasks/lora.py)
+    c.lora = lora.section()
   return c

@@ -12,6 +12,10 @@ Variants (``--config=configs/lora.py:<variant>``):
   tiny   rank 8 on every attention and MLP kernel of ``configs/lm.py:tiny``, 600 steps.
   test   a few seconds, for the test suite (a scanned two-layer model).
 
+Any LM-family post-training config takes the same section with its ``lora`` option
+(``--config=configs/preference.py:tiny,lora``): the task's loss on adapters over the frozen
+``config.init_from`` (``training/tasks/lora.py``).
+
 ``--config.lora.variant=dora``, ``--config.lora.init=pissa``, ``--config.lora.quantize=nf4``
 (QLoRA), ``--config.lora.targets='.*attn/(q|v)/kernel'``. Without ``config.lora.base_workdir`` the
 adapters sit on a randomly initialized ``config.model`` (the run says so). Adam without weight
@@ -22,17 +26,13 @@ adapters move.
 import ml_collections
 from ml_collections import config_dict
 
+from flaxseed.configs import common
 from flaxseed.configs import lm
 
 
-def get_config(arg: str = "tiny"):
-  if arg not in ("tiny", "test"):
-    raise ValueError(f"unknown variant {arg!r} of configs/lora.py: tiny, test")
-  c = lm.get_config(arg)  # the base model's section (used when base_workdir is empty)
-  c.task = "lora"
-  c.data.corpus = "default:code"
-  c.optim.update(lr=3e-3, weight_decay=0.0, warmup_steps=50 if arg == "tiny" else 2)
-  c.lora = ml_collections.ConfigDict(
+def section() -> ml_collections.ConfigDict:
+  """The ``config.lora`` section: rank 8 on every attention and MLP kernel."""
+  return ml_collections.ConfigDict(
     dict(
       base_workdir="",
       rank=8,
@@ -44,4 +44,13 @@ def get_config(arg: str = "tiny"):
       quantize_group_size=config_dict.placeholder(int),
     )
   )
+
+
+def get_config(arg: str = "tiny"):
+  arg, _ = common.variant(arg, ("tiny", "test"), "configs/lora.py")
+  c = lm.get_config(arg)  # the base model's section (used when base_workdir is empty)
+  c.task = "lora"
+  c.data.corpus = "default:code"
+  c.optim.update(lr=3e-3, weight_decay=0.0, warmup_steps=50 if arg == "tiny" else 2)
+  c.lora = section()
   return c

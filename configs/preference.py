@@ -19,12 +19,13 @@ a learning rate far below pre-training's (preference optimization forgets quickl
 import ml_collections
 from ml_collections import config_dict
 
+from flaxseed.configs import common
 from flaxseed.configs import lm
+from flaxseed.configs import lora
 
 
 def get_config(arg: str = "tiny"):
-  if arg not in ("tiny", "test"):
-    raise ValueError(f"unknown variant {arg!r} of configs/preference.py: tiny, test")
+  arg, options = common.variant(arg, ("tiny", "test"), "configs/preference.py", ("lora",))
   c = lm.get_config(arg)
   c.task = "preference"
   if arg == "tiny":
@@ -44,4 +45,6 @@ def get_config(arg: str = "tiny"):
       pad_id=0,
     )
   )
+  if "lora" in options:  # adapters over the frozen init_from (training/tasks/lora.py)
+    c.lora = lora.section()
   return c

@@ -12,12 +12,13 @@ compiling). Variants: ``tiny`` (``configs/lm.py:tiny``'s model) and ``test``.
 
 import ml_collections
 
+from flaxseed.configs import common
 from flaxseed.configs import lm
+from flaxseed.configs import lora
 
 
 def get_config(arg: str = "tiny"):
-  if arg not in ("tiny", "test"):
-    raise ValueError(f"unknown variant {arg!r} of configs/sft.py: tiny, test")
+  arg, options = common.variant(arg, ("tiny", "test"), "configs/sft.py", ("lora",))
   c = lm.get_config(arg)
   c.task = "sft"
   if arg == "tiny":
@@ -27,4 +28,6 @@ def get_config(arg: str = "tiny"):
   c.optim.update(lr=1e-3 if arg == "tiny" else 3e-3, warmup_steps=20 if arg == "tiny" else 2)
   c.sample_prompt = "<|user|>\nHello\n<|assistant|>\n"
   c.sft = ml_collections.ConfigDict(dict(data="", pad_id=0))
+  if "lora" in options:  # adapters over the frozen init_from (training/tasks/lora.py)
+    c.lora = lora.section()
   return c

@@ -52,9 +52,10 @@ def load(workdir: str | None, hf_dir: str | None, tokenizer: str | None):
   config = checkpoint.run_config(workdir)
   restored = trainer.restore(config, workdir)
   task = restored.setup.task
-  if not isinstance(task, tasks.LMTask):  # LoRATask is one too
+  if not isinstance(task.inner if isinstance(task, tasks.LoRA) else task, tasks.LMTask):
     raise ValueError(
-      f"{workdir}: task={config.task!r} is not a language model (generate reads lm and lora runs)"
+      f"{workdir}: task={config.task!r} is not a language model (generate reads the runs of "
+      "lm, lora, sft, preference and distill)"
     )
   params = task.model_params(restored.params, restored.frozen)
   return (

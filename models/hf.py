@@ -679,11 +679,16 @@ def from_pretrained(directory: str, *, mesh=None, rules=sh.DEFAULT_RULES, **over
   """``(model, params)`` from a local Hugging Face folder (``config.json`` + safetensors).
   ``mesh``/``rules``: place the parameters sharded (see ``from_state_dict``); ``overrides``:
   ``TransformerConfig`` fields (``scan_layers``, ``dtype``, ...)."""
+  model = transformer.Transformer(model_config(directory, **overrides))
+  return model, load_params(model, directory, mesh=mesh, rules=rules)
+
+
+def model_config(directory: str, **overrides) -> transformer.TransformerConfig:
+  """The ``TransformerConfig`` of the folder's ``config.json`` (``overrides``: fields of it)."""
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
-    raise ValueError(f"{directory}: no config.json (hf.from_pretrained reads local folders)")
-  model = transformer.Transformer(from_hf_config(_read_json(path), **overrides))
-  return model, load_params(model, directory, mesh=mesh, rules=rules)
+    raise ValueError(f"{directory}: no config.json (flaxseed reads local Hugging Face folders)")
+  return from_hf_config(_read_json(path), **overrides)
 
 
 def is_folder(path: str) -> bool:
@@ -719,7 +724,7 @@ def check_matches(directory: str, cfg: transformer.TransformerConfig, what: str)
   """A ``ValueError`` naming ``what`` and every differing field unless the folder's
   ``config.json`` describes the model ``cfg`` describes (up to how it runs: dtype, scanning,
   rematerialization, attention kernel); read before anything compiles."""
-  folder = from_hf_config(_read_json(os.path.join(directory, "config.json")))
+  folder = model_config(directory)
   have, want = _canonical(folder), _canonical(cfg)
   diffs = [f"{k}: folder {have[k]!r}, config {want[k]!r}" for k in have if have[k] != want[k]]
   if diffs:
@@ -756,13 +761,20 @@ def _read_json(path: str) -> dict:
   return value
 
 
-def tokenizer(directory: str):
-  """The folder's tokenizer: ``tokenizer.json`` (the ``tokenizers`` package) or a SentencePiece
-  ``tokenizer.model``; a ``ValueError`` when it has neither."""
+def tokenizer_file(directory: str) -> str | None:
+  """The folder's ``tokenizer.json`` or SentencePiece ``tokenizer.model`` (``None``: neither)."""
   for name in ("tokenizer.json", "tokenizer.model"):
     if os.path.isfile(os.path.join(directory, name)):
-      return tokenizers.load(os.path.join(directory, name), key=f"{directory}/{name}")
-  raise ValueError(f"{directory}: no tokenizer.json or tokenizer.model")
+      return os.path.join(directory, name)
+  return None
+
+
+def tokenizer(directory: str):
+  """The folder's tokenizer (``tokenizer_file``); a ``ValueError`` when it has none."""
+  path = tokenizer_file(directory)
+  if path is None:
+    raise ValueError(f"{directory}: no tokenizer.json or tokenizer.model")
+  return tokenizers.load(path, key=path)
 
 
 def to_pretrained(model: transformer.Transformer, params, directory: str) -> None:

@@ -412,14 +412,7 @@ def _hf_abstract(model):
 def _init_params(s: Setup, path: str):
   """(params, where they came from) for ``config.init_from``: a run's latest checkpoint or a
   Hugging Face folder, placed in the training parameters' shardings."""
-  if hf.is_folder(path):
-    params = hf.load_params(s.task.model, path, abstract=s.abstract_state.params)
-    return params, "Hugging Face folder"
-  try:
-    params, step = checkpoint_lib.restore_params(path, s.abstract_state.params)
-  except ValueError as e:
-    raise ValueError(f"config.init_from={path!r}: {e}") from e
-  return params, f"step {step}"
+  return tasks_lib.load_params(path, s.task.model, s.abstract_state.params, "config.init_from")
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -436,8 +429,10 @@ def train(config, workdir: str) -> dict[str, float]:
   workdir_lib.prepare(workdir)
   with workdir_lib.Lock(workdir) if lead else contextlib.nullcontext():
     resuming = checkpoint_lib.has_checkpoint(workdir)
-    workdir_lib.check_resume(config, workdir, resuming)
-    if config.get("init_from") and not resuming:
+    # A task that reads init_from at every start (a frozen reference or base) needs it unchanged.
+    fixed = ("init_from",) if "frozen" in s.task.init_from_sets else ()
+    workdir_lib.check_resume(config, workdir, resuming, fixed=fixed)
+    if config.get("init_from") and not resuming and "params" in s.task.init_from_sets:
       if hf.is_folder(config.init_from):
         _check_hf_init(s, config.init_from)
       else:
@@ -470,7 +465,7 @@ class _Loop:
     self.frozen = s.frozen()
     if self.state is None:
       self.state, self.step = s.init(), 0
-      if config.get("init_from"):
+      if config.get("init_from") and "params" in s.task.init_from_sets:
         params, source = _init_params(s, config.init_from)
         self.state = s.with_params(self.state, params)
         self._print(f"initialized from {config.init_from} ({source})")

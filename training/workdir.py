@@ -38,7 +38,7 @@ RESUMABLE = (
   "sample_tokens",
   "sample_prompt",
   "sample_temperature",
-  "init_from",  # used only by a run without a checkpoint of its own
+  "init_from",  # used only by a run without a checkpoint of its own (Task.init_from_sets)
   "mesh",  # a checkpoint restores into any mesh's shardings
   "logical_axis_rules",
   # The optimizer's hyperparameters (resuming with a lower learning rate is the usual remedy for a
@@ -127,17 +127,18 @@ def _flatten(tree, prefix="") -> dict:
   return out
 
 
-def _resumable(key: str) -> bool:
-  return any(key == k or key.startswith(f"{k}.") for k in RESUMABLE)
+def _resumable(key: str, fixed=()) -> bool:
+  return any(key == k or key.startswith(f"{k}.") for k in RESUMABLE if k not in fixed)
 
 
-def config_differences(stored: dict, requested: dict) -> list[str]:
-  """``"key: stored -> requested"`` for every non-resumable key whose values differ. A key the
-  stored config lacks (added to the code since) is not a difference."""
+def config_differences(stored: dict, requested: dict, fixed=()) -> list[str]:
+  """``"key: stored -> requested"`` for every non-resumable key whose values differ (``fixed``:
+  keys of ``RESUMABLE`` that this run may not change). A key the stored config lacks (added to
+  the code since) is not a difference."""
   stored, requested = _flatten(stored), _flatten(requested)
   diffs = []
   for key in sorted(set(stored) | set(requested)):
-    if _resumable(key) or key not in stored:
+    if _resumable(key, fixed) or key not in stored:
       continue
     old, new = stored[key], requested.get(key, "<absent>")
     if old != new:
@@ -145,9 +146,10 @@ def config_differences(stored: dict, requested: dict) -> list[str]:
   return diffs
 
 
-def check_resume(config, workdir: str, has_checkpoint: bool) -> None:
+def check_resume(config, workdir: str, has_checkpoint: bool, *, fixed=()) -> None:
   """If ``workdir`` holds a checkpoint, ``config`` must match its ``config.json`` on every key
-  outside ``RESUMABLE``; a ``ValueError`` lists the differences (before anything compiles)."""
+  outside ``RESUMABLE`` (and on ``fixed``: ``init_from`` where the task reads it at every
+  start); a ``ValueError`` lists the differences (before anything compiles)."""
   path = os.path.join(workdir, "config.json")
   if not has_checkpoint or not os.path.exists(path):
     return
@@ -157,11 +159,12 @@ def check_resume(config, workdir: str, has_checkpoint: bool) -> None:
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: cannot read the stored config to resume: {e}") from e
   requested = json.loads(config.to_json_best_effort())
-  diffs = config_differences(stored, requested)
+  diffs = config_differences(stored, requested, fixed)
   if diffs:
     raise ValueError(
       f"workdir {workdir!r} holds a checkpoint of a run with another config; a resume may change "
-      f"only {', '.join(RESUMABLE)}. Differences (stored -> requested): {'; '.join(diffs)}. "
+      f"only {', '.join(k for k in RESUMABLE if k not in fixed)}. Differences "
+      f"(stored -> requested): {'; '.join(diffs)}. "
       "Use a new --workdir (with config.init_from to start from its parameters)"
     )
 

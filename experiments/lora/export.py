@@ -30,16 +30,18 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def export(workdir: str, out: str) -> None:
   config = checkpoint.run_config(workdir)
-  if config.task != "lora":
-    raise ValueError(f"{workdir}/config.json: task={config.task!r}; export reads LoRA runs")
+  if "lora" not in config:
+    raise ValueError(f"{workdir}/config.json has no lora section; export reads LoRA runs")
   restored = trainer.restore(config, workdir)
   task = restored.setup.task
   base = restored.frozen["base"]
   if task.quantize_fmt:
     if task.cfg.init == "pissa":
       raise ValueError("a quantized PiSSA residual has no float form to export")
-    base_config = checkpoint.run_config(task.base_workdir)
-    base = trainer.restore(base_config, task.base_workdir).params
+    if hf.is_folder(task.base_from):
+      base = hf.load_params(task.model, task.base_from)
+    else:
+      base = trainer.restore(checkpoint.run_config(task.base_from), task.base_from).params
   hf.to_pretrained(task.model, base, os.path.join(out, "base"))
   hf.to_peft(
     restored.params,

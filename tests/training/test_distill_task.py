@@ -6,6 +6,7 @@ from flaxseed import training
 from flaxseed.configs import common
 from flaxseed.configs import distill as distill_configs
 from flaxseed.configs import lm
+from flaxseed.configs import lora as lora_configs
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +24,30 @@ def _config(teacher, **overrides):
   return common.override(c, **{"mesh.data": 1, "sample_tokens": 0, **overrides})
 
 
-def test_a_student_equal_to_its_teacher_has_zero_loss_at_alpha_1(tmp_path, teacher, losses):
+@pytest.mark.parametrize("source,lora", [("run", False), ("hf", False), ("run", True)])
+def test_a_student_equal_to_its_teacher_has_zero_loss_at_alpha_1(
+  tmp_path, teacher, losses, source, lora
+):
   """The loop feeds the loss the teacher's weights (every divergence is 0 at equality: see
-  test_losses.py)."""
+  test_losses.py), from a run or a Hugging Face folder; as LoRA adapters on the teacher's weights
+  (fresh adapters change nothing), the teacher is the wrapped task's own frozen entry."""
+  if source == "hf":
+    pytest.importorskip("safetensors")
+    from flaxseed.models import hf  # pylint: disable=g-import-not-at-top
+
+    restored = training.restore(_config(teacher), teacher)
+    hf.to_pretrained(restored.setup.task.model, restored.params, str(tmp_path / "hf"))
+    teacher = str(tmp_path / "hf")
   config = _config(
     teacher,
     steps=1,
     init_from=teacher,
     **{"distill.alpha": 1.0, "distill.temperature": 2.0, "distill.divergence": "jsd"},
   )
-  summary = training.train(config, str(tmp_path))
+  if lora:
+    config.lora = lora_configs.section()
+  summary = training.train(config, str(tmp_path / "run"))
+  tmp_path = tmp_path / "run"
   assert losses(tmp_path)[1] == pytest.approx(0.0, abs=1e-6)
   assert summary["distill/ce"] > 1.0  # the hard term is there, weighted 0
 

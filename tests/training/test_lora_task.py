@@ -15,6 +15,7 @@ from flaxseed import training
 from flaxseed.configs import common
 from flaxseed.configs import lm as lm_configs
 from flaxseed.configs import lora as lora_configs
+from flaxseed.configs import sae as sae_configs
 from flaxseed.models import params as params_lib
 from flaxseed.training import tasks
 from flaxseed.training import trainer
@@ -135,7 +136,18 @@ def test_sharded_mesh_gives_the_same_losses(tmp_path, losses, quant):
     assert mesh[step] == pytest.approx(one[step], rel=1e-5), (step, one, mesh)
 
 
-def test_errors(tmp_path):
+def test_errors(tmp_path, base_run):
+  _, base_dir = base_run
+  with pytest.raises(ValueError, match="base_workdir=.* and config.init_from=.* both name"):
+    tasks.build(_config(**{"lora.base_workdir": base_dir, "init_from": base_dir}))
+  sae = sae_configs.get_config("test")
+  sae.lora = lora_configs.section()
+  with pytest.raises(ValueError, match="config.lora: LoRA adapters train tasks lm, sft, pref"):
+    tasks.build(sae)
+  with pytest.raises(
+    ValueError, match=r"config.init_from=.*do not fit this model: embed/embedding: shape"
+  ):
+    tasks.build(_config(**{"init_from": base_dir, "model.d_model": 48}))
   with pytest.raises(ValueError, match="config.lora: variant='vera'"):
     tasks.build(_config(**{"lora.variant": "vera"}))
   with pytest.raises(ValueError, match="config.lora.quantize='fp8'"):

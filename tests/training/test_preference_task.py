@@ -2,7 +2,10 @@
 
 import json
 import math
+import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +15,7 @@ from flaxseed.configs import lm
 from flaxseed.configs import preference as preference_configs
 from flaxseed.data import preference as preference_data
 from flaxseed.data import tokenizers
+from flaxseed.training import trainer
 
 
 def _write_pairs(path, n=200, seed=0):
@@ -36,6 +40,10 @@ def pairs(tmp_path_factory):
   return _write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
 
 
+def lm_test():
+  return common.override(lm.get_config("test"), **{"mesh.data": 1, "sample_tokens": 0})
+
+
 def _config(pairs, **overrides):
   c = preference_configs.get_config("test")
   c.preference.data = pairs
@@ -53,22 +61,85 @@ def test_dpo_starts_at_log_2_learns_resumes_and_shards_exactly(tmp_path, pairs, 
   assert summary["eval/kl"] > 0
 
 
-def test_the_reference_is_the_init_from_run(tmp_path, pairs, losses):
-  base = tmp_path / "base"
-  training.train(
-    common.override(lm.get_config("test"), **{"mesh.data": 1, "sample_tokens": 0}), str(base)
-  )
-  training.train(_config(pairs, steps=2, init_from=str(base)), str(tmp_path / "dpo"))
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  """A pre-training run of the test model: the policy's (and reference's) ``init_from``."""
+  workdir = tmp_path_factory.mktemp("base")
+  training.train(lm_test(), str(workdir))
+  return str(workdir)
+
+
+def test_the_reference_is_the_init_from_run(tmp_path, pairs, base_run, losses):
+  training.train(_config(pairs, steps=2, init_from=base_run), str(tmp_path / "dpo"))
   # The policy starts from the run's parameters and the reference is loaded from them: log 2.
   assert losses(tmp_path / "dpo")[1] == pytest.approx(math.log(2), abs=1e-6)
+  # The reference is read again at every start: a resume may not point init_from elsewhere.
+  shutil.copytree(base_run, tmp_path / "other")
+  with pytest.raises(ValueError, match=r"init_from: '.*' -> '.*other'"):
+    training.train(
+      _config(pairs, steps=4, init_from=str(tmp_path / "other")), str(tmp_path / "dpo")
+    )
+
+
+def _first_batch(s):
+  train, _ = s.datasets()
+  return {k: jax.device_put(v, s.batch_spec[k].sharding) for k, v in train[0].items()}
+
+
+def test_gradients_reach_the_policy_never_the_reference(pairs):
+  """The loss's gradient with respect to the frozen reference is exactly zero (it is read under
+  ``stop_gradient``, and the loop differentiates only the trainable parameters)."""
+  s = trainer.setup(_config(pairs))
+  with s.context():
+    frozen, params = s.frozen(), s.init().params
+    batch = _first_batch(s)
+    loss = lambda p, f: s.task.loss(p, f, batch, None)[0]  # noqa: E731
+    to_policy, to_reference = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, frozen)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(to_policy)) > 0
+  assert all(not np.asarray(g).any() for g in jax.tree.leaves(to_reference))
+
+
+def test_dpo_on_lora_adapters_keeps_one_frozen_base(tmp_path, pairs, base_run, resume_and_mesh):
+  """``configs/preference.py:test,lora``: only the adapters train; the reference is the frozen
+  base with the initial adapters (no second copy), so DPO starts at log 2; resume and mesh as
+  every task."""
+  config = common.override(
+    preference_configs.get_config("test,lora"),
+    **{
+      "preference.data": pairs,
+      "init_from": base_run,
+      "mesh.data": 1,
+      "sample_tokens": 0,
+      "steps": 6,
+      "checkpoint_every": 3,
+      "optim.decay_steps": 6,
+      "optim.lr": 1e-2,
+    },
+  )
+  s = trainer.setup(config)
+  assert set(s.abstract_frozen) == {"base", "adapters0", "inner"}
+  assert s.abstract_frozen["inner"] == {}  # the reference is not stored again
+  assert {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(s.abstract_state.params)} == {
+    "a",
+    "b",
+  }
+  base_size = sum(x.size for x in jax.tree.leaves(s.abstract_frozen["base"]))
+  want = sum(x.size for x in jax.tree.leaves(trainer.restore(lm_test(), base_run).params))
+  assert base_size == want  # one copy of the base
+  _, whole = resume_and_mesh(config, tmp_path, half=3)
+  assert whole[1] == pytest.approx(math.log(2), abs=1e-6)
+  assert whole[6] < whole[1], whole
+  # The frozen base the run trained against is the init_from run's parameters, untouched.
+  restored = trainer.restore(config, str(tmp_path / "whole"))
+  base_params = trainer.restore(lm_test(), base_run).params
+  for a, b in zip(jax.tree.leaves(restored.frozen["base"]), jax.tree.leaves(base_params)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_a_reference_free_loss_holds_no_frozen_copy(tmp_path, pairs, losses):
   """SimPO (and ORPO) need no reference: the loop runs with empty frozen parameters. The other
   losses differ from DPO only in the formula, tested in test_losses.py."""
   config = _config(pairs, steps=3, **{"preference.loss": "simpo", "preference.beta": 2.0})
-  from flaxseed.training import trainer  # pylint: disable=g-import-not-at-top
-
   assert trainer.setup(config).abstract_frozen == {}
   training.train(config, str(tmp_path))
   assert all(math.isfinite(v) for v in losses(tmp_path).values())

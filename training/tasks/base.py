@@ -12,9 +12,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from flaxseed import models
+from flaxseed.models import hf
+from flaxseed.models import transformer
 from flaxseed.training import checkpoint
+from flaxseed.training import mesh as mesh_lib
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -25,6 +29,14 @@ class Task(abc.ABC):
   """An objective: its model, parameters, loss, evaluation and data."""
 
   model: nn.Module
+
+  # What ``config.init_from`` initializes: the trainable parameters ("params": the loop loads
+  # them on a fresh start) and/or frozen ones ("frozen": the task reads it in ``load_frozen`` at
+  # every start, e.g. a preference reference or a LoRA base, so a resume may not change it).
+  init_from_sets: tuple[str, ...] = ("params",)
+  # Frozen entries that are copies of the initial trainable parameters (a preference reference):
+  # a wrapper that trains adapters serves them from its base instead of storing them twice.
+  policy_copies: tuple[str, ...] = ()
 
   # --- What every task defines. ---
 
@@ -136,3 +148,54 @@ def model_from_run(workdir: str, what: str = "workdir") -> nn.Module:
     return models.build(run.model_family, run.model.to_dict())
   except (TypeError, ValueError) as e:
     raise ValueError(f"{workdir}/config.json: {e}") from e
+
+
+def model_from(path: str, what: str) -> nn.Module:
+  """The model a flaxseed run (see ``model_from_run``) or a Hugging Face folder holds."""
+  if hf.is_folder(path):
+    return transformer.Transformer(hf.model_config(path))
+  return model_from_run(path, what)
+
+
+def abstract_params(model: nn.Module, mesh=None, rules=()):
+  """``model``'s parameters as ``jax.ShapeDtypeStruct``s, in their shardings on ``mesh``."""
+  with nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  values = jax.tree.map(  # unboxed without sharding constraints
+    lambda b: b.value if isinstance(b, nn.LogicallyPartitioned) else b,
+    boxed,
+    is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+  )
+  if mesh is None:
+    return values
+  shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), values, shardings
+  )
+
+
+def check_weights(path: str, model: nn.Module, what: str) -> None:
+  """A ``ValueError`` naming ``what`` unless ``path`` (a run or a Hugging Face folder) holds
+  ``model``'s parameters; reads only metadata, before anything compiles."""
+  if hf.is_folder(path):
+    if not isinstance(model, transformer.Transformer):
+      raise ValueError(
+        f"{what}={path!r} is a Hugging Face folder: it holds a transformer, not a "
+        f"{type(model).__name__}"
+      )
+    hf.check_matches(path, model.config, what)
+  else:
+    checkpoint.check_params_match(path, abstract_params(model), what)
+
+
+def load_params(path: str, model: nn.Module, abstract, what: str):
+  """``(params, where they came from)``: ``model``'s parameters from ``path``, a flaxseed run's
+  latest intact checkpoint or a Hugging Face folder, placed in the shardings of ``abstract``;
+  errors name ``what``."""
+  if hf.is_folder(path):
+    return hf.load_params(model, path, abstract=abstract), "Hugging Face folder"
+  try:
+    params, step = checkpoint.restore_params(path, abstract)
+  except ValueError as e:
+    raise ValueError(f"{what}={path!r}: {e}") from e
+  return params, f"step {step}"

@@ -1,10 +1,11 @@
 """Knowledge distillation of a trained teacher run into a student: ``task="distill"``.
 
 ``config.distill``: ``teacher_workdir`` (a flaxseed run: its ``config.json`` gives the teacher
-model, its latest checkpoint the weights, frozen), ``alpha``, ``temperature``, ``divergence``
-(``forward_kl``, ``reverse_kl`` or ``jsd``), ``beta`` (JSD's mixture weight) and ``top_k`` (0:
-the full vocabulary). The student is ``config.model``, trained on the LM task's data (the same
-corpus rows, packed) with, per target token,
+model, its latest checkpoint the weights, frozen; or a Hugging Face folder: its ``config.json``
+and safetensors, its tokenizer file the tokenizer to share), ``alpha``, ``temperature``,
+``divergence`` (``forward_kl``, ``reverse_kl`` or ``jsd``), ``beta`` (JSD's mixture weight) and
+``top_k`` (0: the full vocabulary). The student is ``config.model``, trained on the LM task's data
+(the same corpus rows, packed) with, per target token,
 ``alpha * T² * D(teacher / T, student / T) + (1 - alpha) * CE(student, target)``
 (``training/losses/distillation.py``). Teacher and student may differ in width and depth but must
 share the tokenizer: a teacher with another ``vocab_size`` or ``data.tokenizer`` is refused
@@ -15,8 +16,11 @@ Logged: ``loss``, ``distill/soft`` (the divergence), ``distill/ce`` (the student
 ``distill/soft``.
 """
 
+import os
+
 import jax.numpy as jnp
 
+from flaxseed.models import hf
 from flaxseed.training import checkpoint
 from flaxseed.training.losses import distillation
 from flaxseed.training.tasks import base
@@ -39,11 +43,15 @@ class DistillTask(lm.LMTask):
     key = "config.distill.teacher_workdir"
     if not options["teacher_workdir"]:
       raise ValueError(f"{key} is empty: the flaxseed run to distill from")
-    teacher = base.model_from_run(options["teacher_workdir"], key)
+    path = options["teacher_workdir"]
+    teacher = base.model_from(path, key)
     model = base.build_model(config)
     teacher_vocab, vocab = teacher.config.vocab_size, model.config.vocab_size
-    teacher_tokenizer = checkpoint.run_config(options["teacher_workdir"]).data.tokenizer
-    if teacher_vocab != vocab or teacher_tokenizer != config.data.tokenizer:
+    if hf.is_folder(path):
+      teacher_tokenizer = hf.tokenizer_file(path)
+    else:
+      teacher_tokenizer = checkpoint.run_config(path).data.tokenizer
+    if teacher_vocab != vocab or not _same_tokenizer(teacher_tokenizer, config.data.tokenizer):
       raise ValueError(
         f"{key}={options['teacher_workdir']!r}: the teacher's vocabulary (vocab_size="
         f"{teacher_vocab}, tokenizer {teacher_tokenizer!r}) is not the student's (vocab_size="
@@ -70,8 +78,11 @@ class DistillTask(lm.LMTask):
     return student, {"teacher": teacher}
 
   def load_frozen(self, abstract_frozen):
-    params, _ = checkpoint.restore_params(
-      self.options["teacher_workdir"], abstract_frozen["teacher"]
+    params, _ = base.load_params(
+      self.options["teacher_workdir"],
+      self.teacher,
+      abstract_frozen["teacher"],
+      "config.distill.teacher_workdir",
     )
     return {"teacher": params}
 
@@ -126,3 +137,16 @@ class DistillTask(lm.LMTask):
   def flops_per_token(self):
     teacher = self.teacher.config.flops_per_token(self.seq_len)
     return self.model.config.flops_per_token(self.seq_len) + teacher / 3  # + a forward pass
+
+
+def _same_tokenizer(a: str | None, b: str) -> bool:
+  """Whether two tokenizer specs (``"byte"`` or files) are one tokenizer: the same spec or two
+  files with the same bytes (an HF folder's ``tokenizer.json`` copied elsewhere). ``a`` is
+  ``None`` for a Hugging Face folder without a tokenizer file (an exported byte-level model):
+  only its vocabulary size can be compared."""
+  if a is None or a == b:
+    return True
+  if not (os.path.isfile(a) and os.path.isfile(b)):
+    return False
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()

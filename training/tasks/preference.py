@@ -6,10 +6,13 @@ unpaired ``{prompt, completion, label}``), ``loss`` (a key of
 ``gamma_beta_ratio``, ``orpo_lambda``, ``desirable_weight`` and ``undesirable_weight`` (KTO),
 ``eos_id`` (appended to every completion when set) and ``pad_id``.
 
-The policy starts from ``config.init_from`` (a pre-training or SFT run; without it, from a fresh
-init, for tests). The reference is the frozen copy of the same parameters: loaded from
-``init_from`` by ``load_frozen`` (or, without ``init_from``, initialized from the same rng as the
-policy, so the two start equal). Losses without a reference (SimPO, ORPO) hold no frozen copy.
+The policy starts from ``config.init_from`` (a pre-training or SFT run, or a Hugging Face folder;
+without it, from a fresh init, for tests). The reference is the frozen copy of the same
+parameters: loaded from ``init_from`` by ``load_frozen`` at every start, so a resume may not change
+``init_from`` (or, without ``init_from``, initialized from the same rng as the policy, so the two
+start equal). Losses without a reference (SimPO, ORPO) hold no frozen copy. With a
+``config.lora`` section the adapters train and the reference is the frozen base with the initial
+adapters (``training/tasks/lora.py``): one copy of the weights in memory.
 
 A batch is ``tokens [B, 2, seq_len + 1]`` (chosen, rejected) with ``mask`` on the completions;
 one forward pass of the policy (and one of the reference) over the ``2B`` rows gives the summed
@@ -28,7 +31,6 @@ import jax.numpy as jnp
 from flaxseed.data import pipeline
 from flaxseed.data import preference as preference_data
 from flaxseed.data import tokenizers
-from flaxseed.training import checkpoint
 from flaxseed.training.losses import distillation
 from flaxseed.training.losses import preference as losses
 from flaxseed.training.tasks import base
@@ -52,6 +54,9 @@ class PreferenceTask(lm.LMTask):
     self.kto = self.loss_name == "kto"
     self.needs_reference = self.kto or losses.NEEDS_REFERENCE[self.loss_name]
     self.init_from = init_from
+    if self.needs_reference:  # the reference is init_from's parameters, read at every start
+      self.init_from_sets = ("params", "frozen")
+      self.policy_copies = ("reference",)
 
   @classmethod
   def from_config(cls, config) -> "PreferenceTask":
@@ -126,7 +131,9 @@ class PreferenceTask(lm.LMTask):
   def load_frozen(self, abstract_frozen):
     if not (self.needs_reference and self.init_from):
       return None  # no reference, or the fresh init's twin of the policy
-    params, _ = checkpoint.restore_params(self.init_from, abstract_frozen["reference"])
+    params, _ = base.load_params(
+      self.init_from, self.model, abstract_frozen["reference"], "config.init_from"
+    )
     return {"reference": params}
 
   def _forward(self, params, batch):
