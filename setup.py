@@ -36,6 +36,7 @@ setuptools.setup(
       "jax[tpu]>=0.10.2",
       "tokenizers>=0.20",
       "sentencepiece>=0.2",
+      "jinja2>=3.1",
       "matplotlib>=3.8",
       "safetensors>=0.4",
     ],
@@ -43,8 +44,9 @@ setuptools.setup(
     "lint": ["ruff>=0.15"],
     # libtpu: compiles for any TPU topology on a machine without a TPU (experiments/aot.py).
     "tpu": ["jax[tpu]>=0.10.2"],
-    # Local tokenizers: tokenizer.json (Hugging Face tokenizers) and SentencePiece models.
-    "tokenizers": ["tokenizers>=0.20", "sentencepiece>=0.2"],
+    # Local tokenizers: tokenizer.json (Hugging Face tokenizers) and SentencePiece models;
+    # jinja2 renders a tokenizer folder's chat template (data/chat.py), as transformers does.
+    "tokenizers": ["tokenizers>=0.20", "sentencepiece>=0.2", "jinja2>=3.1"],
     # Hugging Face checkpoints and peft adapters (models/hf.py, hf.to_peft): the
     # safetensors file format.
     "hf": ["safetensors>=0.4"],

@@ -5,7 +5,9 @@
         --config.init_from=/tmp/lm --config.sft.data='/tmp/chats/*.jsonl'
 
 JSONL lines are ``{"messages": [{"role", "content"}, ...]}`` or ``{"prompt", "response"}``,
-rendered with the built-in template of ``data/chat.py`` and packed several to a row; the loss is
+rendered with a chat template (``config.sft.chat_template``: by default the tokenizer folder's
+Hugging Face template where it has one, else the built-in one of ``data/chat.py``; the
+``sample_prompt`` is the built-in's) and packed several to a row; the loss is
 on the assistant's tokens only. The model section must be the ``init_from`` run's (checked before
 compiling). Variants: ``tiny`` (``configs/lm.py:tiny``'s model) and ``test``.
 """
@@ -27,7 +29,7 @@ def get_config(arg: str = "tiny"):
     c.seq_len = 128  # the template alone takes 32 bytes per exchange
   c.optim.update(lr=1e-3 if arg == "tiny" else 3e-3, warmup_steps=20 if arg == "tiny" else 2)
   c.sample_prompt = "<|user|>\nHello\n<|assistant|>\n"
-  c.sft = ml_collections.ConfigDict(dict(data="", pad_id=0))
+  c.sft = ml_collections.ConfigDict(dict(data="", chat_template="", pad_id=0))
   if "lora" in options:  # adapters over the frozen init_from (training/tasks/lora.py)
     c.lora = lora.section()
   return c

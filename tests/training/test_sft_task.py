@@ -131,6 +131,94 @@ def test_sft_from_a_run_or_hf_folder_resumes_and_shards_exactly(
     )
 
 
+CHATML = (
+  "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _hf_tokenizer(folder, template=CHATML):
+  """A byte-level BPE ``tokenizer.json`` with ChatML's special tokens, and a
+  ``tokenizer_config.json`` holding ``template``."""
+  pytest.importorskip("tokenizers")
+  pytest.importorskip("jinja2")
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  from tokenizers import models  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import trainers  # pylint: disable=g-import-not-at-top
+
+  folder.mkdir()
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  specials = ["<s>", "<|im_start|>", "<|im_end|>"]
+  tok.train_from_iterator(
+    ["system user assistant math add more hi"] * 20,
+    trainers.BpeTrainer(vocab_size=300, special_tokens=specials),
+  )
+  tok.save(str(folder / "tokenizer.json"))
+  config = {"bos_token": "<s>", "eos_token": {"content": "<|im_end|>"}, "chat_template": template}
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  return str(folder / "tokenizer.json"), tok
+
+
+def test_a_hugging_face_chat_template_masks_the_assistant_turns(tmp_path):
+  """The folder's ChatML template: the text is the template's, each assistant turn's content and
+  end of turn are learned, the rest (including the generation prompt) is not; hand-split."""
+  path, raw = _hf_tokenizer(tmp_path / "tok")
+  template = chat.load_template("", path)  # "": the tokenizer folder's own
+  assert isinstance(template, chat.JinjaTemplate)
+  messages = [
+    {"role": "system", "content": "math"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "add"},
+    {"role": "user", "content": "more"},
+    {"role": "assistant", "content": "more math"},
+  ]
+  pieces = [
+    ("<s><|im_start|>system\nmath<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n", 0),
+    ("<|im_start|>assistant\n", 0),
+    ("add<|im_end|>\n", 1),
+    ("<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n", 0),
+    ("more math<|im_end|>\n", 1),
+  ]
+  assert template.render(messages, add_generation_prompt=False) == "".join(t for t, _ in pieces)
+  want_tokens = [raw.encode(t, add_special_tokens=False).ids for t, _ in pieces]
+  tokens, mask = chat.render(messages, tokenizers.load(path), template)
+  np.testing.assert_array_equal(tokens, np.concatenate(want_tokens))
+  np.testing.assert_array_equal(
+    mask, np.concatenate([[m] * len(t) for t, (_, m) in zip(want_tokens, pieces)])
+  )
+  assert raw.token_to_id("<|im_end|>") in tokens[mask == 1]  # a special token, one id
+  # The loop: config.sft.chat_template="" picks the folder's template for config.data.tokenizer.
+  c = _config("unused", **{"data.tokenizer": path, "model.vocab_size": 300})
+  assert tasks.build(c).template.name.endswith("tokenizer_config.json")
+  assert (
+    tasks.build(common.override(c, **{"sft.chat_template": "builtin"})).template is chat.BUILTIN
+  )
+
+
+def test_bad_chat_templates_are_named(tmp_path):
+  path, _ = _hf_tokenizer(tmp_path / "tok")
+  # A template that rewrites earlier turns (here: only the last message keeps its content).
+  rewriting = "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% endif %}{% endfor %}"
+  (tmp_path / "rewrite.jinja").write_text(rewriting)
+  template = chat.load_template(str(tmp_path / "rewrite.jinja"), path)
+  conv = [{"prompt": "hi", "response": "add"}]
+  with pytest.raises(ValueError, match=r"c.jsonl:1: chat template .*rewrite.jinja.*prefixes"):
+    chat.chat_rows(_write(tmp_path / "c.jsonl", conv), tokenizers.load(path), 64, template=template)
+  strict = "{{ raise_exception('roles must alternate') }}"
+  (tmp_path / "strict.jinja").write_text(strict)
+  template = chat.load_template(str(tmp_path / "strict.jinja"), path)
+  with pytest.raises(ValueError, match=r"c.jsonl:1: chat template .*strict.jinja: roles must"):
+    chat.chat_rows(str(tmp_path / "c.jsonl"), tokenizers.load(path), 64, template=template)
+  with pytest.raises(ValueError, match=r"config.sft.chat_template='/nope.jinja': no such file"):
+    chat.load_template("/nope.jinja", path)
+  (tmp_path / "broken.jinja").write_text("{% for %}")
+  with pytest.raises(ValueError, match=r"broken.jinja: not a valid Jinja chat template"):
+    chat.load_template(str(tmp_path / "broken.jinja"), path)
+  assert chat.load_template("", "byte") is chat.BUILTIN
+
+
 def test_bad_conversations_are_named_and_long_ones_counted(tmp_path):
   bad = _write(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"messages": []}])
   with pytest.raises(ValueError, match=rf"config.sft.data: {bad}:2: 'messages' must be"):

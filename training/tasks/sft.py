@@ -1,6 +1,9 @@
 """Chat supervised fine-tuning of a causal LM: ``task="sft"``.
 
-``config.sft``: ``data`` (a glob of JSONL conversations, ``data/chat.py``) and ``pad_id``. The
+``config.sft``: ``data`` (a glob of JSONL conversations, ``data/chat.py``), ``chat_template``
+(``""``: the tokenizer folder's Hugging Face template where it has one, else the built-in;
+``"builtin"``; or a ``.jinja`` / ``tokenizer_config.json`` path: ``chat.load_template``) and
+``pad_id``. The
 model starts from ``config.init_from`` (a pre-training run) and learns the assistant's turns: the
 LM task's next-token loss, weighted by ``loss_mask`` (the assistant's content and its end marker)
 on packed rows whose ``segment_ids`` keep conversations apart. It reports ``loss`` and
@@ -8,6 +11,7 @@ on packed rows whose ``segment_ids`` keep conversations apart. It reports ``loss
 The masked-diffusion LM has its own SFT (``task="diffusion"`` with ``config.diffusion.sft_data``).
 """
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -21,9 +25,10 @@ from flaxseed.training.tasks import lm
 class SFTTask(lm.LMTask):
   """The LM task on packed chat rows, with the loss on the assistant's tokens only."""
 
-  def __init__(self, model, *, seq_len, data_config, options: dict):
+  def __init__(self, model, *, seq_len, data_config, options: dict, template=chat.BUILTIN):
     super().__init__(model, seq_len=seq_len, data_config=data_config)
     self.options = options
+    self.template = template
 
   @classmethod
   def from_config(cls, config) -> "SFTTask":
@@ -37,7 +42,10 @@ class SFTTask(lm.LMTask):
       raise ValueError(
         f"config.sft.pad_id={options['pad_id']} is outside [0, {model.config.vocab_size})"
       )
-    return cls(model, seq_len=config.seq_len, data_config=config.data, options=options)
+    template = chat.load_template(options["chat_template"], config.data.tokenizer)
+    return cls(
+      model, seq_len=config.seq_len, data_config=config.data, options=options, template=template
+    )
 
   @property
   def tokenizer(self):
@@ -54,7 +62,12 @@ class SFTTask(lm.LMTask):
 
   def datasets(self, **batching):
     train, evaluation, skipped = chat.chat_rows(
-      self.options["data"], self.tokenizer, self.seq_len, pad_id=self.options["pad_id"]
+      self.options["data"],
+      self.tokenizer,
+      self.seq_len,
+      pad_id=self.options["pad_id"],
+      template=self.template,
     )
+    logging.info("config.sft.data rendered with the %s chat template", self.template.name)
     skipped.warn("config.sft.data", self.seq_len + 1)
     return pipeline.train_and_eval(train, evaluation, row_len=self.seq_len + 1, **batching)
