@@ -9,6 +9,9 @@ as an LM run, on ``alpha * T² * D(teacher/T, student/T) + (1 - alpha) * CE``
 (``training/tasks/distill.py``). ``--config.distill.divergence=reverse_kl|jsd``,
 ``--config.distill.top_k=8`` (the teacher's top 8 tokens only). Defaults: ``alpha=0.5``,
 ``temperature=1.0`` (MaxText's; tunix uses 2.0), forward KL. Variants: ``tiny``, ``test``.
+
+``configs/distill.py:tiny,lora`` trains LoRA adapters over a frozen student base
+(``config.init_from``).
 """
 
 import ml_collections

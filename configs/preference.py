@@ -14,6 +14,10 @@ section must be the ``init_from`` run's (checked before compiling). Variants: ``
 
 Defaults follow TRL's DPO: β = 0.1, sigmoid loss, no label smoothing; Adam without weight decay at
 a learning rate far below pre-training's (preference optimization forgets quickly at high ones).
+
+``--config.preference.precompute_reference=True`` computes the reference's log-probs once
+before training instead of holding it. ``configs/preference.py:tiny,lora`` trains LoRA adapters
+over the frozen ``init_from`` (the reference is that base: one copy of the weights).
 """
 
 import ml_collections
@@ -41,6 +45,7 @@ def get_config(arg: str = "tiny"):
       orpo_lambda=0.1,
       desirable_weight=1.0,  # KTO
       undesirable_weight=1.0,  # KTO
+      precompute_reference=False,  # the reference's log-probs once, before training
       eos_id=config_dict.placeholder(int),
       pad_id=0,
     )

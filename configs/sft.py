@@ -10,6 +10,8 @@ Hugging Face template where it has one, else the built-in one of ``data/chat.py`
 ``sample_prompt`` is the built-in's) and packed several to a row; the loss is
 on the assistant's tokens only. The model section must be the ``init_from`` run's (checked before
 compiling). Variants: ``tiny`` (``configs/lm.py:tiny``'s model) and ``test``.
+
+``configs/sft.py:tiny,lora`` trains LoRA adapters over the frozen ``init_from``.
 """
 
 import ml_collections

@@ -81,6 +81,33 @@ def test_the_reference_is_the_init_from_run(tmp_path, pairs, base_run, losses):
     )
 
 
+def test_precomputed_reference_logps_give_the_frozen_references_losses(
+  tmp_path, pairs, base_run, losses
+):
+  """``precompute_reference``: no reference in memory, the same losses (the reference's log-probs
+  computed once, here on the 2 x 2 x 2 mesh, against the frozen reference on one device)."""
+  run = {"steps": 3, "init_from": base_run}
+  training.train(_config(pairs, **run), str(tmp_path / "frozen"))
+  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  config = _config(pairs, **run, **mesh, **{"preference.precompute_reference": True})
+  assert trainer.setup(config).abstract_frozen == {}
+  training.train(config, str(tmp_path / "precomputed"))
+  want, got = losses(tmp_path / "frozen"), losses(tmp_path / "precomputed")
+  assert got[1] == pytest.approx(math.log(2), abs=1e-6)
+  assert list(got) == list(want)
+  for step in want:
+    assert got[step] == pytest.approx(want[step], abs=1e-5), (want, got)
+  with pytest.raises(ValueError, match=r"precompute_reference: loss 'simpo' has no reference"):
+    training.train(
+      _config(
+        pairs, **{**run, "preference.loss": "simpo", "preference.precompute_reference": True}
+      ),
+      str(tmp_path / "a"),
+    )
+  with pytest.raises(ValueError, match=r"precompute_reference needs config.init_from"):
+    training.train(_config(pairs, **{"preference.precompute_reference": True}), str(tmp_path / "b"))
+
+
 def _first_batch(s):
   train, _ = s.datasets()
   return {k: jax.device_put(v, s.batch_spec[k].sharding) for k, v in train[0].items()}
