@@ -397,16 +397,12 @@ def _check_hf_init(s: Setup, folder: str) -> None:
   model = s.task.model
   if not isinstance(model, transformer.Transformer) or jax.tree.structure(
     s.abstract_state.params
-  ) != jax.tree.structure(nn.unbox(_hf_abstract(model))):
+  ) != jax.tree.structure(tasks_lib.abstract_params(model)):
     raise ValueError(
       f"config.init_from={folder!r} is a Hugging Face folder: it can initialize a task whose "
       f"trainable parameters are a transformer's (task {s.config.task!r} trains others)"
     )
   hf.check_matches(folder, model.config, "config.init_from")
-
-
-def _hf_abstract(model):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def _init_params(s: Setup, path: str):

@@ -7,6 +7,7 @@ LoRA adapters instead of its parameters (``lora.py``).
 """
 
 from flaxseed.training.tasks.base import Task
+from flaxseed.training.tasks.base import abstract_params
 from flaxseed.training.tasks.base import build_model
 from flaxseed.training.tasks.base import load_params
 from flaxseed.training.tasks.base import model_from_run
