@@ -8,6 +8,21 @@ different lengths (the transformer) are left-padded into one batch: pads get seg
 no real token attends to, and positions count from each row's first real token, so every row
 continues exactly as it would alone. The decode step is one compiled ``lax.while_loop`` body (no
 recompilation per token) that stops early once every row has emitted a stop token.
+
+Two hooks change what is generated without touching the model:
+
+- ``logits_processors``: each ``fn(logits_BV, tokens_BT, length) -> logits_BV`` sees the raw
+  next-token logits, the token buffer ``[B, P + max_new_tokens]`` (the left-padded
+  prompts, the tokens chosen so far, ``pad_token`` after) and ``length``, the index of the token
+  being chosen (``tokens_BT[:, :length]`` is each row's context). Processors run in order, before
+  temperature, top-k and top-p (a watermark's bias, ``models/watermark.py``).
+- ``interventions``: ``(site, fn)`` or ``(site, fn, args)``: at every forward (the prompt's and
+  each decode step's), the activation ``x`` at ``site`` (``models/sites.py``) becomes ``fn(x)``
+  or ``fn(x, args)``; ``args`` is a pytree passed to the compiled loop as data (a steering
+  vector and its coefficient), so changing it does not recompile.
+
+Processors and intervention functions are part of the compiled program's key: pass the same
+objects (or equal frozen dataclasses) to reuse it.
 """
 
 import functools
@@ -18,6 +33,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flaxseed.models import sites as sites_lib
 
 
 def init_cache(model, batch_size: int, max_len: int):
@@ -104,6 +121,8 @@ def generate(
   stop_tokens: Sequence[int] = (),
   pad_token: int = 0,
   rng=None,
+  logits_processors: Sequence = (),
+  interventions: Sequence = (),
 ):
   """Continues every prompt by up to ``max_new_tokens`` tokens.
 
@@ -113,6 +132,7 @@ def generate(
     temperature: 0 for greedy decoding.
     top_k, top_p: restrict sampling to the k most likely tokens, then to the nucleus of mass p.
     stop_tokens: a row that emits one of these keeps it and is then filled with ``pad_token``.
+    logits_processors, interventions: the hooks of the module docstring.
 
   Returns ``[B, P + max_new_tokens]`` int32: the (left-padded) prompts followed by the samples.
   Token ids that are not integers or lie outside the model's vocabulary, and NaN or infinite
@@ -145,6 +165,22 @@ def generate(
   if any(not 0 <= t < vocab for t in stop):
     raise ValueError(f"stop_tokens {stop} has ids outside [0, {vocab})")
   rng = jax.random.key(0) if rng is None else rng
+  processors = tuple(logits_processors)
+  for i, fn in enumerate(processors):
+    if not callable(fn):
+      raise ValueError(f"logits_processors[{i}] is not callable: {fn!r}")
+  hooks, hook_args = [], []
+  for i, entry in enumerate(interventions):
+    if not (isinstance(entry, tuple) and len(entry) in (2, 3) and isinstance(entry[0], str)):
+      raise ValueError(f"interventions[{i}] must be (site, fn) or (site, fn, args), got {entry!r}")
+    if not callable(entry[1]):
+      raise ValueError(f"interventions[{i}]: {entry[1]!r} is not callable")
+    hooks.append((entry[0], entry[1], len(entry) == 3))
+    hook_args.append(entry[2] if len(entry) == 3 else None)
+  if hooks:
+    sites_lib.check_unscanned(model, f"interventions at {[h[0] for h in hooks]}")
+    if len({sites_lib.resolve(h[0]) for h in hooks}) < len(hooks):
+      raise ValueError(f"interventions: two at one site ({[h[0] for h in hooks]})")
   return _generate(
     model,
     params,
@@ -158,6 +194,9 @@ def generate(
     stop=stop,
     pad_token=int(pad_token),
     padded=bool(pads.any()),
+    processors=processors,
+    hooks=tuple(hooks),
+    hook_args=tuple(hook_args),
   )
 
 
@@ -172,6 +211,8 @@ def generate(
     "stop",
     "pad_token",
     "padded",
+    "processors",
+    "hooks",
   ),
 )
 def _generate(
@@ -188,6 +229,9 @@ def _generate(
   stop,
   pad_token,
   padded,
+  processors=(),
+  hooks=(),
+  hook_args=(),
 ):
   batch, prompt_len = prompt_BP.shape
   cache = init_cache(model, batch, prompt_len + max_new_tokens)
@@ -200,17 +244,41 @@ def _generate(
       "segment_ids": (idx_BP >= pads_B[:, None]).astype(jnp.int32),
       "positions": jnp.maximum(idx_BP - pads_B[:, None], 0),
     }
-  logits, variables = model.apply(
-    {"params": params, "cache": cache}, prompt_BP, decode=True, mutable=["cache"], **extra
-  )
+  interventions = {
+    site: (lambda x, fn=fn, a=a: fn(x, a)) if takes_args else fn
+    for (site, fn, takes_args), a in zip(hooks, hook_args)
+  }
+
+  def apply(cache, tokens, **kwargs):
+    """The last position's logits and the cache, with the interventions in place."""
+    run = functools.partial(
+      model.apply, {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
+    )
+    if not interventions:
+      logits, variables = run(**kwargs)
+    else:
+      with sites_lib.Interventions(interventions) as record:
+        logits, variables = run(**kwargs)
+      record.check()  # at trace time: a site the model does not have is an error
+    return logits[:, -1], variables["cache"]
+
+  def process(logits_BV, out_BN, length):
+    tokens_BT = jnp.concatenate([prompt_BP, out_BN], axis=1)
+    for fn in processors:
+      logits_BV = fn(logits_BV, tokens_BT, length)
+    return logits_BV
+
+  last, cache = apply(cache, prompt_BP, **extra)
   stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)
 
   def finish(token_B, done_B):
     token_B = jnp.where(done_B, pad_token, token_B)
     return token_B, done_B | jnp.isin(token_B, stop_arr)
 
-  first, done = finish(sample(logits[:, -1], jax.random.fold_in(rng, 0)), jnp.zeros((batch,), bool))
-  out_BN = jnp.full((batch, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(first)
+  out_BN = jnp.full((batch, max_new_tokens), pad_token, jnp.int32)
+  last = process(last, out_BN, prompt_len)
+  first, done = finish(sample(last, jax.random.fold_in(rng, 0)), jnp.zeros((batch,), bool))
+  out_BN = out_BN.at[:, 0].set(first)
 
   def cond(carry):
     i, _, done_B, _, _ = carry
@@ -219,18 +287,11 @@ def _generate(
   def body(carry):
     i, token_B, done_B, out_BN, cache = carry
     step_extra = {"positions": (lengths_B + i - 1)[:, None]} if padded else {}
-    logits, variables = model.apply(
-      {"params": params, "cache": cache},
-      token_B[:, None],
-      decode=True,
-      mutable=["cache"],
-      **step_extra,
-    )
-    next_B, done_B = finish(sample(logits[:, -1], jax.random.fold_in(rng, i)), done_B)
+    last, cache = apply(cache, token_B[:, None], **step_extra)
+    last = process(last, out_BN, prompt_len + i)
+    next_B, done_B = finish(sample(last, jax.random.fold_in(rng, i)), done_B)
     out_BN = jax.lax.dynamic_update_slice(out_BN, next_B[:, None], (0, i))
-    return i + 1, next_B, done_B, out_BN, variables["cache"]
+    return i + 1, next_B, done_B, out_BN, cache
 
-  _, _, _, out_BN, _ = jax.lax.while_loop(
-    cond, body, (jnp.int32(1), first, done, out_BN, variables["cache"])
-  )
+  _, _, _, out_BN, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, done, out_BN, cache))
   return jnp.concatenate([prompt_BP, out_BN], axis=1)

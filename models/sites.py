@@ -30,37 +30,67 @@ def resolve(site: str) -> tuple[str, ...]:
   return parts
 
 
-def run(model, variables, tokens, site: str, replace=lambda x: x, **kwargs):
-  """``(output, activation)``: the model's output with ``replace(activation)`` in place of the
-  activation at ``site``, and the activation itself (one forward for both)."""
+def check_unscanned(model, what: str) -> None:
+  """A ``ValueError`` naming ``what`` if ``model`` scans its layers (no per-layer sites)."""
   if getattr(model.config, "scan_layers", False):
     raise ValueError(
-      f"site {site!r}: the model scans its layers (config.scan_layers=True); "
+      f"{what}: the model scans its layers (config.scan_layers=True); "
       "activation sites need scan_layers=False"
     )
-  path, seen, hits = resolve(site), [], []
 
-  def interceptor(next_fun, args, kw, context):
+
+class Interventions:
+  """``with Interventions({site: fn, ...}) as record:`` replaces each site's activation ``x``
+  with ``fn(x)`` in every ``apply`` of a zoo model inside the block (a prompt's forward and each
+  decode step alike), and records each site's activations in ``record.hits[site]``. ``check()``
+  raises a ``ValueError`` listing the sites the model has when one of ``sites`` was never
+  reached (e.g. misspelled); call it after an ``apply``."""
+
+  def __init__(self, sites: dict):
+    self.fns = {resolve(site): fn for site, fn in sites.items()}
+    self.names = {resolve(site): site for site in sites}
+    self.hits = {site: [] for site in sites}
+    self.seen = set()
+    self._ctx = None
+
+  def _interceptor(self, next_fun, args, kw, context):
     out = next_fun(*args, **kw)
     if context.method_name != "__call__":
       return out
     here = tuple(context.module.path)
-    seen.append("/".join(here))
-    if here != path:
+    self.seen.add("/".join(here))
+    if here not in self.fns:
       return out
     first = out[0] if isinstance(out, tuple) else out
-    hits.append(first)
-    new = replace(first)
+    self.hits[self.names[here]].append(first)
+    new = self.fns[here](first)
     return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
-  with nn.intercept_methods(interceptor):
+  def __enter__(self):
+    self._ctx = nn.intercept_methods(self._interceptor)
+    self._ctx.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return self._ctx.__exit__(*exc)
+
+  def check(self) -> None:
+    for path, site in self.names.items():
+      if not self.hits[site]:
+        raise ValueError(
+          f"site {site!r} (path {'/'.join(path)!r}) is not a submodule this model "
+          f"calls; sites: {sorted(s for s in self.seen if s)}"
+        )
+
+
+def run(model, variables, tokens, site: str, replace=lambda x: x, **kwargs):
+  """``(output, activation)``: the model's output with ``replace(activation)`` in place of the
+  activation at ``site``, and the activation itself (one forward for both)."""
+  check_unscanned(model, f"site {site!r}")
+  with Interventions({site: replace}) as record:
     logits = model.apply(variables, tokens, **kwargs)
-  if not hits:
-    raise ValueError(
-      f"site {site!r} (path {'/'.join(path)!r}) is not a submodule this model "
-      f"calls; sites: {sorted(set(s for s in seen if s))}"
-    )
-  return logits, hits[0]
+  record.check()
+  return logits, record.hits[site][0]
 
 
 def capture(model, variables, tokens, site: str, **kwargs):

@@ -1,0 +1,178 @@
+"""Watermarks for generated text: bias sampling by a keyed pseudo-random rule, detect it by a test.
+
+**KGW** (Kirchenbauer et al. 2023, "A Watermark for Large Language Models"): before each token,
+a keyed hash of the last ``context_width`` tokens splits the vocabulary into a green fraction
+``gamma`` and the rest; generation adds ``delta`` to the green logits. Text written without the
+key is green at rate ``gamma``; watermarked text more often, and the one-sided z test
+
+    z = (G - gamma T) / sqrt(T gamma (1 - gamma))
+
+on ``T`` scored tokens of which ``G`` are green detects it with a known false-positive rate under
+the null (``p = P(N(0, 1) > z)``). Repeated ``(context, token)`` n-grams are scored once (a
+repeated phrase is not fresh evidence; without it the test's errors do not vanish with length).
+
+    wm = watermark.KGW(vocab_size=256, key=42)
+    out = models.generate(model, params, prompts, max_new_tokens=256, logits_processors=[wm])
+    wm.detect(out[0], start=prompt_len)     # {"z", "p_value", "green", "scored"}
+
+One frozen config object is the generator (``wm`` as a logits processor) and the detector
+(``wm.detect``), so the two cannot disagree (a mismatched gamma or delta between them is a known
+failure elsewhere); ``detect(..., generated_with=wm.to_dict())`` refuses a config that differs
+from the one recorded with the text.
+
+The green rule is this module's own, in the spirit of lm-watermarking's defaults (``gamma=0.25``,
+``delta=2``, ``context_width=4`` with self-hash seeding), not bit-compatible with it:
+
+- ``self_hash=True``: candidate ``v`` after context ``c_1..c_h`` has seed
+  ``min_j H(key, c_j, v)`` (a min-hash of the context anchored at the candidate itself, robust to
+  an edit of one context token) and is green when ``H(key, seed, v) / 2^32 < gamma``;
+- ``self_hash=False``: the seed is ``min_j H(key, c_j)``, one per position.
+
+Each token is green with probability ``gamma`` (a keyed hash, not a permutation of exactly
+``gamma V`` tokens), so a scored token of text independent of the key is Bernoulli(gamma). The
+context before the first token is a sentinel (-1), the same at generation and detection.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NONE = -1  # the token before the start of a sequence
+
+
+def _fmix(h):
+  """MurmurHash3's 32-bit finalizer: every input bit affects every output bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hash_u32(*values):
+  """A keyed-hash building block: ``values`` (int arrays, broadcast together) -> uint32."""
+  h = jnp.uint32(0x9E3779B9)
+  for v in values:
+    v = np.uint32(v) if isinstance(v, int) else jnp.asarray(v).astype(jnp.uint32)
+    h = _fmix(h ^ (v * jnp.uint32(0xCC9E2D51)))
+  return h
+
+
+@dataclasses.dataclass(frozen=True)
+class KGW:
+  """The KGW green-list watermark (module docstring): a logits processor and its detector."""
+
+  vocab_size: int
+  key: int = 15485863
+  gamma: float = 0.25
+  delta: float = 2.0
+  context_width: int = 4
+  self_hash: bool = True
+
+  def __post_init__(self):
+    if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
+      raise ValueError(f"KGW vocab_size={self.vocab_size!r} must be an integer >= 2")
+    if not (isinstance(self.key, int) and 0 <= self.key < 2**32):
+      raise ValueError(f"KGW key={self.key!r} must be an integer in [0, 2^32)")
+    if not 0 < self.gamma < 1:  # NaN fails too
+      raise ValueError(f"KGW gamma={self.gamma} must be in (0, 1)")
+    if not (math.isfinite(self.delta) and self.delta >= 0):
+      raise ValueError(f"KGW delta={self.delta} must be >= 0 and finite")
+    if not (isinstance(self.context_width, int) and self.context_width >= 1):
+      raise ValueError(f"KGW context_width={self.context_width!r} must be an integer >= 1")
+
+  # --- The green rule. ---
+
+  def green(self, context_BH, candidates_BV):
+    """Whether each candidate is green after its row's context: ``context_BH`` (the last
+    ``context_width`` tokens, -1 before the start) and candidates ``[B, N]`` -> bool ``[B, N]``."""
+    c = context_BH[:, :, None]  # [B, H, 1]
+    v = candidates_BV[:, None, :]  # [B, 1, N]
+    if self.self_hash:
+      seed = jnp.min(hash_u32(self.key, c, v), axis=1)  # [B, N]
+    else:
+      seed = jnp.min(hash_u32(self.key, c), axis=1)  # [B, 1]
+    threshold = jnp.uint32(min(int(self.gamma * 2**32), 2**32 - 1))
+    return hash_u32(self.key, seed, candidates_BV) < threshold
+
+  def _contexts(self, tokens_BT, positions_BN):
+    """The ``context_width`` tokens before each position: ``[B, N, H]`` (-1 before the start)."""
+    idx = positions_BN[..., None] - self.context_width + jnp.arange(self.context_width)[None, None]
+    taken = jnp.take_along_axis(
+      tokens_BT[:, None, :], jnp.clip(idx, 0, tokens_BT.shape[1] - 1), axis=2
+    )
+    return jnp.where(idx >= 0, taken, _NONE)
+
+  # --- Generation: a logits processor (models/sampling.py). ---
+
+  def __call__(self, logits_BV, tokens_BT, length):
+    if logits_BV.shape[-1] != self.vocab_size:
+      raise ValueError(
+        f"KGW vocab_size={self.vocab_size} but the model's logits have {logits_BV.shape[-1]}"
+      )
+    batch = tokens_BT.shape[0]
+    context = self._contexts(tokens_BT, jnp.full((batch, 1), length))[:, 0]  # [B, H]
+    vocab = jnp.broadcast_to(jnp.arange(self.vocab_size), (batch, self.vocab_size))
+    bias = self.delta * self.green(context, vocab).astype(logits_BV.dtype)
+    return logits_BV + bias
+
+  # --- Detection. ---
+
+  def to_dict(self) -> dict:
+    """The config as a dict, to record with generated text (``detect(generated_with=...)``)."""
+    return dataclasses.asdict(self)
+
+  def greens(self, tokens, start: int = 0) -> np.ndarray:
+    """Whether each token of ``tokens[start:]`` is green given what precedes it (bool ``[T]``)."""
+    tokens = _check_tokens(tokens, self.vocab_size)
+    positions = np.arange(start, len(tokens))
+    return np.asarray(_greens(self, jnp.asarray(tokens, jnp.int32)[None], positions[None]))[0]
+
+  def detect(self, tokens, *, start: int = 0, generated_with: dict | None = None) -> dict:
+    """The z test on ``tokens[start:]`` (``tokens[:start]``, e.g. the prompt, serve only as
+    context): ``{"z", "p_value", "green", "scored"}``, each distinct ``(context, token)`` n-gram
+    scored once. ``generated_with``: the generator's ``to_dict()``, checked against this one."""
+    if generated_with is not None and generated_with != self.to_dict():
+      diffs = [
+        f"{k}: generated with {generated_with.get(k)!r}, detecting with {v!r}"
+        for k, v in self.to_dict().items()
+        if generated_with.get(k) != v
+      ]
+      raise ValueError(f"the detector's KGW config differs from the generator's: {diffs}")
+    tokens = _check_tokens(tokens, self.vocab_size)
+    if not 0 <= start <= len(tokens):
+      raise ValueError(f"start={start} is outside [0, {len(tokens)}]")
+    greens = self.greens(tokens, start)
+    padded = np.concatenate([np.full(self.context_width, _NONE), tokens])
+    grams = np.stack(
+      [padded[i : i + self.context_width + 1] for i in range(start, len(tokens))]
+    ).reshape(-1, self.context_width + 1)
+    _, first = np.unique(grams, axis=0, return_index=True)
+    scored, green = len(first), int(greens[first].sum())
+    if scored == 0:
+      return {"z": 0.0, "p_value": 1.0, "green": 0, "scored": 0}
+    z = (green - self.gamma * scored) / math.sqrt(scored * self.gamma * (1 - self.gamma))
+    return {"z": z, "p_value": 0.5 * math.erfc(z / math.sqrt(2)), "green": green, "scored": scored}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _greens(wm: KGW, tokens_BT, positions_BN):
+  context = wm._contexts(tokens_BT, positions_BN)  # pylint: disable=protected-access
+  b, n, h = context.shape
+  chosen = jnp.take_along_axis(tokens_BT, positions_BN, axis=1)
+  return wm.green(context.reshape(b * n, h), chosen.reshape(b * n, 1)).reshape(b, n)
+
+
+def _check_tokens(tokens, vocab_size: int) -> np.ndarray:
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(
+      f"tokens must be a 1-D array of integer ids, got {tokens.dtype} {tokens.shape}"
+    )
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    raise ValueError(f"tokens has ids outside [0, {vocab_size})")
+  return tokens

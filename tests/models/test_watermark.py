@@ -1,0 +1,116 @@
+"""KGW watermark (``models/watermark.py``): the null, the green rule, detection, determinism."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxseed.models import sampling
+from flaxseed.models import transformer
+from flaxseed.models import watermark
+
+V = 256
+
+
+def test_unwatermarked_z_scores_follow_the_null():
+  """Text independent of the key (uniform random bytes, 1000 sequences of 200): z has mean ~0
+  and variance ~1, and z > 4 is no more frequent than Hoeffding's bound allows:
+  P(z > 4) <= exp(-32 gamma (1 - gamma)) = exp(-6) for gamma = 1/4."""
+  wm = watermark.KGW(vocab_size=V, key=7)
+  rng = np.random.default_rng(0)
+  texts = rng.integers(0, V, size=(1000, 200))
+  greens = np.asarray(
+    watermark._greens(wm, jnp.asarray(texts, jnp.int32), jnp.tile(jnp.arange(200), (1000, 1)))  # pylint: disable=protected-access
+  )
+  z = (greens.sum(1) - 0.25 * 200) / math.sqrt(200 * 0.25 * 0.75)
+  assert abs(z.mean()) < 0.15 and 0.8 < z.var() < 1.2, (z.mean(), z.var())
+  bound = math.exp(-32 * 0.25 * 0.75)  # 0.0025
+  assert (z > 4).sum() <= 1000 * bound + 4 * math.sqrt(1000 * bound)
+  # The detector agrees with the vectorized rule (no repeated n-grams in random bytes this long).
+  for text, count in zip(texts[:5], greens[:5].sum(1)):
+    assert wm.detect(text)["green"] == count
+
+
+def test_the_green_list_is_a_function_of_the_key_and_the_context_only():
+  wm = watermark.KGW(vocab_size=V, key=7)
+  vocab = jnp.arange(V)[None]
+  ctx = jnp.asarray([[1, 2, 3, 4]])
+  base = np.asarray(wm.green(ctx, vocab))
+  assert 0.15 < base.mean() < 0.35  # about gamma of the vocabulary
+  # The same context anywhere (another batch row, after other text) gives the same list.
+  tokens = jnp.asarray([[9, 9, 9, 1, 2, 3, 4, 0], [5, 1, 2, 3, 4, 0, 0, 0]])
+  at_row0 = wm(jnp.zeros((2, V)), tokens, 7)[0] > 0  # context tokens[0, 3:7] = 1 2 3 4
+  at_row1 = wm(jnp.zeros((2, V)), tokens, 5)[1] > 0  # context tokens[1, 1:5] = 1 2 3 4
+  np.testing.assert_array_equal(at_row0, base[0])
+  np.testing.assert_array_equal(at_row1, base[0])
+  # Another key or another context gives another list.
+  other_key = watermark.KGW(vocab_size=V, key=8)
+  assert (np.asarray(other_key.green(ctx, vocab)) != base).mean() > 0.2
+  assert (np.asarray(wm.green(jnp.asarray([[9, 8, 7, 6]]), vocab)) != base).mean() > 0.2
+  # One changed context token moves only the candidates whose min-hash it held (about 1 in 4).
+  assert 0.02 < (np.asarray(wm.green(jnp.asarray([[1, 2, 3, 5]]), vocab)) != base).mean() < 0.25
+
+
+@pytest.fixture(scope="module")
+def random_model():
+  """A randomly initialized byte transformer: near-uniform next-token distributions (high
+  entropy, where a watermark is easiest to detect)."""
+  cfg = transformer.TransformerConfig(d_model=32, num_layers=1, num_heads=2, mlp_dim=64)
+  model = transformer.Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  return model, params
+
+
+def test_watermarked_text_is_detected_and_generation_is_deterministic(random_model):
+  model, params = random_model
+  wm = watermark.KGW(vocab_size=V, key=42)
+  prompts = jnp.asarray(np.random.default_rng(1).integers(0, V, (4, 8)), jnp.int32)
+  run = lambda mark, seed: np.asarray(  # noqa: E731
+    sampling.generate(
+      model,
+      params,
+      prompts,
+      max_new_tokens=200,
+      rng=jax.random.key(seed),
+      logits_processors=[mark] if mark else [],
+    )
+  )
+  marked = run(wm, 0)
+  size = sampling._generate._cache_size()  # pylint: disable=protected-access
+  again = run(watermark.KGW(vocab_size=V, key=42), 0)  # an equal config: the same program
+  np.testing.assert_array_equal(again, marked)
+  assert sampling._generate._cache_size() == size  # pylint: disable=protected-access
+  plain = run(None, 0)
+  for row_marked, row_plain in zip(marked, plain):
+    found = wm.detect(row_marked, start=8, generated_with=wm.to_dict())
+    assert found["z"] > 4 and found["p_value"] < 1e-4, found
+    assert wm.detect(row_plain, start=8)["z"] < 4
+  # Another key finds nothing.
+  assert watermark.KGW(vocab_size=V, key=43).detect(marked[0], start=8)["z"] < 4
+
+
+def test_repeated_ngrams_are_scored_once():
+  wm = watermark.KGW(vocab_size=V, key=1, context_width=2)
+  text = np.asarray([5, 6, 7] * 20)  # 3 distinct (context, token) trigrams after the start
+  found = wm.detect(text, start=2)
+  assert found["scored"] == 3, found
+
+
+def test_bad_watermark_input_is_named():
+  with pytest.raises(ValueError, match=r"gamma=1.5 must be in \(0, 1\)"):
+    watermark.KGW(vocab_size=V, gamma=1.5)
+  with pytest.raises(ValueError, match=r"gamma=nan must be in \(0, 1\)"):
+    watermark.KGW(vocab_size=V, gamma=float("nan"))
+  with pytest.raises(ValueError, match=r"context_width=0"):
+    watermark.KGW(vocab_size=V, context_width=0)
+  generator = watermark.KGW(vocab_size=V, gamma=0.25)
+  detector = watermark.KGW(vocab_size=V, gamma=0.5)
+  with pytest.raises(ValueError, match=r"differs from the generator's.*gamma: generated with 0.25"):
+    detector.detect(np.arange(10), generated_with=generator.to_dict())
+  with pytest.raises(ValueError, match=r"ids outside \[0, 256\)"):
+    generator.detect(np.asarray([1, 300]))
+  with pytest.raises(ValueError, match=r"KGW vocab_size=256 but the model's logits have 300"):
+    generator(jnp.zeros((1, 300)), jnp.zeros((1, 4), jnp.int32), 2)
