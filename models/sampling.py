@@ -15,7 +15,9 @@ Two hooks change what is generated without touching the model:
   next-token logits, the token buffer ``[B, P + max_new_tokens]`` (the left-padded
   prompts, the tokens chosen so far, ``pad_token`` after) and ``length``, the index of the token
   being chosen (``tokens_BT[:, :length]`` is each row's context). Processors run in order, before
-  temperature, top-k and top-p (a watermark's bias, ``models/watermark.py``).
+  temperature, top-k and top-p (a watermark's bias, ``models/watermark.py``). A processor with
+  ``owns_sampling = True`` returns the final distribution's log-probs (SynthID's tournament):
+  ``generate`` then refuses a temperature other than 1 and a top-k or top-p.
 - ``interventions``: ``(site, fn)`` or ``(site, fn, args)``: at every forward (the prompt's and
   each decode step's), the activation ``x`` at ``site`` (``models/sites.py``) becomes ``fn(x)``
   or ``fn(x, args)``; ``args`` is a pytree passed to the compiled loop as data (a steering
@@ -169,6 +171,14 @@ def generate(
   for i, fn in enumerate(processors):
     if not callable(fn):
       raise ValueError(f"logits_processors[{i}] is not callable: {fn!r}")
+    if getattr(fn, "owns_sampling", False) and (
+      temperature != 1.0 or top_k is not None or top_p is not None
+    ):
+      raise ValueError(
+        f"logits_processors[{i}] ({type(fn).__name__}) applies its own temperature and top_k: "
+        f"call generate with temperature=1.0 and no top_k/top_p (got temperature={temperature}, "
+        f"top_k={top_k}, top_p={top_p})"
+      )
   hooks, hook_args = [], []
   for i, entry in enumerate(interventions):
     if not (isinstance(entry, tuple) and len(entry) in (2, 3) and isinstance(entry[0], str)):

@@ -31,6 +31,30 @@ The green rule is this module's own, in the spirit of lm-watermarking's defaults
 Each token is green with probability ``gamma`` (a keyed hash, not a permutation of exactly
 ``gamma V`` tokens), so a scored token of text independent of the key is Bernoulli(gamma). The
 context before the first token is a sentinel (-1), the same at generation and detection.
+
+**SynthID-style tournament sampling** (Dathathri et al. 2024, "Scalable watermarking for
+identifying large language model outputs"): each candidate ``v`` after the context (the last
+``ngram_len - 1`` tokens) has ``depth`` keyed g-values ``g_m(v)``, each a Bernoulli(1/2) bit of a
+hash. Sampling runs a tournament: at layer ``m`` two candidates drawn from the current
+distribution meet and the one with the higher ``g_m`` wins (a tie: either). Its closed form,
+applied layer by layer to ``p = softmax(logits / temperature)`` (after ``top_k``),
+
+    p(v) <- p(v) (1 + g_m(v) - sum_u g_m(u) p(u)),
+
+is the winner's distribution; the processor returns its log. A context already seen within the
+last ``context_history_size`` positions is sampled from ``p`` unchanged (a repeated context would
+repeat its bias) and masked at detection. Detection scores the mean g-value over the unmasked
+tokens and layers (``weighted=True``: layer weights ``linspace(10, 1, depth)`` normalized to sum
+to ``depth``, so early layers, which the tournament biases most, count more); under the null
+each g is an independent fair bit, so ``z = (score - 1/2) / sd`` with the exact null ``sd``.
+Expected watermarked g at layer 1 under a uniform model: ``1/2 + (1 - 1/V) / 4`` (tested).
+
+    wm = watermark.SynthID(vocab_size=256, key=42, temperature=0.7)
+    out = models.generate(model, params, prompts, max_new_tokens=256, logits_processors=[wm])
+    wm.detect(out[0], start=prompt_len)     # {"score", "z", "p_value", "scored"}
+
+The processor applies its own ``temperature`` and ``top_k``, so ``generate`` must sample plainly
+(``temperature=1``, no ``top_k``/``top_p``: it refuses otherwise).
 """
 
 import dataclasses
@@ -99,14 +123,6 @@ class KGW:
     threshold = jnp.uint32(min(int(self.gamma * 2**32), 2**32 - 1))
     return hash_u32(self.key, seed, candidates_BV) < threshold
 
-  def _contexts(self, tokens_BT, positions_BN):
-    """The ``context_width`` tokens before each position: ``[B, N, H]`` (-1 before the start)."""
-    idx = positions_BN[..., None] - self.context_width + jnp.arange(self.context_width)[None, None]
-    taken = jnp.take_along_axis(
-      tokens_BT[:, None, :], jnp.clip(idx, 0, tokens_BT.shape[1] - 1), axis=2
-    )
-    return jnp.where(idx >= 0, taken, _NONE)
-
   # --- Generation: a logits processor (models/sampling.py). ---
 
   def __call__(self, logits_BV, tokens_BT, length):
@@ -115,7 +131,7 @@ class KGW:
         f"KGW vocab_size={self.vocab_size} but the model's logits have {logits_BV.shape[-1]}"
       )
     batch = tokens_BT.shape[0]
-    context = self._contexts(tokens_BT, jnp.full((batch, 1), length))[:, 0]  # [B, H]
+    context = contexts(tokens_BT, jnp.full((batch, 1), length), self.context_width)[:, 0]
     vocab = jnp.broadcast_to(jnp.arange(self.vocab_size), (batch, self.vocab_size))
     bias = self.delta * self.green(context, vocab).astype(logits_BV.dtype)
     return logits_BV + bias
@@ -136,13 +152,7 @@ class KGW:
     """The z test on ``tokens[start:]`` (``tokens[:start]``, e.g. the prompt, serve only as
     context): ``{"z", "p_value", "green", "scored"}``, each distinct ``(context, token)`` n-gram
     scored once. ``generated_with``: the generator's ``to_dict()``, checked against this one."""
-    if generated_with is not None and generated_with != self.to_dict():
-      diffs = [
-        f"{k}: generated with {generated_with.get(k)!r}, detecting with {v!r}"
-        for k, v in self.to_dict().items()
-        if generated_with.get(k) != v
-      ]
-      raise ValueError(f"the detector's KGW config differs from the generator's: {diffs}")
+    _check_same(self, generated_with)
     tokens = _check_tokens(tokens, self.vocab_size)
     if not 0 <= start <= len(tokens):
       raise ValueError(f"start={start} is outside [0, {len(tokens)}]")
@@ -161,10 +171,155 @@ class KGW:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _greens(wm: KGW, tokens_BT, positions_BN):
-  context = wm._contexts(tokens_BT, positions_BN)  # pylint: disable=protected-access
+  context = contexts(tokens_BT, positions_BN, wm.context_width)
   b, n, h = context.shape
   chosen = jnp.take_along_axis(tokens_BT, positions_BN, axis=1)
   return wm.green(context.reshape(b * n, h), chosen.reshape(b * n, 1)).reshape(b, n)
+
+
+def _check_same(config, generated_with: dict | None) -> None:
+  """A ``ValueError`` listing the fields where ``config`` differs from ``generated_with``."""
+  if generated_with is None or generated_with == config.to_dict():
+    return
+  diffs = [
+    f"{k}: generated with {generated_with.get(k)!r}, detecting with {v!r}"
+    for k, v in config.to_dict().items()
+    if generated_with.get(k) != v
+  ]
+  raise ValueError(
+    f"the detector's {type(config).__name__} config differs from the generator's: {diffs}"
+  )
+
+
+def contexts(tokens_BT, positions_BN, width: int):
+  """The ``width`` tokens before each position: ``[B, N, width]`` (-1 before the start)."""
+  idx = positions_BN[..., None] - width + jnp.arange(width)[None, None]
+  taken = jnp.take_along_axis(tokens_BT[:, None, :], jnp.clip(idx, 0, tokens_BT.shape[1] - 1), 2)
+  return jnp.where(idx >= 0, taken, _NONE)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthID:
+  """SynthID-style tournament sampling (module docstring): a logits processor and its
+  detector."""
+
+  vocab_size: int
+  key: int = 0
+  depth: int = 30
+  ngram_len: int = 5
+  context_history_size: int = 1024
+  temperature: float = 1.0
+  top_k: int | None = None
+
+  owns_sampling = True  # generate must not re-temper or truncate what this returns
+
+  def __post_init__(self):
+    if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
+      raise ValueError(f"SynthID vocab_size={self.vocab_size!r} must be an integer >= 2")
+    if not (isinstance(self.key, int) and 0 <= self.key < 2**32):
+      raise ValueError(f"SynthID key={self.key!r} must be an integer in [0, 2^32)")
+    for name in ("depth", "context_history_size"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"SynthID {name}={value!r} must be an integer >= 1")
+    if not (isinstance(self.ngram_len, int) and self.ngram_len >= 2):
+      raise ValueError(f"SynthID ngram_len={self.ngram_len!r} must be an integer >= 2")
+    if not 0 < self.temperature <= 1:  # NaN fails too
+      raise ValueError(f"SynthID temperature={self.temperature} must be in (0, 1]")
+    if self.top_k is not None and not (
+      isinstance(self.top_k, int) and 1 < self.top_k <= self.vocab_size
+    ):
+      raise ValueError(f"SynthID top_k={self.top_k!r} must be None or in [2, {self.vocab_size}]")
+
+  @property
+  def width(self) -> int:
+    return self.ngram_len - 1
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def context_hash(self, context_BNH):
+    return hash_u32(self.key, *(context_BNH[..., j] for j in range(self.width)))
+
+  def g_values(self, context_hash_B, candidates_BN):
+    """``[B, N, depth]`` int32 bits: ``g_m`` of each candidate after its row's context."""
+    layers = jnp.arange(self.depth, dtype=jnp.uint32)[None, None, :]
+    h = hash_u32(context_hash_B[:, None, None], candidates_BN[:, :, None], layers)
+    return (h >> 31).astype(jnp.int32)
+
+  def _repeated(self, tokens_BT, length):
+    """Whether each row's context at ``length`` was seen at an earlier position of the last
+    ``context_history_size``."""
+    batch, total = tokens_BT.shape
+    every = self.context_hash(
+      contexts(tokens_BT, jnp.tile(jnp.arange(total), (batch, 1)), self.width)
+    )
+    now = jax.lax.dynamic_slice_in_dim(every, length, 1, axis=1)  # [B, 1]
+    t = jnp.arange(total)[None, :]
+    window = (t < length) & (t >= length - self.context_history_size)
+    return jnp.any((every == now) & window, axis=1), now[:, 0]
+
+  def __call__(self, logits_BV, tokens_BT, length):
+    if logits_BV.shape[-1] != self.vocab_size:
+      raise ValueError(
+        f"SynthID vocab_size={self.vocab_size} but the model's logits have {logits_BV.shape[-1]}"
+      )
+    logits = logits_BV.astype(jnp.float32) / self.temperature
+    if self.top_k is not None:
+      kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    p = jax.nn.softmax(logits, axis=-1)
+    repeated, context_hash = self._repeated(tokens_BT, length)
+    batch = logits.shape[0]
+    g = self.g_values(context_hash, jnp.tile(jnp.arange(self.vocab_size), (batch, 1)))
+    marked = p
+    for m in range(self.depth):
+      gm = g[..., m].astype(jnp.float32)
+      marked = marked * (1 + gm - jnp.sum(gm * marked, axis=-1, keepdims=True))
+    out = jnp.where(repeated[:, None], p, marked)
+    return jnp.where(out > 0, jnp.log(out), -jnp.inf)
+
+  def scores(self, tokens, start: int = 0):
+    """``(g [T', depth], mask [T'])`` of ``tokens[start:]``: each token's g-values after its
+    context, and whether it counts (its context is not a repeat)."""
+    tokens = _check_tokens(tokens, self.vocab_size)
+    if not 0 <= start <= len(tokens):
+      raise ValueError(f"start={start} is outside [0, {len(tokens)}]")
+    g, repeated = _synthid_scores(self, jnp.asarray(tokens, jnp.int32)[None])
+    return np.asarray(g[0, start:]), ~np.asarray(repeated[0, start:])
+
+  def detect(
+    self, tokens, *, start: int = 0, weighted: bool = False, generated_with: dict | None = None
+  ) -> dict:
+    """The mean (or weighted-mean) detector on ``tokens[start:]``: ``{"score", "z", "p_value",
+    "scored"}`` (module docstring)."""
+    _check_same(self, generated_with)
+    g, mask = self.scores(tokens, start)
+    scored = int(mask.sum())
+    if scored == 0:
+      return {"score": 0.5, "z": 0.0, "p_value": 1.0, "scored": 0}
+    w = np.ones(self.depth)
+    if weighted:
+      w = np.linspace(10, 1, self.depth)
+      w = w * self.depth / w.sum()
+    score = float((g[mask] * w).sum() / (scored * self.depth))
+    sd = 0.5 * math.sqrt((w**2).sum()) / (self.depth * math.sqrt(scored))
+    z = (score - 0.5) / sd
+    return {"score": score, "z": z, "p_value": 0.5 * math.erfc(z / math.sqrt(2)), "scored": scored}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _synthid_scores(wm: SynthID, tokens_BT):
+  batch, total = tokens_BT.shape
+  positions = jnp.tile(jnp.arange(total), (batch, 1))
+  every = wm.context_hash(contexts(tokens_BT, positions, wm.width))  # [B, T]
+  g = jax.vmap(lambda h, v: wm.g_values(h, v[:, None])[:, 0], in_axes=1, out_axes=1)(
+    every, tokens_BT
+  )  # [B, T, depth]
+  t = jnp.arange(total)
+  earlier = (t[None, :] < t[:, None]) & (t[None, :] >= t[:, None] - wm.context_history_size)
+  repeated = jnp.any((every[:, :, None] == every[:, None, :]) & earlier[None], axis=2)
+  return g, repeated
 
 
 def _check_tokens(tokens, vocab_size: int) -> np.ndarray:

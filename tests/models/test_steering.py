@@ -17,7 +17,7 @@ D = 32
 def _planted(n=1000, seed=0):
   """Paired activations: shared isotropic noise per pair, positives displaced along a planted
   unit direction ``u`` by a varying amount (about 3 noise standard deviations), plus independent
-  noise. (With anisotropic noise a logistic probe finds the discriminant, covariance^-1 u, not u.)"""
+  noise. (With anisotropic noise a logistic probe finds the discriminant, cov^-1 u, not u.)"""
   rng = np.random.default_rng(seed)
   u = rng.normal(size=D)
   u /= np.linalg.norm(u)

@@ -114,3 +114,97 @@ def test_bad_watermark_input_is_named():
     generator.detect(np.asarray([1, 300]))
   with pytest.raises(ValueError, match=r"KGW vocab_size=256 but the model's logits have 300"):
     generator(jnp.zeros((1, 300)), jnp.zeros((1, 4), jnp.int32), 2)
+
+
+# --- SynthID-style tournament sampling. ---
+
+
+def test_synthid_g_values_are_fair_independent_bits_under_the_null():
+  wm = watermark.SynthID(vocab_size=V, key=3, depth=30)
+  rng = np.random.default_rng(0)
+  hashes = jnp.asarray(rng.integers(0, 2**32, 400, dtype=np.uint64).astype(np.uint32))
+  g = np.asarray(wm.g_values(hashes, jnp.tile(jnp.arange(V), (400, 1))))  # [400, V, 30]
+  n = g.size
+  assert abs(g.mean() - 0.5) < 4 * 0.5 / math.sqrt(n), g.mean()
+  layers = g.reshape(-1, 30).astype(np.float64)
+  corr = np.corrcoef(layers.T)[np.triu_indices(30, 1)]
+  assert np.abs(corr).max() < 0.02, np.abs(corr).max()  # layers independent
+
+
+def test_synthid_closed_form_is_the_tournament_winners_distribution():
+  """The processor's distribution equals a simulated tournament: 2^depth candidates drawn from
+  p, matched in pairs layer by layer, the higher g_m winning (ties at random)."""
+  small = 8
+  wm = watermark.SynthID(vocab_size=small, key=5, depth=3, ngram_len=2)
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(1, small)), jnp.float32)
+  tokens = jnp.asarray([[3, 0]], jnp.int32)
+  got = np.exp(np.asarray(wm(logits, tokens, 1))[0])
+  h = wm.context_hash(jnp.asarray([[[3]]]))[:, 0]
+  g = np.asarray(wm.g_values(h, jnp.arange(small)[None]))[0]  # [V, depth]
+  p = np.asarray(jax.nn.softmax(logits[0]))
+  rng = np.random.default_rng(2)
+  trials = 200_000
+  alive = rng.choice(small, size=(trials, 2**3), p=p)
+  for m in range(3):
+    a, b = alive[:, 0::2], alive[:, 1::2]
+    ga, gb = g[a, m], g[b, m]
+    coin = rng.random(a.shape) < 0.5
+    alive = np.where((ga > gb) | ((ga == gb) & coin), a, b)
+  sim = np.bincount(alive[:, 0], minlength=small) / trials
+  np.testing.assert_allclose(got, sim, atol=0.005)
+  np.testing.assert_allclose(got.sum(), 1.0, rtol=1e-5)
+
+
+def test_synthid_expected_g_on_a_uniform_model_matches_the_closed_form():
+  """Layer 1 under a uniform distribution: E[g] = 1/2 + (1 - 1/V) / 4, averaged over contexts."""
+  wm = watermark.SynthID(vocab_size=V, key=9, depth=1)
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(0, V, (2000, 5)), jnp.int32)
+  p = np.exp(np.asarray(wm(jnp.zeros((2000, V)), tokens, 4)))
+  h = wm.context_hash(watermark.contexts(tokens, jnp.full((2000, 1), 4), wm.width))[:, 0]
+  g = np.asarray(wm.g_values(h, jnp.tile(jnp.arange(V), (2000, 1))))[..., 0]
+  expected = (p * g).sum(1).mean()
+  want = 0.5 + 0.25 * (1 - 1 / V)
+  assert abs(expected - want) < 4 * 0.5 / math.sqrt(V * 2000), (expected, want)
+
+
+def test_synthid_detects_its_text_and_masks_repeated_contexts(random_model):
+  model, params = random_model
+  wm = watermark.SynthID(vocab_size=V, key=11, temperature=0.9)
+  prompts = jnp.asarray(np.random.default_rng(4).integers(0, V, (4, 8)), jnp.int32)
+  gen = lambda mark: np.asarray(  # noqa: E731
+    sampling.generate(
+      model,
+      params,
+      prompts,
+      max_new_tokens=200,
+      rng=jax.random.key(0),
+      logits_processors=[mark] if mark else [],
+    )
+  )
+  marked, plain = gen(wm), gen(None)
+  np.testing.assert_array_equal(gen(wm), marked)  # deterministic for a key and seed
+  for row_marked, row_plain in zip(marked, plain):
+    for weighted in (False, True):
+      found = wm.detect(row_marked, start=8, weighted=weighted, generated_with=wm.to_dict())
+      assert found["z"] > 4, found
+      assert wm.detect(row_plain, start=8, weighted=weighted)["z"] < 4
+  repeats = np.asarray([1, 2, 3, 4, 5] * 10)  # the 4-token contexts repeat after the first 5
+  _, mask = wm.scores(repeats)
+  assert mask.sum() == 5 + 4, mask  # 4 sentinel-led contexts + 5 distinct full ones
+  with pytest.raises(ValueError, match=r"applies its own temperature and top_k"):
+    sampling.generate(
+      model, params, prompts, max_new_tokens=2, temperature=0.7, logits_processors=[wm]
+    )
+
+
+def test_bad_synthid_input_is_named():
+  with pytest.raises(ValueError, match=r"temperature=1.5 must be in \(0, 1\]"):
+    watermark.SynthID(vocab_size=V, temperature=1.5)
+  with pytest.raises(ValueError, match=r"top_k=1 must be None or in \[2, 256\]"):
+    watermark.SynthID(vocab_size=V, top_k=1)
+  with pytest.raises(ValueError, match=r"depth=0 must be an integer >= 1"):
+    watermark.SynthID(vocab_size=V, depth=0)
+  a, b = watermark.SynthID(vocab_size=V, depth=30), watermark.SynthID(vocab_size=V, depth=20)
+  with pytest.raises(ValueError, match=r"SynthID config differs.*depth: generated with 30"):
+    b.detect(np.arange(10), generated_with=a.to_dict())
