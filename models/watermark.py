@@ -20,17 +20,23 @@ One frozen config object is the generator (``wm`` as a logits processor) and the
 failure elsewhere); ``detect(..., generated_with=wm.to_dict())`` refuses a config that differs
 from the one recorded with the text.
 
-The green rule is this module's own, in the spirit of lm-watermarking's defaults (``gamma=0.25``,
-``delta=2``, ``context_width=4`` with self-hash seeding), not bit-compatible with it:
+The green rule is this module's own, with lm-watermarking's defaults (``gamma=0.25``, ``delta=2``,
+``context_width=4``), not bit-compatible with it. Candidate ``v`` after the context
+``c_1..c_h`` is green when ``H(key, seed, v) / 2^32 < gamma``, with ``seeding``:
 
-- ``self_hash=True``: candidate ``v`` after context ``c_1..c_h`` has seed
-  ``min_j H(key, c_j, v)`` (a min-hash of the context anchored at the candidate itself, robust to
-  an edit of one context token) and is green when ``H(key, seed, v) / 2^32 < gamma``;
-- ``self_hash=False``: the seed is ``min_j H(key, c_j)``, one per position.
+- ``"ngram"`` (the default): ``seed = H(key, c_1, ..., c_h, v)``, the whole (context, token)
+  n-gram. Distinct n-grams get independent decisions, so after the repeated-n-gram correction
+  a text independent of the key has exactly Binomial(T, gamma) greens, whatever the text.
+- ``"minhash"`` (lm-watermarking's ``selfhash`` idea): ``seed = min_j H(key, c_j, v)``, a
+  min-hash of the context anchored at the candidate, so an edit of one context token changes the
+  decision for only about one candidate in ``h``. The price: n-grams that share the minimizing
+  pair ``(c_j, v)`` share their decision, so a fixed key's null is wider than N(0, 1) and
+  shifted on natural text (a small vocabulary, such as bytes, makes this severe); calibrate its
+  thresholds on human text (``experiments/watermark/`` measures both).
 
 Each token is green with probability ``gamma`` (a keyed hash, not a permutation of exactly
-``gamma V`` tokens), so a scored token of text independent of the key is Bernoulli(gamma). The
-context before the first token is a sentinel (-1), the same at generation and detection.
+``gamma V`` tokens). The context before the first token is a sentinel (-1), the same at
+generation and detection.
 
 **SynthID-style tournament sampling** (Dathathri et al. 2024, "Scalable watermarking for
 identifying large language model outputs"): each candidate ``v`` after the context (the last
@@ -95,7 +101,7 @@ class KGW:
   gamma: float = 0.25
   delta: float = 2.0
   context_width: int = 4
-  self_hash: bool = True
+  seeding: str = "ngram"  # or "minhash" (module docstring)
 
   def __post_init__(self):
     if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
@@ -108,20 +114,23 @@ class KGW:
       raise ValueError(f"KGW delta={self.delta} must be >= 0 and finite")
     if not (isinstance(self.context_width, int) and self.context_width >= 1):
       raise ValueError(f"KGW context_width={self.context_width!r} must be an integer >= 1")
+    if self.seeding not in ("ngram", "minhash"):
+      raise ValueError(f"KGW seeding={self.seeding!r} is not one of 'ngram', 'minhash'")
 
   # --- The green rule. ---
 
-  def green(self, context_BH, candidates_BV):
+  def green(self, context_BH, candidates_BV, key=None):
     """Whether each candidate is green after its row's context: ``context_BH`` (the last
-    ``context_width`` tokens, -1 before the start) and candidates ``[B, N]`` -> bool ``[B, N]``."""
-    c = context_BH[:, :, None]  # [B, H, 1]
-    v = candidates_BV[:, None, :]  # [B, 1, N]
-    if self.self_hash:
-      seed = jnp.min(hash_u32(self.key, c, v), axis=1)  # [B, N]
-    else:
-      seed = jnp.min(hash_u32(self.key, c), axis=1)  # [B, 1]
+    ``context_width`` tokens, -1 before the start) and candidates ``[B, N]`` -> bool ``[B, N]``
+    (``key``: a traced key in place of ``self.key``, so a detector compiles once for all keys)."""
+    key = self.key if key is None else key
+    if self.seeding == "ngram":
+      columns = (context_BH[:, j, None] for j in range(self.context_width))
+      seed = hash_u32(key, *columns, candidates_BV)  # [B, N]
+    else:  # minhash, anchored at the candidate
+      seed = jnp.min(hash_u32(key, context_BH[:, :, None], candidates_BV[:, None, :]), axis=1)
     threshold = jnp.uint32(min(int(self.gamma * 2**32), 2**32 - 1))
-    return hash_u32(self.key, seed, candidates_BV) < threshold
+    return hash_u32(key, seed, candidates_BV) < threshold
 
   # --- Generation: a logits processor (models/sampling.py). ---
 
@@ -146,7 +155,9 @@ class KGW:
     """Whether each token of ``tokens[start:]`` is green given what precedes it (bool ``[T]``)."""
     tokens = _check_tokens(tokens, self.vocab_size)
     positions = np.arange(start, len(tokens))
-    return np.asarray(_greens(self, jnp.asarray(tokens, jnp.int32)[None], positions[None]))[0]
+    rule = dataclasses.replace(self, key=0)  # the key is an argument: one compile for all keys
+    tokens = jnp.asarray(tokens, jnp.int32)[None]
+    return np.asarray(_greens(rule, jnp.uint32(self.key), tokens, positions[None]))[0]
 
   def detect(self, tokens, *, start: int = 0, generated_with: dict | None = None) -> dict:
     """The z test on ``tokens[start:]`` (``tokens[:start]``, e.g. the prompt, serve only as
@@ -170,11 +181,12 @@ class KGW:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _greens(wm: KGW, tokens_BT, positions_BN):
+def _greens(wm: KGW, key, tokens_BT, positions_BN):
+  """Whether the token at each position is green given its context (``key``: traced)."""
   context = contexts(tokens_BT, positions_BN, wm.context_width)
   b, n, h = context.shape
   chosen = jnp.take_along_axis(tokens_BT, positions_BN, axis=1)
-  return wm.green(context.reshape(b * n, h), chosen.reshape(b * n, 1)).reshape(b, n)
+  return wm.green(context.reshape(b * n, h), chosen.reshape(b * n, 1), key).reshape(b, n)
 
 
 def _check_same(config, generated_with: dict | None) -> None:
