@@ -60,14 +60,16 @@ class Direction:
     return np.asarray(acts_ND, np.float32) @ unit
 
 
-def activations(model, params, tokens_BL, sites, *, index: int = -1, **kwargs) -> dict:
+def activations(model, params, tokens_BL, sites, *, index: int | None = -1, **kwargs) -> dict:
   """``{site: [B, D]}``: each site's activation at token ``index`` (the last by default, RepE's
-  ``rep_token``), from one forward of ``tokens_BL``."""
+  ``rep_token``; ``None``: the mean over all positions, for texts without an answer token),
+  from one forward of ``tokens_BL``."""
   sites_lib.check_unscanned(model, f"sites {list(sites)}")
   with sites_lib.Interventions({s: lambda x: x for s in sites}) as record:
     model.apply({"params": params}, jnp.asarray(tokens_BL), **kwargs)
   record.check()
-  return {s: np.asarray(record.hits[s][0][:, index], np.float32) for s in sites}
+  pick = (lambda a: a.mean(1)) if index is None else (lambda a: a[:, index])
+  return {s: np.asarray(pick(record.hits[s][0].astype(jnp.float32))) for s in sites}
 
 
 def read(pos_ND, neg_ND, reader: str = "mean_diff", *, site: str, l2: float = 1e-3) -> Direction:

@@ -73,9 +73,10 @@ def test_reading_and_steering_a_model(model_and_params, tmp_path):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (6, 10)), jnp.int32)
   site = "layers_0/resid_post"
   acts = steering.activations(model, params, tokens, [site, "layers_1/mlp_out"])
-  np.testing.assert_allclose(
-    acts[site], sites.capture(model, {"params": params}, tokens, site)[:, -1], rtol=1e-6
-  )
+  captured = sites.capture(model, {"params": params}, tokens, site)
+  np.testing.assert_allclose(acts[site], captured[:, -1], rtol=1e-6)
+  pooled = steering.activations(model, params, tokens, [site], index=None)[site]
+  np.testing.assert_allclose(pooled, captured.mean(1), rtol=1e-5)
   d = steering.read(acts[site][:3], acts[site][3:], "mean_diff", site=site)
   hook = steering.steer(d, 3.0, "add")
   out = sampling.generate(
