@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 250  # 0: only at the end (and on SIGTERM)
   c.max_to_keep = 3
   c.z_loss = 0.0
+  # lambda of a model with multi-token heads (model.mtp_heads > 0): main + lambda * mean over heads
+  c.mtp_weight = 0.3
   c.sample_tokens = 200  # 0: no sample at the end
   c.sample_prompt = "def "
   c.sample_temperature = 0.8

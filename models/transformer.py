@@ -41,6 +41,7 @@ NORMS = ("rms", "layer")
 BIASES = ("none", "qkv", "all")
 POSITION_EMBEDDINGS = ("rope", "learned")
 QUANT_MODES = (None, "ternary")
+MTP_STYLES = ("parallel", "sequential")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = {
   "none": None,  # keep every activation
@@ -93,6 +94,13 @@ class TransformerConfig:
   max_positions: int | None = None  # the learned table's length; longer inputs raise
   embed_scale: bool = False  # multiply the embeddings by sqrt(d_model) (Gemma)
   attn_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
+  # Multi-token prediction: extra heads predicting the tokens 2..mtp_heads+1 ahead, read with
+  # ``apply(..., mtp=True)``. "parallel" (Gloeckle et al. 2024, Medusa): head k is one block and
+  # a norm on the trunk's last hidden state. "sequential" (DeepSeek-V3): module k projects
+  # [norm(embed(token i+k)), norm(h_{k-1})] to d_model and runs one block, a causal chain.
+  # Both share the unembedding; the main head is unchanged, so plain decoding ignores them.
+  mtp_heads: int = 0
+  mtp_style: str = "parallel"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
@@ -146,6 +154,12 @@ class TransformerConfig:
       raise ValueError(f"norm_eps must be positive and finite, got {self.norm_eps}")
     if not math.isfinite(self.norm_offset):
       raise ValueError(f"norm_offset must be finite, got {self.norm_offset}")
+    if self.mtp_heads < 0:
+      raise ValueError(f"mtp_heads must be >= 0, got {self.mtp_heads}")
+    if self.mtp_style not in MTP_STYLES:
+      raise ValueError(f"mtp_style={self.mtp_style!r} is not one of {MTP_STYLES}")
+    if self.mtp_heads and not self.causal:
+      raise ValueError("mtp_heads needs a causal model (causal=False)")
     if self.quant not in QUANT_MODES:
       raise ValueError(f"quant={self.quant!r} is not one of {QUANT_MODES}")
     if isinstance(self.attention_pattern, str):
@@ -485,13 +499,39 @@ def _block_class(cfg: TransformerConfig):
   return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
 
 
+class MtpHead(nn.Module):
+  """One extra prediction head (``TransformerConfig.mtp_style``): a block on the trunk's hidden
+  state (parallel) or on a projection of [norm(embed(the next token)), norm(the previous depth's
+  hidden state)] (sequential). Returns (its hidden state, normalized for the unembedding)."""
+
+  config: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, h_BLD, next_embed_BLD, segment_ids_BL, positions_BL):
+    cfg = self.config
+    if cfg.mtp_style == "sequential":
+      x_BLE = jnp.concatenate(
+        [norm(cfg, "embed_norm")(next_embed_BLD), norm(cfg, "hidden_norm")(h_BLD)], axis=-1
+      )
+      h_BLD = layers.Dense(
+        (2 * cfg.d_model, cfg.d_model), (sh.MLP, sh.EMBED), dtype=cfg.compute_dtype, name="proj"
+      )(x_BLE)
+    h_BLD, _ = _block_class(cfg)(cfg, self.decode, masks.causal(), name="block")(
+      h_BLD, segment_ids_BL, positions_BL
+    )
+    return h_BLD, norm(cfg, "norm")(h_BLD)
+
+
 class Transformer(nn.Module):
   """Decoder LM: tokens ``[B, L]`` -> float32 logits ``[B, L, V]``."""
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BL, *, segment_ids=None, positions=None, decode: bool = False):
+  def __call__(
+    self, tokens_BL, *, segment_ids=None, positions=None, decode: bool = False, mtp: bool = False
+  ):
     """Args:
     tokens_BL: int tokens.
     segment_ids: ``[B, L]`` document ids of packed rows (0 usually marks padding); ``None``:
@@ -499,10 +539,21 @@ class Transformer(nn.Module):
     positions: ``[B, L]`` RoPE positions; ``None``: ``0..L-1`` (or, when decoding, continuing
       from the cache index).
     decode: read and write the ``cache`` collection (see ``sampling.init_cache``).
+    mtp: also return the multi-token heads' logits: ``(logits [B, L, V], extra [K, B, L, V])``
+      where ``extra[k - 1, :, i]`` predicts the token at ``i + 1 + k`` (``config.mtp_heads = K``).
+      A sequential head k reads the token at ``i + k``: within ``tokens_BL``, so the last k
+      positions read wrapped tokens (their targets lie past the row; never use them).
     """
     cfg = self.config
     if decode and not cfg.causal:
       raise ValueError("decode=True needs a causal model (config.causal=False)")
+    if mtp and not cfg.mtp_heads:
+      raise ValueError("mtp=True needs config.mtp_heads > 0")
+    if mtp and decode and cfg.mtp_style == "sequential":
+      raise ValueError(
+        "mtp=True with decode=True: a sequential head at position i reads token i + k, which "
+        "a decode step does not have yet; decode the parallel style, or run the full forward"
+      )
     if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):  # jnp.take would say "indices"
       raise ValueError(f"tokens_BL must be integer token ids, got {tokens_BL.dtype}")
     if cfg.max_positions is not None and tokens_BL.shape[1] > cfg.max_positions:
@@ -513,9 +564,7 @@ class Transformer(nn.Module):
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, name="embed")
-    x_BLD = embed(tokens_BL)
-    if cfg.embed_scale:  # Gemma: the scale rounded to the compute dtype, as its reference does
-      x_BLD = x_BLD * jnp.asarray(np.sqrt(cfg.d_model), x_BLD.dtype)
+    tokens_embed_BLD = x_BLD = self._embed(embed, tokens_BL)
     if cfg.position_embedding == "learned":
       x_BLD = x_BLD + self._learned_positions(tokens_BL, positions, decode)
 
@@ -541,17 +590,39 @@ class Transformer(nn.Module):
           x_BLD, segment_ids, positions
         )
 
-    x_BLD = norm(cfg, "final_norm")(x_BLD)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x_BLD)
-    else:
-      logits = layers.Dense(
+    unembed_layer = None
+    if not cfg.tie_embeddings:
+      unembed_layer = layers.Dense(
         (cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=cfg.compute_dtype, name="unembed"
-      )(x_BLD)
-    logits = logits.astype(jnp.float32)
-    if cfg.logit_soft_cap is not None:
-      logits = cfg.logit_soft_cap * jnp.tanh(logits / cfg.logit_soft_cap)
-    return sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.VOCAB))
+      )
+
+    def unembed(h_BLD):
+      logits = embed.attend(h_BLD) if unembed_layer is None else unembed_layer(h_BLD)
+      logits = logits.astype(jnp.float32)
+      if cfg.logit_soft_cap is not None:
+        logits = cfg.logit_soft_cap * jnp.tanh(logits / cfg.logit_soft_cap)
+      return sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.VOCAB))
+
+    logits = unembed(norm(cfg, "final_norm")(x_BLD))
+    if not (mtp or (cfg.mtp_heads and self.is_initializing())):
+      return logits
+    extra, h_BLD = [], x_BLD
+    for k in range(1, cfg.mtp_heads + 1):
+      # Parallel heads all read the trunk; a sequential head reads the previous depth and the
+      # embedding of the token k ahead (the tokens rolled left; the wrapped tail is never a target).
+      source = x_BLD if cfg.mtp_style == "parallel" else h_BLD
+      ahead = jnp.roll(tokens_embed_BLD, -k, axis=1) if cfg.mtp_style == "sequential" else None
+      h_BLD, out_BLD = MtpHead(cfg, decode, name=f"mtp_{k - 1}")(
+        source, ahead, segment_ids, positions
+      )
+      extra.append(unembed(out_BLD))
+    return (logits, jnp.stack(extra)) if mtp else logits  # init creates the heads either way
+
+  def _embed(self, embed, tokens_BL):
+    x_BLD = embed(tokens_BL)
+    if self.config.embed_scale:  # Gemma: the scale rounded to the compute dtype, as its reference
+      x_BLD = x_BLD * jnp.asarray(np.sqrt(self.config.d_model), x_BLD.dtype)
+    return x_BLD
 
   def _learned_positions(self, tokens_BL, positions_BL, decode: bool):
     """Rows of the learned position table; when decoding without explicit positions, the

@@ -20,24 +20,52 @@ class LMTask(base.Task):
   A batch holds rows of ``seq_len + 1`` tokens: the model reads the first ``seq_len`` and predicts
   the next token at each place where it belongs to the same document piece. ``z_loss`` adds
   ``z_loss * logsumexp(logits)^2`` (PaLM) to keep the softmax normalizer near 1.
+
+  A model with multi-token heads (``model.mtp_heads = K``) also learns them: head k predicts the
+  token ``k + 1`` ahead under the same document rule (a target in another document, or past the
+  row, does not count), and the loss is ``main + mtp_weight * mean over heads of each head's
+  mean cross-entropy`` (DeepSeek-V3's form; Gloeckle et al.'s unweighted sum is
+  ``mtp_weight = K``). The metrics report each head's ``mtp_k/loss`` and ``mtp_k/accuracy``;
+  ``loss`` stays the main head's, comparable with a model without heads.
   """
 
-  def __init__(self, model: nn.Module, *, seq_len: int, data_config, z_loss: float = 0.0):
+  def __init__(
+    self,
+    model: nn.Module,
+    *,
+    seq_len: int,
+    data_config,
+    z_loss: float = 0.0,
+    mtp_weight: float = 0.3,
+  ):
     self.model = model
     self.seq_len = seq_len
     self.data_config = data_config
     self.z_loss = z_loss
+    self.mtp_weight = mtp_weight
+
+  @staticmethod
+  def loss_options(config) -> dict:
+    """The loss keys of ``config`` (checked): every task built on this one reads them. A run
+    written before a key existed gets its default."""
+    options = {"z_loss": config.get("z_loss", 0.0), "mtp_weight": config.get("mtp_weight", 0.3)}
+    for key, value in options.items():
+      if not value >= 0:  # NaN fails too
+        raise ValueError(f"config.{key}={value} must be >= 0")
+    return options
 
   @classmethod
   def from_config(cls, config) -> "LMTask":
-    if config.z_loss < 0:
-      raise ValueError(f"config.z_loss={config.z_loss} must be >= 0")
     return cls(
       base.build_model(config),
       seq_len=config.seq_len,
       data_config=config.data,
-      z_loss=config.z_loss,
+      **cls.loss_options(config),
     )
+
+  @property
+  def mtp_heads(self) -> int:
+    return getattr(self.model.config, "mtp_heads", 0)
 
   @functools.cached_property
   def corpus(self) -> corpus_lib.Corpus:
@@ -70,27 +98,41 @@ class LMTask(base.Task):
     inputs = batch["tokens"][:, :-1]
     return self.model.init(rng, inputs)["params"], {}
 
-  def _nll(self, params, frozen, batch):
-    """Per-token negative log-likelihood, logsumexp, correctness and target weights."""
+  def _heads(self, params, frozen, batch):
+    """Per head (the main one first, then each multi-token head): per-token negative
+    log-likelihood, logsumexp, correctness and target weights, all ``[B, L]``."""
     tokens, segments = batch["tokens"], batch["segment_ids"]
-    logits = self.model.apply(
+    out = self.model.apply(
       {"params": self.model_params(params, frozen)},
       tokens[:, :-1],
       segment_ids=segments[:, :-1],
       positions=batch["positions"][:, :-1],
+      **({"mtp": True} if self.mtp_heads else {}),
     )
-    targets = tokens[:, 1:]
-    weights = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
-    if "loss_mask" in batch:  # only some targets count (chat SFT: the assistant's tokens)
-      weights = weights * batch["loss_mask"][:, 1:].astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return lse - target_logit, lse, correct, weights
+    logits_per_head = [out[0], *out[1]] if self.mtp_heads else [out]
+    length = self.seq_len
+    # Head k (0: main) predicts the token k + 1 ahead; rows are padded with segment 0 so that
+    # targets past the row never count.
+    pad = ((0, 0), (0, self.mtp_heads))
+    tokens_pad, segments_pad = jnp.pad(tokens, pad), jnp.pad(segments, pad)
+    loss_mask = batch.get("loss_mask")  # only some targets count (chat SFT: the assistant's)
+    heads = []
+    for k, logits in enumerate(logits_per_head):
+      targets = tokens_pad[:, 1 + k : 1 + k + length]
+      target_segments = segments_pad[:, 1 + k : 1 + k + length]
+      weights = (target_segments == segments[:, :-1]) & (target_segments != 0)
+      if loss_mask is not None:
+        weights = weights & (jnp.pad(loss_mask, pad)[:, 1 + k : 1 + k + length] != 0)
+      lse = jax.nn.logsumexp(logits, axis=-1)
+      target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+      correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+      heads.append((lse - target_logit, lse, correct, weights.astype(jnp.float32)))
+    return heads
 
   def loss(self, params, frozen, batch, rng):
     del rng
-    nll, lse, correct, weights = self._nll(params, frozen, batch)
+    heads = self._heads(params, frozen, batch)
+    nll, lse, correct, weights = heads[0]
     count = jnp.maximum(weights.sum(), 1.0)
     loss = (nll * weights).sum() / count
     metrics = {"loss": loss, "accuracy": (correct * weights).sum() / count}
@@ -98,16 +140,28 @@ class LMTask(base.Task):
       z = (jnp.square(lse) * weights).sum() / count
       metrics["z_loss"] = z
       loss = loss + self.z_loss * z
+    if self.mtp_heads:
+      head_losses = []
+      for k, (nll, _, correct, weights) in enumerate(heads[1:], start=1):
+        count = jnp.maximum(weights.sum(), 1.0)
+        head_losses.append((nll * weights).sum() / count)
+        metrics[f"mtp_{k}/loss"] = head_losses[-1]
+        metrics[f"mtp_{k}/accuracy"] = (correct * weights).sum() / count
+      loss = loss + self.mtp_weight * sum(head_losses) / len(head_losses)
     return loss, metrics
 
   def evaluate(self, params, frozen, batch, task_state):
     del task_state
-    nll, _, correct, weights = self._nll(params, frozen, batch)
+    heads = self._heads(params, frozen, batch)
+    nll, _, correct, weights = heads[0]
     count = weights.sum()
     nll_sum = (nll * weights).sum()
     sums = {"loss": (nll_sum, count), "accuracy": ((correct * weights).sum(), count)}
     if self.bytes_per_token is not None:
       sums["bpb"] = (nll_sum / math.log(2) / self.bytes_per_token, count)
+    for k, (nll, _, correct, weights) in enumerate(heads[1:], start=1):
+      sums[f"mtp_{k}/loss"] = ((nll * weights).sum(), weights.sum())
+      sums[f"mtp_{k}/accuracy"] = ((correct * weights).sum(), weights.sum())
     return sums
 
   @property

@@ -25,8 +25,10 @@ from flaxseed.training.tasks import lm
 class SFTTask(lm.LMTask):
   """The LM task on packed chat rows, with the loss on the assistant's tokens only."""
 
-  def __init__(self, model, *, seq_len, data_config, options: dict, template=chat.BUILTIN):
-    super().__init__(model, seq_len=seq_len, data_config=data_config)
+  def __init__(
+    self, model, *, seq_len, data_config, options: dict, template=chat.BUILTIN, **loss_options
+  ):
+    super().__init__(model, seq_len=seq_len, data_config=data_config, **loss_options)
     self.options = options
     self.template = template
 
@@ -44,7 +46,12 @@ class SFTTask(lm.LMTask):
       )
     template = chat.load_template(options["chat_template"], config.data.tokenizer)
     return cls(
-      model, seq_len=config.seq_len, data_config=config.data, options=options, template=template
+      model,
+      seq_len=config.seq_len,
+      data_config=config.data,
+      options=options,
+      template=template,
+      **cls.loss_options(config),
     )
 
   @property

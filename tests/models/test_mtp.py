@@ -1,0 +1,136 @@
+"""Multi-token prediction heads: the loss each head trains on, document boundaries, decoding."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from flaxseed.configs import lm as lm_configs
+from flaxseed.models import sampling
+from flaxseed.models import transformer
+from flaxseed.training.tasks import lm as lm_task
+
+L = 12  # inputs per row; rows hold L + 1 tokens
+
+
+def _task(style, heads=3, weight=0.5):
+  cfg = transformer.TransformerConfig.tiny(
+    d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mtp_heads=heads, mtp_style=style
+  )
+  return lm_task.LMTask(
+    transformer.Transformer(cfg),
+    seq_len=L,
+    data_config=lm_configs.get_config("test").data,
+    mtp_weight=weight,
+  )
+
+
+def _batch(rng, segments=None):
+  tokens = rng.integers(0, 256, (2, L + 1)).astype(np.int32)
+  segments = np.ones_like(tokens) if segments is None else segments
+  positions = np.zeros_like(tokens)
+  for b in range(tokens.shape[0]):  # positions restart at each document
+    for i in range(1, tokens.shape[1]):
+      same = segments[b, i] == segments[b, i - 1]
+      positions[b, i] = positions[b, i - 1] + 1 if same else 0
+  return {"tokens": tokens, "segment_ids": segments, "positions": positions}
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  return (
+    x
+    - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - x.max(-1, keepdims=True)
+  )
+
+
+@pytest.mark.parametrize("style", ["parallel", "sequential"])
+def test_head_k_is_cross_entropy_against_tokens_k_further_ahead(style):
+  task = _task(style)
+  batch = _batch(np.random.default_rng(0))
+  params, _ = task.init(jax.random.key(0), batch)
+  loss, metrics = task.loss(params, {}, batch, None)
+  logits, extra = task.model.apply({"params": params}, batch["tokens"][:, :-1], mtp=True)
+  logits, extra = np.asarray(logits), np.asarray(extra)
+  tokens, want = batch["tokens"], []
+  for k in range(1, 4):  # head k reads position i and predicts the token at i + 1 + k
+    logp = _log_softmax(extra[k - 1])
+    n = L - k  # positions whose target lies in the row
+    nll = -np.take_along_axis(logp[:, :n], tokens[:, 1 + k : 1 + k + n, None], -1)
+    want.append(nll.mean())
+    assert float(metrics[f"mtp_{k}/loss"]) == pytest.approx(want[-1], rel=1e-5)
+    acc = (np.argmax(extra[k - 1][:, :n], -1) == tokens[:, 1 + k :]).mean()
+    assert float(metrics[f"mtp_{k}/accuracy"]) == pytest.approx(acc, abs=1e-6)
+  main = -np.take_along_axis(_log_softmax(logits), tokens[:, 1:, None], -1).mean()
+  assert float(metrics["loss"]) == pytest.approx(main, rel=1e-5)
+  assert float(loss) == pytest.approx(main + 0.5 * np.mean(want), rel=1e-5)
+  # The main head's logits are those of the same model without heads.
+  plain = task.model.apply({"params": params}, batch["tokens"][:, :-1])
+  np.testing.assert_array_equal(plain, logits)
+  sums = task.evaluate(params, {}, batch, None)
+  total, count = sums["mtp_2/loss"]
+  assert float(total / count) == pytest.approx(want[1], rel=1e-5) and count == 2 * (L - 2)
+
+
+@pytest.mark.parametrize("style", ["parallel", "sequential"])
+def test_packed_documents_never_predict_across_a_boundary(style):
+  task = _task(style)
+  segments = np.ones((2, L + 1), np.int32)
+  segments[:, 7:] = 2  # document 1 is tokens 0..6, document 2 starts at token 7
+  rng = np.random.default_rng(1)
+  batch = _batch(rng, segments)
+  params, _ = task.init(jax.random.key(0), batch)
+  heads = task._heads(params, {}, batch)  # pylint: disable=protected-access
+  for k, (_, _, _, weights) in enumerate(heads):
+    for i in range(L):
+      target = i + 1 + k
+      want = target <= L and segments[0, target] == segments[0, i]
+      assert weights[0, i] == want, (k, i)
+  # Whatever document 2 holds, every counted loss of document 1 is unchanged.
+  other = dict(batch, tokens=batch["tokens"].copy())
+  other["tokens"][:, 7:] = rng.integers(0, 256, (2, L + 1 - 7))
+  for (nll_a, _, _, w), (nll_b, _, _, _) in zip(heads, task._heads(params, {}, other)):  # pylint: disable=protected-access
+    np.testing.assert_allclose(
+      np.where(w[:, :7] > 0, nll_a[:, :7], 0), np.where(w[:, :7] > 0, nll_b[:, :7], 0), rtol=1e-6
+    )
+
+
+def test_parallel_heads_decode_like_the_full_forward():
+  model = _task("parallel").model
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 10)), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  full, full_extra = model.apply({"params": params}, tokens, mtp=True)
+  cache = sampling.init_cache(model, 2, 10)
+  outs = []
+  for start, stop in ((0, 4), (4, 5), (5, 10)):  # a prefill, one step, a chunk (a verify pass)
+    (logits, extra), variables = model.apply(
+      {"params": params, "cache": cache},
+      tokens[:, start:stop],
+      decode=True,
+      mtp=True,
+      mutable=["cache"],
+    )
+    cache = variables["cache"]
+    outs.append((logits, extra))
+  np.testing.assert_allclose(jnp.concatenate([o[0] for o in outs], 1), full, atol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate([o[1] for o in outs], 2), full_extra, atol=1e-5)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="mtp_style='tree' is not one of"):
+    transformer.TransformerConfig.tiny(mtp_heads=2, mtp_style="tree")
+  with pytest.raises(ValueError, match="mtp_heads must be >= 0"):
+    transformer.TransformerConfig.tiny(mtp_heads=-1)
+  plain = transformer.Transformer(transformer.TransformerConfig.tiny(d_model=32, num_heads=2))
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  params = plain.init(jax.random.key(0), tokens)["params"]
+  with pytest.raises(ValueError, match="mtp=True needs config.mtp_heads > 0"):
+    plain.apply({"params": params}, tokens, mtp=True)
+  model = _task("sequential").model
+  with pytest.raises(ValueError, match="sequential head at position i reads token i \\+ k"):
+    model.init(jax.random.key(0), tokens, decode=True, mtp=True)
+  config = ml_collections.ConfigDict({"z_loss": 0.0, "mtp_weight": -1.0})
+  with pytest.raises(ValueError, match="config.mtp_weight=-1.0 must be >= 0"):
+    lm_task.LMTask.loss_options(config)
