@@ -53,6 +53,13 @@ def sample_logits(
   and then to the smallest set of tokens whose probability reaches ``top_p`` (nucleus)."""
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
+  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits_BV, *, temperature: float, top_k: int | None, top_p: float | None):
+  """The logits ``sample_logits`` draws from (``temperature > 0``): divided by the temperature,
+  ``-inf`` outside the top k and then outside the nucleus of mass ``top_p``."""
   logits_BV = logits_BV / temperature
   if top_k is not None:
     kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
@@ -64,7 +71,7 @@ def sample_logits(
     keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
     threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
     logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
-  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+  return logits_BV
 
 
 def check_integer(name: str, value) -> int:
@@ -140,6 +147,38 @@ def generate(
   Token ids that are not integers or lie outside the model's vocabulary, and NaN or infinite
   ``temperature`` / ``top_p``, raise a ``ValueError`` (never rounded or clamped).
   """
+  o = prepare(
+    model,
+    prompt_tokens,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    stop_tokens=stop_tokens,
+    pad_token=pad_token,
+    logits_processors=logits_processors,
+    interventions=interventions,
+  )
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate(model, params, o.pop("prompt_BP"), o.pop("pads_B"), rng, **o)
+
+
+def prepare(
+  model,
+  prompt_tokens,
+  *,
+  max_new_tokens,
+  temperature,
+  top_k,
+  top_p,
+  stop_tokens,
+  pad_token,
+  logits_processors,
+  interventions,
+) -> dict:
+  """``generate``'s arguments checked (a ``ValueError`` naming the bad one) and normalized: the
+  left-padded ``prompt_BP`` and its ``pads_B``, and the static options of the compiled loop.
+  ``models/speculative.py`` shares it."""
   vocab = model.config.vocab_size
   pad_token = check_integer("pad_token", pad_token)
   if not 0 <= pad_token < vocab:
@@ -166,7 +205,6 @@ def generate(
   stop = tuple(check_integer("stop_tokens", t) for t in stop_tokens)
   if any(not 0 <= t < vocab for t in stop):
     raise ValueError(f"stop_tokens {stop} has ids outside [0, {vocab})")
-  rng = jax.random.key(0) if rng is None else rng
   processors = tuple(logits_processors)
   for i, fn in enumerate(processors):
     if not callable(fn):
@@ -191,13 +229,10 @@ def generate(
     sites_lib.check_unscanned(model, f"interventions at {[h[0] for h in hooks]}")
     if len({sites_lib.resolve(h[0]) for h in hooks}) < len(hooks):
       raise ValueError(f"interventions: two at one site ({[h[0] for h in hooks]})")
-  return _generate(
-    model,
-    params,
-    jnp.asarray(tokens, jnp.int32),
-    jnp.asarray(pads),
-    rng,
-    float(temperature),
+  return dict(
+    prompt_BP=jnp.asarray(tokens, jnp.int32),
+    pads_B=jnp.asarray(pads),
+    temperature=float(temperature),
     max_new_tokens=int(max_new_tokens),
     top_k=None if top_k is None else int(top_k),
     top_p=None if top_p is None else float(top_p),
@@ -208,6 +243,29 @@ def generate(
     hooks=tuple(hooks),
     hook_args=tuple(hook_args),
   )
+
+
+def intervention_map(hooks, hook_args) -> dict:
+  """``prepare``'s hooks as ``{site: fn(x)}`` (an ``args`` entry bound as data)."""
+  return {
+    site: (lambda x, fn=fn, a=a: fn(x, a)) if takes_args else fn
+    for (site, fn, takes_args), a in zip(hooks, hook_args)
+  }
+
+
+def decode_forward(model, params, cache, tokens, interventions: dict, **kwargs):
+  """``(output, cache)`` of one ``decode=True`` forward of ``tokens`` with ``interventions``
+  (``intervention_map``) in place; ``kwargs`` go to the model (positions, segment ids, mtp)."""
+  run = functools.partial(
+    model.apply, {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
+  )
+  if not interventions:
+    out, variables = run(**kwargs)
+  else:
+    with sites_lib.Interventions(interventions) as record:
+      out, variables = run(**kwargs)
+    record.check()  # at trace time: a site the model does not have is an error
+  return out, variables["cache"]
 
 
 @functools.partial(
@@ -254,23 +312,12 @@ def _generate(
       "segment_ids": (idx_BP >= pads_B[:, None]).astype(jnp.int32),
       "positions": jnp.maximum(idx_BP - pads_B[:, None], 0),
     }
-  interventions = {
-    site: (lambda x, fn=fn, a=a: fn(x, a)) if takes_args else fn
-    for (site, fn, takes_args), a in zip(hooks, hook_args)
-  }
+  interventions = intervention_map(hooks, hook_args)
 
   def apply(cache, tokens, **kwargs):
     """The last position's logits and the cache, with the interventions in place."""
-    run = functools.partial(
-      model.apply, {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
-    )
-    if not interventions:
-      logits, variables = run(**kwargs)
-    else:
-      with sites_lib.Interventions(interventions) as record:
-        logits, variables = run(**kwargs)
-      record.check()  # at trace time: a site the model does not have is an error
-    return logits[:, -1], variables["cache"]
+    logits, cache = decode_forward(model, params, cache, tokens, interventions, **kwargs)
+    return logits[:, -1], cache
 
   def process(logits_BV, out_BN, length):
     tokens_BT = jnp.concatenate([prompt_BP, out_BN], axis=1)
