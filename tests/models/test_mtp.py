@@ -134,3 +134,28 @@ def test_errors():
   config = ml_collections.ConfigDict({"z_loss": 0.0, "mtp_weight": -1.0})
   with pytest.raises(ValueError, match="config.mtp_weight=-1.0 must be >= 0"):
     lm_task.LMTask.loss_options(config)
+
+
+def test_trains_through_the_loop_sharded_like_one_device(tmp_path, losses, train_metrics):
+  """``--config.model.mtp_heads=2``: the LM task trains the heads (their metrics are logged and
+  evaluated); the 2 x 2 x 2 mesh gives the one-device losses."""
+  from flaxseed import training  # pylint: disable=g-import-not-at-top
+  from flaxseed.configs import common  # pylint: disable=g-import-not-at-top
+
+  config = common.override(
+    lm_configs.get_config("test"),
+    **{"model.mtp_heads": 2, "model.mtp_style": "sequential", "steps": 3, "sample_tokens": 0},
+  )
+  one = training.train(
+    common.override(config.copy_and_resolve_references(), **{"mesh.data": 1}), str(tmp_path / "one")
+  )
+  training.train(
+    common.override(config, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+    str(tmp_path / "mesh"),
+  )
+  assert {"eval/mtp_1/accuracy", "eval/mtp_2/loss"} <= set(one), sorted(one)
+  a, b = losses(tmp_path / "one"), losses(tmp_path / "mesh")
+  assert list(a) == [1, 2, 3]
+  for step in a:
+    assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
+  assert {"mtp_1/loss", "mtp_2/accuracy"} <= set(train_metrics(tmp_path / "one")[3])
