@@ -75,6 +75,8 @@ class Dense(nn.Module):
       stored = self.get_variable("params", "kernel")
       if isinstance(stored, kernels.QuantizedWeight):  # models.quantize put it there
         return self._quantized_2d(x2.reshape(x2.shape[0], -1), stored)
+      if isinstance(stored, kernels.Sparse24Weight):  # models.prune.pack put it there
+        return self._sparse24_2d(x2.reshape(x2.shape[0], -1), stored)
       if isinstance(stored, lora.LoraWeight):  # models.lora.apply put it there
         return self._lora(x2, stored)
     init = fan_in_init(range(n), range(n, len(self.shape)))
@@ -96,6 +98,16 @@ class Dense(nn.Module):
         f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})"
       )
     return kernels.quantized_matmul(x_MK, kernel, **_quantized_mesh(self.axes[n:]))
+
+  def _sparse24_2d(self, x_MK, kernel):
+    n = self.num_in
+    k, out = math.prod(self.shape[:n]), math.prod(self.shape[n:])
+    if kernel.shape != (k, out):
+      raise ValueError(
+        f"{self.name}: packed 2:4 kernel is {kernel.shape} but this layer "
+        f"multiplies by [{k}, {out}] (shape {self.shape}, num_in={n})"
+      )
+    return kernels.sparse24_matmul(x_MK, kernel)
 
   def _lora(self, x2, weight):
     """The base kernel (float or quantized) plus the adapter's low-rank path (``models.lora``)."""

@@ -75,12 +75,12 @@ def quantize_params(
 
 
 def weight_bytes(params) -> int:
-  """Bytes of all parameters as stored (quantized leaves count their packed codes and scales)."""
+  """Bytes of all parameters as stored (quantized leaves count their packed codes and scales,
+  packed 2:4 leaves their values and positions)."""
   total = 0
-  for leaf in jax.tree.leaves(
-    nn.unbox(params), is_leaf=lambda x: isinstance(x, kernels.QuantizedWeight)
-  ):
-    if isinstance(leaf, kernels.QuantizedWeight):
+  packed = (kernels.QuantizedWeight, kernels.Sparse24Weight)
+  for leaf in jax.tree.leaves(nn.unbox(params), is_leaf=lambda x: isinstance(x, packed)):
+    if isinstance(leaf, packed):
       total += leaf.nbytes
     else:
       total += leaf.size * leaf.dtype.itemsize

@@ -109,7 +109,7 @@ def decoding(model, params, prompts, quick):
         "tokens_per_forward": out.tokens_per_forward,
         "identical": bool(np.array_equal(out.tokens, plain())),
         "plain_seconds": _median_seconds(plain, repeats),
-        "speculative_seconds": _median_seconds(lambda: spec().tokens, repeats),
+        "speculative_seconds": _median_seconds(lambda spec=spec: spec().tokens, repeats),
       }
     )
   batch = [list(p) for p in prompts]
@@ -248,7 +248,8 @@ over heads). Decoding: greedy, {NEW} bytes after {PROMPTS} held-out prompts of {
 bytes, batch 1 (and all {PROMPTS} as one batch); speed-up = plain greedy seconds / speculative
 seconds, medians of {REPEATS} runs in one process.
 
-| extra heads | held-out bpb | next-byte acc | head acc (2, 3, 4 ahead) | induction: copy 1 -> copy 2 | train s | tokens / forward | = greedy | speed-up | batch of {PROMPTS}: tokens / forward, speed-up |
+| extra heads | bpb | next-byte acc | head acc (2, 3, 4 ahead) | induction: copy 1 -> 2 \
+| train s | tokens / forward | = greedy | speed-up | batch: tokens / forward, speed-up |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 

@@ -172,3 +172,16 @@ def test_quantized_transformer_compiles_for_a_sharded_v5e_mesh(tpu_mesh, monkeyp
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(qparams, tokens).compile()
   assert "flaxseed_int4_matmul" in compiled.as_text()
+
+
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_tpu_sparse24_matmul_compiles_for_v5e(tpu_mesh, m):
+  device = jax.sharding.SingleDeviceSharding(tpu_mesh.devices.flat[0])
+  sw = kernels.Sparse24Weight(
+    jax.ShapeDtypeStruct((2, 1024, 4096), jnp.bfloat16, sharding=device),
+    jax.ShapeDtypeStruct((512, 4096), jnp.uint8, sharding=device),
+    (4096, 4096),
+  )
+  x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16, sharding=device)
+  fn = lambda x, sw: kernels.sparse24_matmul(x, sw, implementation="pallas_tpu")  # noqa: E731
+  assert "flaxseed_sparse24_matmul" in jax.jit(fn).lower(x, sw).compile().as_text()

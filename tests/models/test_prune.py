@@ -121,3 +121,23 @@ def test_errors(model_and_params):
     prune.prune(model, params, tokens, method="wanda", sparsity=0.5, targets="nothing")
   with pytest.raises(ValueError, match="needs calibration tokens"):
     prune.prune(model, params, np.zeros((0,), np.int32), method="wanda", sparsity=0.5)
+
+
+def test_a_2_4_model_packs_and_runs_at_half_the_weight_bytes(model_and_params):
+  from flaxseed.models import quantize  # pylint: disable=g-import-not-at-top
+
+  model, params, tokens = model_and_params
+  pruned, _ = prune.prune(model, params, tokens, method="wanda", nm="2:4")
+  packed = prune.pack(pruned)
+  np.testing.assert_allclose(
+    model.apply({"params": packed}, tokens),
+    model.apply({"params": pruned}, tokens),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  kernels_bytes = lambda p: sum(  # noqa: E731
+    quantize.weight_bytes(p[f"layers_{i}"]) for i in range(2)
+  )
+  assert kernels_bytes(packed) < 0.6 * kernels_bytes(pruned)
+  with pytest.raises(ValueError, match=r"layers_0/attn/k/kernel is not 2:4 sparse"):
+    prune.pack(params)
