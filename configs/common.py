@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.z_loss = 0.0
   # lambda of a model with multi-token heads (model.mtp_heads > 0): main + lambda * mean over heads
   c.mtp_weight = 0.3
+  # A regex of parameter paths whose exact zeros stay zero (a pruned model's sparse fine-tune,
+  # models/prune.py), e.g. r".*(attn|mlp).*kernel"; "" trains every weight. Fixed for a run.
+  c.keep_zeros = ""
   c.sample_tokens = 200  # 0: no sample at the end
   c.sample_prompt = "def "
   c.sample_temperature = 0.8

@@ -8,6 +8,8 @@ changing its learning rates) and ``accum_steps`` (gradient accumulation inside t
 ``training/step.py``).
 """
 
+import re
+
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -55,6 +57,32 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
     )
   )
   return optax.chain(*parts)
+
+
+def keep_zeros(targets: str, abstract_params) -> optax.GradientTransformation:
+  """Zeroes the updates of the parameters whose paths match ``targets`` wherever the parameter is
+  exactly zero, so a pruned model's fine-tune keeps its sparsity pattern (``config.keep_zeros``;
+  chained after AdamW, whose decoupled weight decay leaves a zero at zero). The mask is read from
+  the parameters at every step, so nothing is stored; a kept weight would join it only by landing
+  on exactly 0.0. A pattern that matches no parameter is a ``ValueError``."""
+  from flaxseed.models import params as params_lib  # pylint: disable=g-import-not-at-top
+
+  pattern = re.compile(targets)
+  if not any(pattern.fullmatch(p) for p in params_lib.param_paths(abstract_params)):
+    raise ValueError(
+      f"config.keep_zeros={targets!r} matches no trainable parameter; the paths are: "
+      f"{params_lib.param_paths(abstract_params)}"
+    )
+
+  def update(updates, state, params):
+    def fix(key_path, u, p):
+      if not pattern.fullmatch(params_lib.path_string(key_path)):
+        return u
+      return u * (p != 0).astype(u.dtype)
+
+    return jax.tree_util.tree_map_with_path(fix, updates, params), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def state_shardings(optimizer, abstract_opt_state, param_shardings, mesh):

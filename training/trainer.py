@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
+import optax
 
 from flaxseed.data import pipeline
 from flaxseed.models import hf
@@ -169,6 +170,8 @@ def _setup(config, task: tasks_lib.Task, mesh: Mesh) -> Setup:
   param_shardings = mesh_lib.logical_shardings(boxed_params, mesh, rules)
   frozen_shardings = mesh_lib.logical_shardings(boxed_frozen, mesh, rules)
   abstract_params = nn.unbox(boxed_params)
+  if config.get("keep_zeros", ""):  # a sparse fine-tune (models/prune.py): zeros stay zero
+    optimizer = optax.chain(optimizer, optim.keep_zeros(config.keep_zeros, abstract_params))
   mesh_lib.check_divisible(abstract_params, param_shardings)
   mesh_lib.check_divisible(nn.unbox(boxed_frozen), frozen_shardings, what="frozen parameter")
   abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)

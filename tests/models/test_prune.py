@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxseed.models import params as params_lib
 from flaxseed.models import prune
 from flaxseed.models import transformer
 
@@ -141,3 +142,36 @@ def test_a_2_4_model_packs_and_runs_at_half_the_weight_bytes(model_and_params):
   assert kernels_bytes(packed) < 0.6 * kernels_bytes(pruned)
   with pytest.raises(ValueError, match=r"layers_0/attn/k/kernel is not 2:4 sparse"):
     prune.pack(params)
+
+
+def test_a_sparse_fine_tune_keeps_the_pattern(tmp_path):
+  """Prune a run's model, save it as a Hugging Face folder, fine-tune from it with
+  ``config.keep_zeros``: every pruned weight is still zero, every other target weight moved."""
+  from flaxseed import training  # pylint: disable=g-import-not-at-top
+  from flaxseed.configs import common  # pylint: disable=g-import-not-at-top
+  from flaxseed.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
+  from flaxseed.models import hf  # pylint: disable=g-import-not-at-top
+
+  pytest.importorskip("safetensors")
+  config = common.override(
+    lm_configs.get_config("test"),
+    **{"model.scan_layers": False, "mesh.data": 1, "sample_tokens": 0, "steps": 2},
+  )
+  training.train(config, str(tmp_path / "base"))
+  restored = training.restore(config, str(tmp_path / "base"))
+  model, params = restored.setup.task.model, restored.params
+  rows = restored.setup.task.corpus.train.tokens[: 8 * 32].reshape(8, 32).astype(np.int32)
+  pruned, masks = prune.prune(model, params, rows, method="wanda", sparsity=0.5)
+  hf.to_pretrained(model, pruned, str(tmp_path / "pruned"))
+  targets = r".*(attn|mlp).*kernel"
+  tuned = common.override(
+    config, **{"init_from": str(tmp_path / "pruned"), "keep_zeros": targets, "steps": 3}
+  )
+  training.train(tuned, str(tmp_path / "tuned"))
+  after = training.restore(tuned, str(tmp_path / "tuned")).params
+  for path, keep in masks.items():
+    w, before = np.asarray(params_lib.get(after, path)), np.asarray(params_lib.get(pruned, path))
+    np.testing.assert_array_equal(w[~keep], 0.0)
+    assert np.all(w[keep] != before[keep]), path  # the kept weights trained
+  with pytest.raises(ValueError, match="config.keep_zeros='nothing' matches no trainable"):
+    training.train(common.override(tuned, keep_zeros="nothing"), str(tmp_path / "bad"))
