@@ -7,7 +7,9 @@
 weights (a LoRA run's adapters on their base) and tokenizer. ``--hf_dir``: ``hf.from_pretrained``
 and ``hf.tokenizer`` (the folder's ``tokenizer.json`` or ``tokenizer.model``; or ``--tokenizer``).
 Prompts of different lengths are left-padded into one batch (``models/sampling.py``); ``--stop``
-ends a row at that text's last token.
+ends a row at that text's last token. ``--speculative``: a model with multi-token heads drafts
+with them (``models/speculative.py``; the same tokens as plain greedy decoding at
+``--temperature=0``, the same distribution otherwise) and the tokens per forward are printed.
 """
 
 import sys
@@ -20,6 +22,7 @@ import numpy as np
 from flaxseed import models
 from flaxseed.data import tokenizers
 from flaxseed.models import hf
+from flaxseed.models import speculative
 from flaxseed.training import checkpoint
 from flaxseed.training import tasks
 from flaxseed.training import trainer
@@ -39,6 +42,9 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely toke
 _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the nucleus of this mass.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop a row at this text (its last token).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SPECULATIVE = flags.DEFINE_bool(
+  "speculative", False, "Draft with the model's multi-token heads (model.mtp_heads > 0)."
+)
 
 
 def load(workdir: str | None, hf_dir: str | None, tokenizer: str | None):
@@ -74,10 +80,7 @@ def main(argv):
     model, params, tok = load(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value)
     prompts = [np.asarray(tok.encode(p), np.int32) for p in _PROMPTS.value]
     stops = [int(np.asarray(tok.encode(s))[-1]) for s in _STOP.value]
-    out = models.generate(
-      model,
-      params,
-      prompts,
+    options = dict(
       max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value,
       top_k=_TOP_K.value,
@@ -85,6 +88,12 @@ def main(argv):
       stop_tokens=stops,
       rng=jax.random.key(_SEED.value),
     )
+    if _SPECULATIVE.value:
+      result = speculative.generate(model, params, prompts, draft="mtp", **options)
+      out = result.tokens
+      print(f"tokens per forward: {result.tokens_per_forward:.2f}", file=sys.stderr)
+    else:
+      out = models.generate(model, params, prompts, **options)
   except ValueError as e:
     sys.exit(f"error: {e}")
   width = max(p.size for p in prompts)

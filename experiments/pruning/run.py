@@ -200,18 +200,19 @@ def report(results, *, quick: bool) -> str:
   suffix = studies.suffix(quick)
   tables = []
   for size, m in results["models"].items():
+    steps, dense = studies.steps(STEPS[size], quick=quick), m["dense"]
     lines = [
-      f"**{size}** ({m['params'] / 1e6:.2f}M parameters, {studies.steps(STEPS[size], quick=quick)}"
-      f" steps): dense bpb {m['dense']['bpb']:.4f}, next-byte accuracy {m['dense']['accuracy']:.4f}",
+      f"**{size}** ({m['params'] / 1e6:.2f}M parameters, {steps} steps): dense bpb "
+      f"{dense['bpb']:.4f}, next-byte accuracy {dense['accuracy']:.4f}",
       "",
       "| pattern | " + " | ".join(f"{k} bpb | {k} acc kept" for k in METHODS) + " |",
       "| --- |" + " --- | --- |" * len(METHODS),
     ]
     for name, _, _ in SETTINGS:
-      cells = [
-        f"{m['pruned'][f'{k} {name}']['bpb']:.4f} | {m['pruned'][f'{k} {name}']['accuracy_retained']:.3f}"
-        for k in METHODS
-      ]
+      cells = []
+      for k in METHODS:
+        r = m["pruned"][f"{k} {name}"]
+        cells.append(f"{r['bpb']:.4f} | {r['accuracy_retained']:.3f}")
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     tables.append("\n".join(lines))
   g = results["goal"]
