@@ -7,8 +7,12 @@
     out.tokens_per_forward  # new tokens per forward of the model, 1.0 for plain decoding
 
 Drafts come from the model's own multi-token heads (``draft="mtp"``: self-speculative decoding
-with ``TransformerConfig.mtp_heads`` parallel heads, Gloeckle et al. 2024 / Medusa), or from a
-smaller zoo model with the same vocabulary (Leviathan et al. 2023; Chen et al. 2023). Each step
+with ``TransformerConfig.mtp_heads`` heads), or from a smaller zoo model with the same vocabulary
+(Leviathan et al. 2023; Chen et al. 2023). Parallel heads (Gloeckle et al. 2024, Medusa) draft
+from the verify forward itself, free. Sequential heads (DeepSeek-V3) draft one after another at
+the last kept position, head k reading the token head k - 1 drafted and its hidden state (one
+small forward each; the model's ``mtp_draft``); their caches hold each depth's entries at the
+slot of the token it reads (``Transformer`` docstring), so the verify forward rewrites them. Each step
 the model reads the pending token and the ``num_draft`` drafts in one forward of
 ``num_draft + 1`` positions and keeps the longest run of drafts it agrees with, plus one token of
 its own, so a step emits between 1 and ``num_draft + 1`` tokens.
@@ -79,7 +83,7 @@ def generate(
 
   Args:
     model: a causal ``Transformer``.
-    draft: ``"mtp"`` (the model's parallel multi-token heads draft) or ``(draft_model,
+    draft: ``"mtp"`` (the model's multi-token heads draft) or ``(draft_model,
       draft_params)``, a causal ``Transformer`` with the model's vocabulary.
     num_draft: drafts per step; default (and at most) ``mtp_heads`` for ``"mtp"``, else 4.
     The other arguments are ``sampling.generate``'s (greedy by default here).
@@ -104,11 +108,6 @@ def generate(
       raise ValueError(f"draft={draft!r}: 'mtp' or a (draft_model, draft_params) pair")
     if not cfg.mtp_heads:
       raise ValueError("draft='mtp' needs a model with multi-token heads (config.mtp_heads > 0)")
-    if cfg.mtp_style != "parallel":
-      raise ValueError(
-        f"draft='mtp' drafts with parallel heads; this model's mtp_style={cfg.mtp_style!r} "
-        "(a sequential head reads the token before it, which decoding does not have yet)"
-      )
     num_draft = cfg.mtp_heads if num_draft is None else num_draft
     if not 1 <= sampling.check_integer("num_draft", num_draft) <= cfg.mtp_heads:
       raise ValueError(f"num_draft={num_draft} must be in [1, mtp_heads={cfg.mtp_heads}]")
@@ -200,6 +199,15 @@ def _holes(cache, start, keep_B, width: int, new_index):
   return jax.tree_util.tree_map_with_path(fix, cache)
 
 
+def _set_index(cache, name: str, index):
+  """The cache with the write index of submodule ``name``'s attention set to ``index``."""
+  sub = jax.tree_util.tree_map_with_path(
+    lambda path, leaf: jnp.full_like(leaf, index) if path[-1].key == "index" else leaf,
+    cache[name],
+  )
+  return {**cache, name: sub}
+
+
 @functools.partial(
   jax.jit,
   static_argnames=(
@@ -244,6 +252,7 @@ def _speculative(
   batch, prompt_len = prompt_BP.shape
   g, w, n = num_draft, num_draft + 1, max_new_tokens
   greedy, self_draft = temperature == 0.0, draft_model is None
+  sequential = self_draft and model.config.mtp_style == "sequential"
   interventions = sampling.intervention_map(hooks, hook_args)
   lengths_B = prompt_len - pads_B  # real prompt tokens per row
   idx_BP = jnp.arange(prompt_len)[None, :]
@@ -254,11 +263,16 @@ def _speculative(
   ones_BW = jnp.ones((batch, w), jnp.int32)
   stop_arr = jnp.asarray(stop if stop else (-1,), jnp.int32)
 
-  def target(cache, tokens, **kw):
-    """Logits [B, L, V], the heads' [B, K, L, V] (self-drafting) and the cache."""
+  def target(cache, tokens, carry_KBD=None, **kw):
+    """Logits [B, L, V], the heads' [B, K, L, V] (self-drafting; sequential heads: their depths'
+    hidden states [K, B, L, D] instead) and the cache."""
+    if sequential:
+      kw["mtp_carry"] = carry_KBD
     out, cache = sampling.decode_forward(
       model, params, cache, tokens, interventions, mtp=self_draft, **kw
     )
+    if sequential:
+      return out[0], out[2], cache
     logits, heads = out if self_draft else (out, None)
     return logits, None if heads is None else jnp.moveaxis(heads[:g], 0, 1), cache
 
@@ -336,16 +350,48 @@ def _speculative(
     drafts = jnp.stack([choose(dist_BKV[:, k], keys[k]) for k in range(g)], 1)
     return drafts, dist_BKV
 
+  def draft_with_sequential(cache, pending_B, hiddens_KBD, position_B, start, key):
+    """Sequential heads draft one after another at the last kept position: head k reads the
+    token drafted before it and head k - 1's hidden state (the trunk's for head 1), and writes
+    its cache at the slot the next step gives that token (which the step then overwrites)."""
+    drafts, logps, token_B, hidden_BD = [], [], pending_B, hiddens_KBD[0]
+    for k in range(1, g + 1):
+      cache = _set_index(cache, f"mtp_{k - 1}", start + k - 1)
+      (logits, h), cache = sampling.decode_forward(
+        model,
+        params,
+        cache,
+        token_B[:, None],
+        {},
+        mtp_draft=(k, hidden_BD[:, None]),
+        segment_ids=ones_BW[:, :1],
+        positions=position_B[:, None],
+      )
+      dist_BV = distribution(logits[:, -1])
+      token_B = choose(dist_BV, jax.random.fold_in(key, k))
+      drafts.append(token_B)
+      logps.append(dist_BV)
+      hidden_BD = h[:, 0]
+    for k in range(1, g + 1):  # the step writes every depth from its start
+      cache = _set_index(cache, f"mtp_{k - 1}", start)
+    return jnp.stack(drafts, 1), jnp.stack(logps, 1), cache
+
   # The prompt: its last position gives the first token (and the heads' first drafts).
   cache = sampling.init_cache(model, batch, slots)
   logits, heads, cache = target(cache, prompt_BP, **prompt_kw)
+  carry_KBD = heads[:, :, -1] if sequential else None
   out_BN = jnp.full((batch, n), pad_token, jnp.int32)
   no_context = jnp.zeros((batch, g), jnp.int32)
   zero_B, none_B = jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool)
   first_dist = processed(logits[:, -1:], out_BN, zero_B, no_context, none_B)
   first_B = choose(first_dist[:, 0], jax.random.fold_in(rng, 0))
   out_BN, n_B, done_B, _ = emit(out_BN, zero_B, none_B, first_B[:, None], zero_B + 1)
-  if self_draft:
+  if sequential:
+    drafts_BG, q_BGV, cache = draft_with_sequential(
+      cache, first_B, carry_KBD, lengths_B - 1, prompt_len, jax.random.fold_in(rng, 1)
+    )
+    dcache = None
+  elif self_draft:
     drafts_BG, q_BGV = draft_with_heads(heads, zero_B + prompt_len - 1, jax.random.fold_in(rng, 1))
     dcache = None
   else:
@@ -374,6 +420,7 @@ def _speculative(
     logits, heads, cache = target(
       carry["cache"],
       chunk_BW,
+      carry["hidden"],
       segment_ids=ones_BW,
       positions=positions_B[:, None] + jnp.arange(w)[None, :],
     )
@@ -392,8 +439,14 @@ def _speculative(
     keep_B = jnp.where(live_B, kept_B + 1, 0)
     new_start = start + jnp.max(keep_B)
     cache = _holes(cache, start, keep_B, w, new_start)
+    hidden_KBD = carry["hidden"]
     if not self_draft:
       dcache = _holes(dcache, start, keep_B, w, new_start)
+    elif sequential:  # each depth's input at the last kept position carries into the next step
+      hidden_KBD = jnp.take_along_axis(heads, kept_B[None, :, None, None], axis=2)[:, :, 0]
+      drafts_BG, q_BGV, cache = draft_with_sequential(
+        cache, next_B, hidden_KBD, positions_B + kept_B, new_start, head_rng
+      )
     else:
       drafts_BG, q_BGV = draft_with_heads(heads, kept_B, head_rng)
     return {
@@ -406,6 +459,7 @@ def _speculative(
       "q": q_BGV,
       "cache": cache,
       "dcache": dcache,
+      "hidden": hidden_KBD,
       "forwards": carry["forwards"] + live_B.astype(jnp.int32),
     }
 
@@ -419,6 +473,7 @@ def _speculative(
     "q": q_BGV,
     "cache": cache,
     "dcache": dcache,
+    "hidden": carry_KBD,
     "forwards": forwards_B,
   }
   carry = jax.lax.while_loop(cond, body, carry)

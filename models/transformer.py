@@ -530,7 +530,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, tokens_BL, *, segment_ids=None, positions=None, decode: bool = False, mtp: bool = False
+    self,
+    tokens_BL,
+    *,
+    segment_ids=None,
+    positions=None,
+    decode: bool = False,
+    mtp: bool = False,
+    mtp_carry=None,
+    mtp_draft=None,
   ):
     """Args:
     tokens_BL: int tokens.
@@ -543,17 +551,33 @@ class Transformer(nn.Module):
       where ``extra[k - 1, :, i]`` predicts the token at ``i + 1 + k`` (``config.mtp_heads = K``).
       A sequential head k reads the token at ``i + k``: within ``tokens_BL``, so the last k
       positions read wrapped tokens (their targets lie past the row; never use them).
+    mtp_carry, mtp_draft: decoding with sequential heads (``models/speculative.py``), below.
+
+    Decoding sequential heads. Head k's entry for position j reads token ``j + k``, so a decode
+    step writes it at the cache slot of token ``j + k`` (RoPE position ``j``): in a chunk of
+    tokens at positions ``p``, head k reads the embedding of token ``p`` and the previous depth's
+    hidden state at ``p - 1`` (``mtp_carry [K, B, D]``: each depth's input from before the
+    chunk), so ``extra[k - 1, :, i]`` predicts the token after position ``p_i`` (the main head's
+    target, from less of the trunk). With ``decode=True, mtp=True`` the call returns ``(logits,
+    extra, hiddens [K, B, L, D])``, each depth's input for the next; ``positions`` are required.
+    ``mtp_draft=(k, hidden [B, L, D])`` runs head k alone on ``tokens_BL`` and returns
+    ``(logits, its hidden state)``: one drafting step.
     """
     cfg = self.config
     if decode and not cfg.causal:
       raise ValueError("decode=True needs a causal model (config.causal=False)")
-    if mtp and not cfg.mtp_heads:
+    if (mtp or mtp_draft is not None) and not cfg.mtp_heads:
       raise ValueError("mtp=True needs config.mtp_heads > 0")
-    if mtp and decode and cfg.mtp_style == "sequential":
+    sequential_decode = decode and cfg.mtp_style == "sequential" and cfg.mtp_heads
+    if (mtp_carry is not None or mtp_draft is not None) and not (
+      sequential_decode and positions is not None
+    ):
       raise ValueError(
-        "mtp=True with decode=True: a sequential head at position i reads token i + k, which "
-        "a decode step does not have yet; decode the parallel style, or run the full forward"
+        "mtp_carry and mtp_draft decode sequential heads: they need decode=True, "
+        "mtp_style='sequential' and explicit positions"
       )
+    if mtp and sequential_decode and positions is None:
+      raise ValueError("decoding sequential heads (mtp=True, decode=True) needs explicit positions")
     if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):  # jnp.take would say "indices"
       raise ValueError(f"tokens_BL must be integer token ids, got {tokens_BL.dtype}")
     if cfg.max_positions is not None and tokens_BL.shape[1] > cfg.max_positions:
@@ -564,7 +588,26 @@ class Transformer(nn.Module):
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, name="embed")
+    unembed_layer = None
+    if not cfg.tie_embeddings:
+      unembed_layer = layers.Dense(
+        (cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=cfg.compute_dtype, name="unembed"
+      )
+
+    def unembed(h_BLD):
+      logits = embed.attend(h_BLD) if unembed_layer is None else unembed_layer(h_BLD)
+      logits = logits.astype(jnp.float32)
+      if cfg.logit_soft_cap is not None:
+        logits = cfg.logit_soft_cap * jnp.tanh(logits / cfg.logit_soft_cap)
+      return sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.VOCAB))
+
     tokens_embed_BLD = x_BLD = self._embed(embed, tokens_BL)
+    if mtp_draft is not None:  # one sequential head alone: a drafting step
+      k, hidden_BLD = mtp_draft
+      h_BLD, out_BLD = MtpHead(cfg, decode, name=f"mtp_{k - 1}")(
+        hidden_BLD, tokens_embed_BLD, segment_ids, positions
+      )
+      return unembed(out_BLD), h_BLD
     if cfg.position_embedding == "learned":
       x_BLD = x_BLD + self._learned_positions(tokens_BL, positions, decode)
 
@@ -590,22 +633,13 @@ class Transformer(nn.Module):
           x_BLD, segment_ids, positions
         )
 
-    unembed_layer = None
-    if not cfg.tie_embeddings:
-      unembed_layer = layers.Dense(
-        (cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=cfg.compute_dtype, name="unembed"
-      )
-
-    def unembed(h_BLD):
-      logits = embed.attend(h_BLD) if unembed_layer is None else unembed_layer(h_BLD)
-      logits = logits.astype(jnp.float32)
-      if cfg.logit_soft_cap is not None:
-        logits = cfg.logit_soft_cap * jnp.tanh(logits / cfg.logit_soft_cap)
-      return sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.VOCAB))
-
     logits = unembed(norm(cfg, "final_norm")(x_BLD))
     if not (mtp or (cfg.mtp_heads and self.is_initializing())):
       return logits
+    if sequential_decode and positions is not None:
+      return self._decode_sequential(
+        x_BLD, tokens_embed_BLD, logits, unembed, segment_ids, positions, mtp_carry, mtp
+      )
     extra, h_BLD = [], x_BLD
     for k in range(1, cfg.mtp_heads + 1):
       # Parallel heads all read the trunk; a sequential head reads the previous depth and the
@@ -617,6 +651,33 @@ class Transformer(nn.Module):
       )
       extra.append(unembed(out_BLD))
     return (logits, jnp.stack(extra)) if mtp else logits  # init creates the heads either way
+
+  def _decode_sequential(
+    self, x_BLD, tokens_embed_BLD, logits, unembed, segment_ids, positions, carry_KBD, mtp
+  ):
+    """A decode chunk through the sequential heads (the ``__call__`` docstring): head k at slot
+    ``p`` reads token ``p`` and the previous depth at ``p - 1``, at RoPE position ``p - k``."""
+    cfg = self.config
+    batch, _, width = x_BLD.shape
+    if carry_KBD is None:
+      carry_KBD = jnp.zeros((cfg.mtp_heads, batch, width), x_BLD.dtype)
+    if segment_ids is None:
+      segment_ids = jnp.ones(positions.shape, jnp.int32)
+    extra, hiddens, prev_BLD = [], [], x_BLD
+    for k in range(1, cfg.mtp_heads + 1):
+      hiddens.append(prev_BLD)
+      source = jnp.concatenate(
+        [carry_KBD[k - 1][:, None].astype(prev_BLD.dtype), prev_BLD[:, :-1]], axis=1
+      )
+      # the entry for position p - k exists once p - k >= 0
+      segments_k = jnp.where(positions - k >= 0, segment_ids, 0)
+      prev_BLD, out_BLD = MtpHead(cfg, True, name=f"mtp_{k - 1}")(
+        source, tokens_embed_BLD, segments_k, positions - k
+      )
+      extra.append(unembed(out_BLD))
+    if not mtp:
+      return logits
+    return logits, jnp.stack(extra), jnp.stack(hiddens)
 
   def _embed(self, embed, tokens_BL):
     x_BLD = embed(tokens_BL)

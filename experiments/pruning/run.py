@@ -42,7 +42,7 @@ _FRESH = flags.DEFINE_bool("fresh", False, "Recompute cached results.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/pruning_study", "Checkpoints and logs.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STEPS = {"tiny": 1500, "small": 1500}
+STEPS = {"tiny": 1500, "small": 1000}
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SETTINGS = [("0.3", 0.3, None), ("0.5", 0.5, None), ("0.7", 0.7, None)]
 SETTINGS += [("4:8", 0.0, "4:8"), ("2:4", 0.0, "2:4")]

@@ -118,6 +118,45 @@ def test_parallel_heads_decode_like_the_full_forward():
   np.testing.assert_allclose(jnp.concatenate([o[1] for o in outs], 2), full_extra, atol=1e-5)
 
 
+def test_sequential_heads_decode_like_the_full_forward():
+  """Decoding, head k's entry for position j sits at the slot of token j + k: its logits at slot
+  p equal the full forward's at j = p - k, across a prefill, one step and a chunk, each carrying
+  the depths' last hidden states; and one drafting step of head 1 equals the full forward."""
+  model = _task("sequential").model
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 10)), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  full, full_extra = model.apply({"params": params}, tokens, mtp=True)
+  cache, carry, mains, extras = sampling.init_cache(model, 2, 10), None, [], []
+  for start, stop in ((0, 4), (4, 5), (5, 10)):
+    positions = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
+    (logits, extra, hiddens), variables = model.apply(
+      {"params": params, "cache": cache},
+      tokens[:, start:stop],
+      decode=True,
+      mtp=True,
+      mtp_carry=carry,
+      positions=positions,
+      mutable=["cache"],
+    )
+    cache, carry = variables["cache"], hiddens[:, :, -1]
+    mains.append(logits)
+    extras.append(extra)
+    if start == 0:  # after the prefill: head 1 drafts at position 3 from token 4
+      (draft, _), _ = model.apply(
+        {"params": params, "cache": cache},
+        tokens[:, 4:5],
+        decode=True,
+        mtp_draft=(1, hiddens[0][:, -1:]),
+        positions=jnp.full((2, 1), 3),
+        mutable=["cache"],
+      )
+      np.testing.assert_allclose(draft[:, 0], full_extra[0][:, 3], atol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate(mains, 1), full, atol=1e-5)
+  extra = jnp.concatenate(extras, 2)
+  for k in range(1, 4):
+    np.testing.assert_allclose(extra[k - 1][:, k:], full_extra[k - 1][:, : 10 - k], atol=1e-5)
+
+
 def test_errors():
   with pytest.raises(ValueError, match="mtp_style='tree' is not one of"):
     transformer.TransformerConfig.tiny(mtp_heads=2, mtp_style="tree")
@@ -129,8 +168,10 @@ def test_errors():
   with pytest.raises(ValueError, match="mtp=True needs config.mtp_heads > 0"):
     plain.apply({"params": params}, tokens, mtp=True)
   model = _task("sequential").model
-  with pytest.raises(ValueError, match="sequential head at position i reads token i \\+ k"):
+  with pytest.raises(ValueError, match="decoding sequential heads .* needs explicit positions"):
     model.init(jax.random.key(0), tokens, decode=True, mtp=True)
+  with pytest.raises(ValueError, match="mtp_carry and mtp_draft decode sequential heads"):
+    model.init(jax.random.key(0), tokens, mtp_draft=(1, jnp.zeros((1, 4, 32))))
   config = ml_collections.ConfigDict({"z_loss": 0.0, "mtp_weight": -1.0})
   with pytest.raises(ValueError, match="config.mtp_weight=-1.0 must be >= 0"):
     lm_task.LMTask.loss_options(config)

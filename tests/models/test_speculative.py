@@ -44,11 +44,31 @@ def drafts(target):
 
 CASES = [(source, PROMPTS, 11) for source in ("mtp", "small", "itself", "nudged")]
 CASES += [("itself", [[4, 8, 15]], 17), ("nudged", [[4, 8, 15]], 17), ("mtp", [[42]], 1)]
+CASES += [("sequential", PROMPTS, 11), ("sequential", [[4, 8, 15]], 17)]
+
+
+@pytest.fixture(scope="module")
+def sequential_target():
+  cfg = T(
+    d_model=32,
+    num_layers=2,
+    num_heads=4,
+    mlp_dim=64,
+    scan_layers=False,
+    mtp_heads=3,
+    mtp_style="sequential",
+  )
+  return _init(cfg, scale=3.0)
 
 
 @pytest.mark.parametrize("source,prompts,new", CASES)
-def test_greedy_output_equals_greedy_decoding(target, drafts, source, prompts, new):
-  model, params = target
+def test_greedy_output_equals_greedy_decoding(
+  target, sequential_target, drafts, source, prompts, new
+):
+  """Every draft source (parallel or sequential heads, a smaller model, the model itself, the
+  model with nudged weights) over batched left-padded prompts gives greedy decoding's tokens."""
+  model, params = sequential_target if source == "sequential" else target
+  drafts = {**drafts, "sequential": "mtp"}
   want = sampling.generate(model, params, prompts, max_new_tokens=new, temperature=0.0)
   out = speculative.generate(
     model, params, prompts, max_new_tokens=new, draft=drafts[source], num_draft=3
@@ -193,11 +213,6 @@ def test_errors(target):
   plain = _init(T(d_model=16, num_layers=1, num_heads=2, mlp_dim=32))
   with pytest.raises(ValueError, match=r"draft='mtp' needs .*mtp_heads > 0"):
     speculative.generate(*plain, [[1]], max_new_tokens=2)
-  seq = _init(
-    T(d_model=16, num_layers=1, num_heads=2, mlp_dim=32, mtp_heads=2, mtp_style="sequential")
-  )
-  with pytest.raises(ValueError, match="mtp_style='sequential'"):
-    speculative.generate(*seq, [[1]], max_new_tokens=2)
   with pytest.raises(ValueError, match=r"num_draft=5 must be in \[1, mtp_heads=3\]"):
     speculative.generate(model, params, [[1]], max_new_tokens=2, num_draft=5)
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
