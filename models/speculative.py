@@ -12,8 +12,9 @@ with ``TransformerConfig.mtp_heads`` heads), or from a smaller zoo model with th
 from the verify forward itself, free. Sequential heads (DeepSeek-V3) draft one after another at
 the last kept position, head k reading the token head k - 1 drafted and its hidden state (one
 small forward each; the model's ``mtp_draft``); their caches hold each depth's entries at the
-slot of the token it reads (``Transformer`` docstring), so the verify forward rewrites them. Each step
-the model reads the pending token and the ``num_draft`` drafts in one forward of
+slot of the token it reads (``Transformer`` docstring), so the verify forward rewrites them.
+
+Each step the model reads the pending token and the ``num_draft`` drafts in one forward of
 ``num_draft + 1`` positions and keeps the longest run of drafts it agrees with, plus one token of
 its own, so a step emits between 1 and ``num_draft + 1`` tokens.
 
