@@ -18,6 +18,7 @@ import numpy as np
 from flaxseed import kernels
 from flaxseed.kernels import masks
 from flaxseed.kernels.attention import reference as attention_reference
+from flaxseed.models import kv_cache as kv_cache_lib
 from flaxseed.models import lora
 from flaxseed.models import sharding as sh
 
@@ -378,6 +379,7 @@ class Attention(nn.Module):
   quant: str | None = None
   qkv_bias: bool = False
   out_bias: bool = False
+  kv_cache: str | None = None  # a models/kv_cache.py policy, applied when decoding
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
@@ -426,6 +428,13 @@ class Attention(nn.Module):
     cached_value = self.variable("cache", "value", jnp.zeros, value.shape, value.dtype)
     cached_segments = self.variable("cache", "segment_ids", jnp.zeros, key.shape[:2], jnp.int32)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    policy = kv_cache_lib.parse(self.kv_cache)
+    if policy is not None and policy.kind == "h2o":  # attention received so far, and who stays
+      shape = (batch, key.shape[2], key.shape[1])  # [B, K, S]
+      h2o = {
+        "h2o_score": self.variable("cache", "h2o_score", jnp.zeros, shape, jnp.float32),
+        "h2o_kept": self.variable("cache", "h2o_kept", jnp.zeros, shape, bool),
+      }
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(index.value + jnp.arange(length), (batch, length))
     q, key = self._rope(q, positions_BL), self._rope(key, positions_BL)
@@ -440,6 +449,25 @@ class Attention(nn.Module):
       cached_segments.value, segment_ids_BL.astype(jnp.int32), (0, start)
     )
     index.value = start + length
+    if policy is not None:
+      out, state = kv_cache_lib.attend(
+        policy,
+        q,
+        cached_key.value,
+        cached_value.value,
+        cached_segments_BS=cached_segments.value,
+        query_segments_BL=segment_ids_BL.astype(jnp.int32),
+        start=start,
+        positions_BL=positions_BL,
+        pattern=self.mask,
+        sm_scale=self.head_dim**-0.5 if self.sm_scale is None else self.sm_scale,
+        logit_soft_cap=self.logit_soft_cap,
+        rope=None if self.rope_theta is None else self._rope,
+        state={name: v.value for name, v in h2o.items()} if policy.kind == "h2o" else {},
+      )
+      for name, value in state.items():
+        h2o[name].value = value
+      return out
     segments = attention_reference.SegmentIds(segment_ids_BL, cached_segments.value)
     return attention_reference.attention(
       q,

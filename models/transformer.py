@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxseed.kernels import masks
+from flaxseed.models import kv_cache as kv_cache_lib
 from flaxseed.models import layers
 from flaxseed.models import sharding as sh
 
@@ -101,6 +102,9 @@ class TransformerConfig:
   # Both share the unembedding; the main head is unchanged, so plain decoding ignores them.
   mtp_heads: int = 0
   mtp_style: str = "parallel"
+  # KV-cache compression when decoding (models/kv_cache.py): "window:recent=W,sinks=S"
+  # (StreamingLLM), "h2o:heavy=H,recent=R", "quest:budget=B,page=P"; None: the full cache.
+  kv_cache: str | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
@@ -154,6 +158,7 @@ class TransformerConfig:
       raise ValueError(f"norm_eps must be positive and finite, got {self.norm_eps}")
     if not math.isfinite(self.norm_offset):
       raise ValueError(f"norm_offset must be finite, got {self.norm_offset}")
+    kv_cache_lib.parse(self.kv_cache)  # raises, naming the bad spec
     if self.mtp_heads < 0:
       raise ValueError(f"mtp_heads must be >= 0, got {self.mtp_heads}")
     if self.mtp_style not in MTP_STYLES:
@@ -448,6 +453,7 @@ class Block(nn.Module):
       quant=cfg.quant,
       qkv_bias=cfg.biases != "none",
       out_bias=cfg.biases == "all",
+      kv_cache=cfg.kv_cache,
       name="attn",
     )(h, segment_ids_BL, positions_BL)
     if cfg.post_norms:
