@@ -705,6 +705,7 @@ def is_folder(path: str) -> bool:
 # Fields that change how a model runs, never its weights or what it computes.
 _EXECUTION_FIELDS = (
   "kv_cache",
+  "kv_cache_dtype",
   "dtype",
   "scan_layers",
   "remat_policy",

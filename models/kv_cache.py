@@ -18,8 +18,12 @@ decoding); full forwards (training, scoring) are unchanged.
       keys' elementwise min and max) ranks the pages and the top ``max(1, B // P)`` are read,
       the query's own page always among them. Nothing is evicted: Quest saves reads, not memory.
 
-These run as masks over the full-size cache, so they measure what each policy keeps and loses
-(perplexity, recall) at any budget on any backend, not its memory or speed: a serving engine
+``TransformerConfig.kv_cache_dtype="int8"`` stores keys and values as int8 codes with a float32
+absmax scale per token and head (each element within half a step of its value: half the bytes
+of bfloat16 at head_dim 128, plus 3%), dequantized when read; it combines with any policy.
+
+These policies run as masks over the full-size cache, so they measure what each policy keeps and
+loses (perplexity, recall) at any budget on any backend, not its memory or speed: a serving engine
 would store only the kept slots (window, H2O) or read only the selected pages (Quest; the
 block-sparse attention kernel takes such page masks). With a budget covering the whole sequence
 every policy reads every key and equals full attention (tested). Rows of a batch keep their own
@@ -74,11 +78,12 @@ def parse(spec: str | None) -> Policy | None:
   return Policy(kind=kind, **{k: v for k, v in values.items() if k in KINDS[kind]})
 
 
-def _grouped_rows(x_BKQ, length: int):
-  """``[B, K, L * G, ...] -> [B, K, L, G, ...]`` (grouped query rows, as the reference lays them
-  out: each position's ``G`` query heads side by side)."""
-  b, k, q = x_BKQ.shape[:3]
-  return x_BKQ.reshape((b, k, length, q // length) + x_BKQ.shape[3:])
+def quantize_int8(x_BLKE):
+  """``(int8 codes, float32 scales [B, L, K, 1])``: absmax per token and head (the int8 cache)."""
+  scale = jnp.max(jnp.abs(x_BLKE.astype(jnp.float32)), axis=-1, keepdims=True) / 127.0
+  scale = jnp.maximum(scale, 1e-12)
+  codes = jnp.clip(jnp.round(x_BLKE.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
+  return codes, scale
 
 
 def real_slots(cached_segments_BS):

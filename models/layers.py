@@ -380,6 +380,7 @@ class Attention(nn.Module):
   qkv_bias: bool = False
   out_bias: bool = False
   kv_cache: str | None = None  # a models/kv_cache.py policy, applied when decoding
+  kv_cache_dtype: str = "float"  # "int8": keys and values cached as int8 with absmax scales
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
@@ -424,8 +425,15 @@ class Attention(nn.Module):
     batch, length = q.shape[:2]
     # The cache is created by ``init`` with the maximum length as the input length.
     initialized = self.has_variable("cache", "key")
-    cached_key = self.variable("cache", "key", jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable("cache", "value", jnp.zeros, value.shape, value.dtype)
+    int8 = self.kv_cache_dtype == "int8"
+    store = jnp.int8 if int8 else key.dtype
+    cached_key = self.variable("cache", "key", jnp.zeros, key.shape, store)
+    cached_value = self.variable("cache", "value", jnp.zeros, value.shape, store)
+    if int8:  # one float32 scale per token and KV head
+      scales = {
+        name: self.variable("cache", f"{name}_scale", jnp.zeros, key.shape[:3] + (1,), jnp.float32)
+        for name in ("key", "value")
+      }
     cached_segments = self.variable("cache", "segment_ids", jnp.zeros, key.shape[:2], jnp.int32)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     policy = kv_cache_lib.parse(self.kv_cache)
@@ -443,8 +451,17 @@ class Attention(nn.Module):
     start = index.value
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones((batch, length), jnp.int32)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
+    for name, new, cached in (("key", key, cached_key), ("value", value, cached_value)):
+      if int8:
+        new, scale = kv_cache_lib.quantize_int8(new)
+        scales[name].value = jax.lax.dynamic_update_slice(
+          scales[name].value, scale, (0, start, 0, 0)
+        )
+      cached.value = jax.lax.dynamic_update_slice(cached.value, new, (0, start, 0, 0))
+    all_keys, all_values = cached_key.value, cached_value.value
+    if int8:
+      all_keys = (all_keys.astype(jnp.float32) * scales["key"].value).astype(q.dtype)
+      all_values = (all_values.astype(jnp.float32) * scales["value"].value).astype(value.dtype)
     cached_segments.value = jax.lax.dynamic_update_slice(
       cached_segments.value, segment_ids_BL.astype(jnp.int32), (0, start)
     )
@@ -453,8 +470,8 @@ class Attention(nn.Module):
       out, state = kv_cache_lib.attend(
         policy,
         q,
-        cached_key.value,
-        cached_value.value,
+        all_keys,
+        all_values,
         cached_segments_BS=cached_segments.value,
         query_segments_BL=segment_ids_BL.astype(jnp.int32),
         start=start,
@@ -465,14 +482,14 @@ class Attention(nn.Module):
         rope=None if self.rope_theta is None else self._rope,
         state={name: v.value for name, v in h2o.items()} if policy.kind == "h2o" else {},
       )
-      for name, value in state.items():
-        h2o[name].value = value
+      for name, array in state.items():
+        h2o[name].value = array
       return out
     segments = attention_reference.SegmentIds(segment_ids_BL, cached_segments.value)
     return attention_reference.attention(
       q,
-      cached_key.value,
-      cached_value.value,
+      all_keys,
+      all_values,
       mask=self.mask,
       segment_ids=segments,
       q_offset=start,

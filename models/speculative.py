@@ -128,11 +128,25 @@ def generate(
     if sampling.check_integer("num_draft", num_draft) < 1:
       raise ValueError(f"num_draft must be >= 1, got {num_draft}")
   batch, prompt_len = o["prompt_BP"].shape
-  windowed = [m for m in (model, draft_model) if m and set(m.config.attention_pattern) - {"global"}]
+  for m in (model, draft_model):
+    if m is not None and (m.config.kv_cache or "").startswith("h2o"):
+      raise ValueError(
+        f"kv_cache={m.config.kv_cache!r}: H2O's scores would keep the attention of rejected "
+        "drafts; decode with sampling.generate"
+      )
+  windowed = [
+    m
+    for m in (model, draft_model)
+    if m
+    and (
+      set(m.config.attention_pattern) - {"global"} or (m.config.kv_cache or "").startswith("window")
+    )
+  ]
   if batch > 1 and windowed:
     raise ValueError(
       f"{batch} rows: holes in the cache would count as distance in sliding-window layers "
-      f"({windowed[0].config.attention_pattern}); decode one row at a time"
+      f"({windowed[0].config.attention_pattern}, kv_cache={windowed[0].config.kv_cache!r}); "
+      "decode one row at a time"
     )
   width, n = num_draft + 1, o["max_new_tokens"]
   slots = prompt_len + n + width if batch == 1 else prompt_len + n * width

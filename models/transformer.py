@@ -105,6 +105,7 @@ class TransformerConfig:
   # KV-cache compression when decoding (models/kv_cache.py): "window:recent=W,sinks=S"
   # (StreamingLLM), "h2o:heavy=H,recent=R", "quest:budget=B,page=P"; None: the full cache.
   kv_cache: str | None = None
+  kv_cache_dtype: str = "float"  # "int8": int8 keys and values with absmax scales per token
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
@@ -159,6 +160,8 @@ class TransformerConfig:
     if not math.isfinite(self.norm_offset):
       raise ValueError(f"norm_offset must be finite, got {self.norm_offset}")
     kv_cache_lib.parse(self.kv_cache)  # raises, naming the bad spec
+    if self.kv_cache_dtype not in ("float", "int8"):
+      raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of ('float', 'int8')")
     if self.mtp_heads < 0:
       raise ValueError(f"mtp_heads must be >= 0, got {self.mtp_heads}")
     if self.mtp_style not in MTP_STYLES:
@@ -454,6 +457,7 @@ class Block(nn.Module):
       qkv_bias=cfg.biases != "none",
       out_bias=cfg.biases == "all",
       kv_cache=cfg.kv_cache,
+      kv_cache_dtype=cfg.kv_cache_dtype,
       name="attn",
     )(h, segment_ids_BL, positions_BL)
     if cfg.post_norms:

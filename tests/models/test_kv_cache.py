@@ -138,3 +138,20 @@ def test_errors():
   ]:
     with pytest.raises(ValueError, match=match):
       transformer.TransformerConfig(kv_cache=spec)
+  with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not one of"):
+    transformer.TransformerConfig(kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("spec", [None, "quest:budget=64,page=8"])
+def test_an_int8_cache_holds_every_element_within_half_a_step(params, spec):
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 12)), jnp.int32)
+  full_logits, full = _teacher_forced(_model(None), params, tokens)
+  logits, cache = _teacher_forced(_model(spec, kv_cache_dtype="int8"), params, tokens)
+  attn = cache["layers_0"]["attn"]
+  assert attn["key"].dtype == jnp.int8 and attn["value"].dtype == jnp.int8
+  for name in ("key", "value"):  # layer 0 reads the same inputs either way
+    restored = attn[name].astype(jnp.float32) * attn[f"{name}_scale"]
+    err = np.abs(np.asarray(restored - full["layers_0"]["attn"][name]))
+    assert np.all(err <= np.asarray(attn[f"{name}_scale"]) / 2 + 1e-6)
+  # the logits move by quantization noise only: far less than their own spread
+  assert float(jnp.abs(logits - full_logits).max()) < 0.05 * float(jnp.std(full_logits))

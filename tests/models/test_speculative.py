@@ -226,5 +226,8 @@ def test_errors(target):
       attention_pattern=("sliding_window:4", "global"),
     )
   )
+  h2o = _init(T(d_model=16, num_layers=1, num_heads=2, mlp_dim=32, kv_cache="h2o:heavy=4,recent=4"))
+  with pytest.raises(ValueError, match="H2O's scores would keep the attention of rejected"):
+    speculative.generate(model, params, [[1]], max_new_tokens=2, draft=h2o)
   with pytest.raises(ValueError, match="sliding-window layers"):
     speculative.generate(model, params, [[1], [2]], max_new_tokens=2, draft=windowed)
