@@ -49,18 +49,26 @@ def _teacher_forced(model, params, tokens, prefill=4):
   return jnp.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize("spec", COVERING)
-def test_a_budget_covering_the_sequence_equals_full_attention(params, spec):
+TOKENS = np.random.default_rng(0).integers(0, 256, (2, 20)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def full_attention(params):
+  """Greedy tokens and teacher-forced logits of the full cache (computed once)."""
   full = _model(None)
-  want = sampling.generate(full, params, PROMPTS, max_new_tokens=12, temperature=0.0)
-  got = sampling.generate(_model(spec), params, PROMPTS, max_new_tokens=12, temperature=0.0)
-  np.testing.assert_array_equal(got, want)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 20)), jnp.int32)
-  np.testing.assert_allclose(
-    _teacher_forced(_model(spec), params, tokens)[0],
-    _teacher_forced(full, params, tokens)[0],
-    atol=2e-5,
+  return (
+    sampling.generate(full, params, PROMPTS, max_new_tokens=12, temperature=0.0),
+    _teacher_forced(full, params, jnp.asarray(TOKENS))[0],
   )
+
+
+@pytest.mark.parametrize("spec", COVERING)
+def test_a_budget_covering_the_sequence_equals_full_attention(params, full_attention, spec):
+  want_tokens, want_logits = full_attention
+  got = sampling.generate(_model(spec), params, PROMPTS, max_new_tokens=12, temperature=0.0)
+  np.testing.assert_array_equal(got, want_tokens)
+  logits = _teacher_forced(_model(spec), params, jnp.asarray(TOKENS))[0]
+  np.testing.assert_allclose(logits, want_logits, atol=2e-5)
 
 
 def test_sinks_sit_just_before_the_window():
