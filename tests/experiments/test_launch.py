@@ -203,8 +203,8 @@ def test_a_second_run_on_a_locked_workdir_exits_2_naming_the_holder(
   "mesh",
   [
     [],
-    ["--config.mesh.data=2", "--config.mesh.tensor=2"],
-    # The Pallas TPU attention kernels (Mosaic) inside the sharded step, local/global layers.
+    # The Pallas TPU attention kernels (Mosaic) inside the sharded (data x tensor) step,
+    # local/global layers.
     [
       "--config.mesh.data=2",
       "--config.mesh.tensor=2",
