@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.z_loss = 0.0
   # lambda of a model with multi-token heads (model.mtp_heads > 0): main + lambda * mean over heads
   c.mtp_weight = 0.3
+  # Medusa-1: train only the heads on the frozen model of config.init_from
+  c.mtp_freeze_trunk = False
   # A regex of parameter paths whose exact zeros stay zero (a pruned model's sparse fine-tune,
   # models/prune.py), e.g. r".*(attn|mlp).*kernel"; "" trains every weight. Fixed for a run.
   c.keep_zeros = ""

@@ -174,7 +174,7 @@ def test_errors():
     model.init(jax.random.key(0), tokens, mtp_draft=(1, jnp.zeros((1, 4, 32))))
   config = ml_collections.ConfigDict({"z_loss": 0.0, "mtp_weight": -1.0})
   with pytest.raises(ValueError, match="config.mtp_weight=-1.0 must be >= 0"):
-    lm_task.LMTask.loss_options(config)
+    lm_task.LMTask.loss_options(config, _task("parallel").model)
 
 
 def test_trains_through_the_loop_sharded_like_one_device(tmp_path, losses, train_metrics):
@@ -200,3 +200,41 @@ def test_trains_through_the_loop_sharded_like_one_device(tmp_path, losses, train
   for step in a:
     assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
   assert {"mtp_1/loss", "mtp_2/accuracy"} <= set(train_metrics(tmp_path / "one")[3])
+
+
+def test_heads_train_on_a_frozen_trunk(tmp_path):
+  """Medusa-1: ``config.mtp_freeze_trunk`` trains only the heads on ``init_from``'s model, whose
+  parameters stay those of the run it came from, bit for bit; resuming may not swap them."""
+  from flaxseed import training  # pylint: disable=g-import-not-at-top
+  from flaxseed.configs import common  # pylint: disable=g-import-not-at-top
+
+  base = common.override(
+    lm_configs.get_config("test"), **{"steps": 2, "sample_tokens": 0, "mesh.data": 1}
+  )
+  training.train(base, str(tmp_path / "base"))
+  copy = lambda c: c.copy_and_resolve_references()  # noqa: E731  (override sets keys in place)
+  heads = common.override(
+    copy(base),
+    **{
+      "model.mtp_heads": 2,
+      "mtp_freeze_trunk": True,
+      "init_from": str(tmp_path / "base"),
+      "steps": 3,
+      "mtp_weight": 1.0,
+    },
+  )
+  training.train(heads, str(tmp_path / "heads"))
+  trained = training.restore(heads, str(tmp_path / "heads"))
+  assert set(trained.params) == {"mtp_0", "mtp_1"}  # the heads are all that trains
+  base_params = training.restore(base, str(tmp_path / "base")).params
+  for a, b in zip(jax.tree.leaves(trained.frozen), jax.tree.leaves(base_params)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="mtp_freeze_trunk=True needs config.init_from"):
+    training.train(common.override(copy(heads), init_from=""), str(tmp_path / "none"))
+  with pytest.raises(ValueError, match="mtp_freeze_trunk=True trains heads"):
+    training.train(common.override(copy(heads), **{"model.mtp_heads": 0}), str(tmp_path / "none"))
+  with pytest.raises(ValueError, match="init_from"):  # resuming on another trunk
+    training.train(
+      common.override(copy(heads), init_from=str(tmp_path / "heads"), steps=4),
+      str(tmp_path / "heads"),
+    )

@@ -1,5 +1,6 @@
 """Next-token prediction on packed rows of a text corpus: the language-model task."""
 
+import dataclasses
 import functools
 import math
 
@@ -27,6 +28,10 @@ class LMTask(base.Task):
   mean cross-entropy`` (DeepSeek-V3's form; Gloeckle et al.'s unweighted sum is
   ``mtp_weight = K``). The metrics report each head's ``mtp_k/loss`` and ``mtp_k/accuracy``;
   ``loss`` stays the main head's, comparable with a model without heads.
+
+  ``mtp_freeze_trunk`` (Medusa-1): only the heads train; the rest of the model is frozen, read at
+  every start from ``config.init_from`` (a run or a Hugging Face folder of the same model without
+  heads), so the main head's predictions never change.
   """
 
   def __init__(
@@ -37,35 +42,52 @@ class LMTask(base.Task):
     data_config,
     z_loss: float = 0.0,
     mtp_weight: float = 0.3,
+    trunk_from: str | None = None,
   ):
     self.model = model
     self.seq_len = seq_len
     self.data_config = data_config
     self.z_loss = z_loss
     self.mtp_weight = mtp_weight
+    self.trunk_from = trunk_from  # set: the heads train on this frozen trunk (Medusa-1)
 
   @staticmethod
-  def loss_options(config) -> dict:
-    """The loss keys of ``config`` (checked): every task built on this one reads them. A run
+  def loss_options(config, model: nn.Module) -> dict:
+    """The LM keys of ``config`` (checked): every task built on this one reads them. A run
     written before a key existed gets its default."""
     options = {"z_loss": config.get("z_loss", 0.0), "mtp_weight": config.get("mtp_weight", 0.3)}
     for key, value in options.items():
       if not value >= 0:  # NaN fails too
         raise ValueError(f"config.{key}={value} must be >= 0")
+    if config.get("mtp_freeze_trunk", False):
+      if not getattr(model.config, "mtp_heads", 0):
+        raise ValueError("config.mtp_freeze_trunk=True trains heads: set config.model.mtp_heads")
+      if not config.get("init_from"):
+        raise ValueError(
+          "config.mtp_freeze_trunk=True needs config.init_from: the run or Hugging Face folder "
+          "whose model the heads learn to extend"
+        )
+      base.check_weights(config.init_from, _trunk_model(model), "config.init_from")
+      options["trunk_from"] = config.init_from
     return options
 
   @classmethod
   def from_config(cls, config) -> "LMTask":
+    model = base.build_model(config)
     return cls(
-      base.build_model(config),
+      model,
       seq_len=config.seq_len,
       data_config=config.data,
-      **cls.loss_options(config),
+      **cls.loss_options(config, model),
     )
 
   @property
   def mtp_heads(self) -> int:
     return getattr(self.model.config, "mtp_heads", 0)
+
+  @property
+  def init_from_sets(self) -> tuple[str, ...]:
+    return ("frozen",) if self.trunk_from else ("params",)
 
   @functools.cached_property
   def corpus(self) -> corpus_lib.Corpus:
@@ -96,7 +118,23 @@ class LMTask(base.Task):
 
   def init(self, rng, batch):
     inputs = batch["tokens"][:, :-1]
-    return self.model.init(rng, inputs)["params"], {}
+    params = self.model.init(rng, inputs)["params"]
+    if not self.trunk_from:
+      return params, {}
+    heads = {k: v for k, v in params.items() if k.startswith("mtp_")}
+    return heads, {k: v for k, v in params.items() if not k.startswith("mtp_")}
+
+  def model_params(self, params, frozen):
+    return {**frozen, **params} if self.trunk_from else params
+
+  def load_frozen(self, abstract_frozen):
+    """The frozen trunk (Medusa-1): ``init_from``'s parameters, in the trunk's shardings."""
+    if not self.trunk_from:
+      return None
+    params, _ = base.load_params(
+      self.trunk_from, _trunk_model(self.model), abstract_frozen, "config.init_from"
+    )
+    return params
 
   def _heads(self, params, frozen, batch):
     """Per head (the main one first, then each multi-token head): per-token negative
@@ -186,3 +224,8 @@ class LMTask(base.Task):
       rng=rng,
     )
     return self.tokenizer.decode(np.asarray(out[0]))
+
+
+def _trunk_model(model: nn.Module) -> nn.Module:
+  """``model`` without its multi-token heads (what a frozen trunk is loaded as)."""
+  return type(model)(dataclasses.replace(model.config, mtp_heads=0))

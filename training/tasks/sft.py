@@ -51,7 +51,7 @@ class SFTTask(lm.LMTask):
       data_config=config.data,
       options=options,
       template=template,
-      **cls.loss_options(config),
+      **cls.loss_options(config, model),
     )
 
   @property
