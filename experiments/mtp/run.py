@@ -219,7 +219,10 @@ def plot(results, path):
   fig, ax = plt.subplots(figsize=(6, 4))
   for heads, m in results["models"].items():
     accs = [m["accuracy"], *m["head_accuracy"]]
-    label = f"{MODELS[heads][0]} {MODELS[heads][1]} heads" if MODELS[heads][0] else "next byte"
+    count, style = MODELS[heads]
+    label = f"{count} {style} head{'s' if count > 1 else ''}" if count else "next byte"
+    if style == "sequential" and count:
+      label += " (teacher-forced)"
     ax.plot(range(1, len(accs) + 1), accs, marker="o", label=label)
   ax.set_xlabel("bytes ahead")
   ax.set_ylabel("held-out top-1 accuracy")
