@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxseed.experiments import generate
 from flaxseed.models import hf
 from flaxseed.models import prune
 from flaxseed.training import checkpoint
 from flaxseed.training import tasks
+from flaxseed.training import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A flaxseed run of a language-model task.")
 _OUTPUT = flags.DEFINE_string("output", None, "The Hugging Face folder to write.")
@@ -63,10 +63,13 @@ def main(argv):
   if not _WORKDIR.value or not _OUTPUT.value:
     raise app.UsageError("give --workdir and --output")
   try:
-    model, params, _ = generate.load(_WORKDIR.value, None, None)
-    task = tasks.build(checkpoint.run_config(_WORKDIR.value))
-    task = getattr(task, "inner", task)  # a LoRA run: its LM task's corpus
-    corpus, length = task.corpus, task.seq_len
+    restored = trainer.restore(checkpoint.run_config(_WORKDIR.value), _WORKDIR.value)
+    task = restored.setup.task
+    inner = getattr(task, "inner", task)  # a LoRA run: its LM task's corpus
+    if not isinstance(inner, tasks.LMTask):
+      raise ValueError(f"{_WORKDIR.value}: task {type(inner).__name__} is not a language model")
+    model, params = task.model, task.model_params(restored.params, restored.frozen)
+    corpus, length = inner.corpus, inner.seq_len
     calibration = _rows(corpus.train.tokens, _ROWS.value, length, seed=0)[:, :-1]
     held_out = _rows(corpus.validation.tokens, _EVAL_ROWS.value, length, seed=1)
     pruned, masks = prune.prune(

@@ -89,7 +89,7 @@ def test_packed_conversations_do_not_see_each_other(tmp_path, chats):
   task = tasks.build(_config(chats))
   batch = {k: jnp.asarray(v[:1]) for k, v in rows.items()}
   params, _ = task.init(jax.random.key(0), batch)
-  nll, _, _, weights = task._nll(params, {}, batch)  # pylint: disable=protected-access
+  nll, _, _, weights = task._heads(params, {}, batch)[0]  # pylint: disable=protected-access
   # The second conversation of the row, alone in a row of its own.
   seg = rows["segment_ids"][0]
   where = np.flatnonzero(seg == 2)
@@ -98,7 +98,7 @@ def test_packed_conversations_do_not_see_each_other(tmp_path, chats):
     alone[k][0, : len(where)] = rows[k][0, where]
   alone["segment_ids"][0, : len(where)] = 1
   alone = {k: jnp.asarray(v) for k, v in alone.items()}
-  nll_alone, _, _, weights_alone = task._nll(params, {}, alone)  # pylint: disable=protected-access
+  nll_alone, _, _, weights_alone = task._heads(params, {}, alone)[0]  # pylint: disable=protected-access
   span = where[:-1]  # targets inside the conversation
   np.testing.assert_allclose(nll[0, span], nll_alone[0, : len(span)], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(weights[0, span], weights_alone[0, : len(span)])

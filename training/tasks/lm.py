@@ -50,6 +50,8 @@ class LMTask(base.Task):
     self.z_loss = z_loss
     self.mtp_weight = mtp_weight
     self.trunk_from = trunk_from  # set: the heads train on this frozen trunk (Medusa-1)
+    # init_from fills the frozen trunk then, read at every start (Task.init_from_sets)
+    self.init_from_sets = ("frozen",) if trunk_from else ("params",)
 
   @staticmethod
   def loss_options(config, model: nn.Module) -> dict:
@@ -84,10 +86,6 @@ class LMTask(base.Task):
   @property
   def mtp_heads(self) -> int:
     return getattr(self.model.config, "mtp_heads", 0)
-
-  @property
-  def init_from_sets(self) -> tuple[str, ...]:
-    return ("frozen",) if self.trunk_from else ("params",)
 
   @functools.cached_property
   def corpus(self) -> corpus_lib.Corpus:
