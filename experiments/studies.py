@@ -8,6 +8,8 @@
 * ``cached(workdir, name, fn)``: ``fn()``'s JSON result, kept in the study's workdir, so an
   interrupted study resumes where it stopped.
 * ``train(config, workdir)``: one training run, timed, in a fresh workdir (or resumed).
+* ``publish(here, results, quick=..., plot=..., report=..., name=...)``: writes a study's
+  ``results.json``, its plot and the generated section of its ``report.md`` next to the script.
 * ``write_report(path, generated, script=...)``: a study's ``report.md`` holds the tables the
   script generates between two marker comments, and the reading of them, written by hand, outside
   the markers. A rerun replaces only the generated section, so it never overwrites the reading.
@@ -74,6 +76,23 @@ def train(
     print(f"{workdir}: {e}", flush=True)
     summary = None
   return summary, time.perf_counter() - start
+
+
+def publish(
+  here: str, results: dict, *, quick: bool, plot: Callable, report: Callable, name: str
+) -> None:
+  """Writes ``results{suffix}.json``, ``plot(results, path)`` as ``{name}{suffix}.png`` and
+  ``report(results, quick=quick)`` as the generated section of ``report{suffix}.md`` in ``here``
+  (the study's folder, ``experiments/<study>/``)."""
+  suffix_ = suffix(quick)
+  with open(os.path.join(here, f"results{suffix_}.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  plot(results, os.path.join(here, f"{name}{suffix_}.png"))
+  write_report(
+    os.path.join(here, f"report{suffix_}.md"),
+    report(results, quick=quick),
+    script=f"experiments/{os.path.basename(here)}/run.py",
+  )
 
 
 def write_report(path: str, generated: str, *, script: str) -> None:

@@ -204,7 +204,7 @@ def prune(
     raise ValueError(f"method={method!r} needs calibration tokens [N, L], got {tokens.shape}")
 
   masks = {}
-  for block, paths in _blocks(model, params, tokens[:1], list(kernels), apply_kwargs).items():
+  for paths in _blocks(model, params, tokens[:1], list(kernels), apply_kwargs).values():
     stats = (
       _statistics(model, params, tokens, paths, batch_size, method == "sparsegpt", apply_kwargs)
       if method in CALIBRATED
@@ -224,7 +224,6 @@ def prune(
       masks[path] = keep.reshape(kernel.shape)
       value = jax.numpy.asarray(pruned.reshape(kernel.shape), kernel.dtype)
       params = params_lib.update(params, path, lambda _, v=value: v)
-    del block
   return params, masks
 
 

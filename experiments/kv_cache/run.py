@@ -24,7 +24,6 @@ Goal (issue 22): Quest at a 20% budget within 0.05 of dense recall. Writes ``res
 
 import dataclasses
 import functools
-import json
 import math
 import os
 
@@ -141,7 +140,6 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   quick = _QUICK.value
-  suffix = studies.suffix(quick)
   root = os.path.join(_WORKDIR.value, "quick" if quick else "full")
   cached = functools.partial(studies.cached, root, fresh=_FRESH.value)
   results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "quick": quick}
@@ -192,14 +190,7 @@ def main(argv):
 
   results["needle"] = cached("needle", needle_part)
   results["goal"] = goal(results)
-  with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  plot(results, os.path.join(HERE, f"kv_cache{suffix}.png"))
-  studies.write_report(
-    os.path.join(HERE, f"report{suffix}.md"),
-    report(results, quick=quick),
-    script="experiments/kv_cache/run.py",
-  )
+  studies.publish(HERE, results, quick=quick, plot=plot, report=report, name="kv_cache")
 
 
 def goal(results) -> dict:

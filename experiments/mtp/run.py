@@ -25,7 +25,6 @@ Goal (issue 22): tokens per forward >= 1.8 with output identical to greedy decod
 """
 
 import functools
-import json
 import os
 import statistics
 import time
@@ -149,7 +148,6 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   quick = _QUICK.value
-  suffix = studies.suffix(quick)
   root = os.path.join(_WORKDIR.value, "quick" if quick else "full")
   cached = functools.partial(studies.cached, root, fresh=_FRESH.value)
   results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "quick": quick}
@@ -188,14 +186,7 @@ def main(argv):
       flush=True,
     )
   results["goal"] = goal(results)
-  with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  plot(results, os.path.join(HERE, f"mtp{suffix}.png"))
-  studies.write_report(
-    os.path.join(HERE, f"report{suffix}.md"),
-    report(results, quick=quick),
-    script="experiments/mtp/run.py",
-  )
+  studies.publish(HERE, results, quick=quick, plot=plot, report=report, name="mtp")
 
 
 def goal(results) -> dict:

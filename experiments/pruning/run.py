@@ -19,7 +19,6 @@ file (``*_quick.*`` with ``--quick``, a smoke run of a few steps).
 """
 
 import functools
-import json
 import math
 import os
 import time
@@ -134,20 +133,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   quick = _QUICK.value
-  suffix = studies.suffix(quick)
   root = os.path.join(_WORKDIR.value, "quick" if quick else "full")
   cached = functools.partial(studies.cached, root, fresh=_FRESH.value)
   results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "quick": quick}
   results["models"] = {size: study_model(size, root, quick, cached) for size in STEPS}
   results["goal"] = goal(results)
-  with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  plot(results, os.path.join(HERE, f"pruning{suffix}.png"))
-  studies.write_report(
-    os.path.join(HERE, f"report{suffix}.md"),
-    report(results, quick=quick),
-    script="experiments/pruning/run.py",
-  )
+  studies.publish(HERE, results, quick=quick, plot=plot, report=report, name="pruning")
 
 
 def goal(results) -> dict:

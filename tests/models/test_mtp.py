@@ -174,7 +174,7 @@ def test_errors():
     model.init(jax.random.key(0), tokens, mtp_draft=(1, jnp.zeros((1, 4, 32))))
   config = ml_collections.ConfigDict({"z_loss": 0.0, "mtp_weight": -1.0})
   with pytest.raises(ValueError, match="config.mtp_weight=-1.0 must be >= 0"):
-    lm_task.LMTask.loss_options(config, _task("parallel").model)
+    lm_task.LMTask.lm_options(config, _task("parallel").model)
 
 
 def test_trains_through_the_loop_sharded_like_one_device(tmp_path, losses, train_metrics):

@@ -54,7 +54,7 @@ class LMTask(base.Task):
     self.init_from_sets = ("frozen",) if trunk_from else ("params",)
 
   @staticmethod
-  def loss_options(config, model: nn.Module) -> dict:
+  def lm_options(config, model: nn.Module) -> dict:
     """The LM keys of ``config`` (checked): every task built on this one reads them. A run
     written before a key existed gets its default."""
     options = {"z_loss": config.get("z_loss", 0.0), "mtp_weight": config.get("mtp_weight", 0.3)}
@@ -80,7 +80,7 @@ class LMTask(base.Task):
       model,
       seq_len=config.seq_len,
       data_config=config.data,
-      **cls.loss_options(config, model),
+      **cls.lm_options(config, model),
     )
 
   @property

@@ -26,9 +26,9 @@ class SFTTask(lm.LMTask):
   """The LM task on packed chat rows, with the loss on the assistant's tokens only."""
 
   def __init__(
-    self, model, *, seq_len, data_config, options: dict, template=chat.BUILTIN, **loss_options
+    self, model, *, seq_len, data_config, options: dict, template=chat.BUILTIN, **lm_options
   ):
-    super().__init__(model, seq_len=seq_len, data_config=data_config, **loss_options)
+    super().__init__(model, seq_len=seq_len, data_config=data_config, **lm_options)
     self.options = options
     self.template = template
 
@@ -51,7 +51,7 @@ class SFTTask(lm.LMTask):
       data_config=config.data,
       options=options,
       template=template,
-      **cls.loss_options(config, model),
+      **cls.lm_options(config, model),
     )
 
   @property
